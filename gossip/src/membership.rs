@@ -1,0 +1,579 @@
+//! The pure SWIM state machine: foca plus in-order timers, sender
+//! authentication, metadata and a live view. No sockets, no clock reads.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, Timer};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+
+use crate::codec::{CodecError, MsgpackCodec, SYNC_TAG, SyncChunk, peek_header};
+use crate::config::{ConfigError, GossipConfig};
+use crate::identity::{NodeId, NodeIdentity};
+use crate::meta::{self, MetaHandler, MetaTable, NodeMeta};
+
+/// First re-announce delay while joining: a lost announce or reply costs about
+/// one probe period, no more.
+const JOIN_RETRY_MIN: Duration = Duration::from_millis(500);
+
+/// Longest delay between re-announces while no seed answers, so a node started
+/// before its seeds joins within seconds of them coming up without flooding.
+const JOIN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How often a member pulls a full member list from a random member (besides
+/// right after joining). Repairs views that missed an update that SWIM stopped
+/// retransmitting; ~40 B per member, so 4 KB per period at 100 members.
+const SYNC_PERIOD: Duration = Duration::from_secs(5);
+
+/// A member answers sync requests from the same peer at most this often, so a
+/// misbehaving peer cannot make it send its member list in a loop.
+const SYNC_REPLY_INTERVAL: Duration = Duration::from_secs(1);
+
+type Swim = Foca<NodeIdentity, MsgpackCodec, StdRng, MetaHandler>;
+
+/// A gossip packet to hand to the transport (one QUIC datagram).
+#[derive(Clone, Debug)]
+pub struct Transmit {
+    /// Who to send it to; the transport dials `to.addr` if it has no connection
+    /// to `to.id`, and must check the peer's certificate proves `to.id`.
+    pub to: NodeIdentity,
+    /// The packet.
+    pub data: Bytes,
+}
+
+/// A membership change, for the ring and the logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberEvent {
+    /// A member became active (alive or suspect).
+    Up(NodeIdentity),
+    /// A member was declared down or left.
+    Down(NodeIdentity),
+    /// This node is known by at least one live member (joined, or rejoined).
+    Joined,
+    /// Every known member is gone; the driver should announce to seeds again.
+    Isolated,
+    /// This node was declared down while alive and renewed its identity.
+    Renewed(NodeIdentity),
+}
+
+/// SWIM state of a member in the live view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Answering probes.
+    Alive,
+    /// Missed a probe; will be declared down unless it refutes.
+    Suspect,
+    /// Declared down (kept for a while so stale gossip cannot revive it).
+    Down,
+}
+
+/// One member as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MemberView {
+    /// The member's identity.
+    pub identity: NodeIdentity,
+    /// foca's incarnation (bumped by the member to refute suspicion).
+    pub incarnation: u16,
+    /// Its SWIM state.
+    pub state: MemberState,
+    /// The last metadata it published, if it reached us.
+    pub meta: Option<NodeMeta>,
+}
+
+/// Why an incoming gossip packet was dropped. The membership state is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    /// Larger than the configured maximum packet size.
+    #[error("gossip packet of {0} bytes exceeds the maximum")]
+    Oversized(usize),
+    /// Not a gossip packet this node can decode.
+    #[error(transparent)]
+    Malformed(#[from] CodecError),
+    /// The packet says it is from another node than the one the connection's
+    /// certificate proved.
+    #[error("gossip packet claims to be from {claimed} but arrived from {actual}")]
+    SpoofedSender {
+        /// Id in the packet header.
+        claimed: NodeId,
+        /// Id proven by the connection's certificate.
+        actual: NodeId,
+    },
+    /// foca refused the packet (for example a message to an old identity).
+    #[error("gossip packet refused: {0}")]
+    Refused(#[from] foca::Error),
+}
+
+/// Counters, for `/metrics` and the benchmarks.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct GossipStats {
+    /// Packets handed to the transport.
+    pub packets_out: u64,
+    /// Bytes handed to the transport.
+    pub bytes_out: u64,
+    /// Packets received and accepted by foca.
+    pub packets_in: u64,
+    /// Bytes received (accepted or not).
+    pub bytes_in: u64,
+    /// Packets whose header named another node than the connection proved.
+    pub spoofed_dropped: u64,
+    /// Packets that did not decode, were too big or that foca refused.
+    pub invalid_dropped: u64,
+}
+
+/// A scheduled foca timer; ordered by deadline, then by scheduling order, so
+/// timers are delivered in the order foca asked for them (foca issue #26).
+struct Scheduled {
+    at: Instant,
+    seq: u64,
+    timer: Timer<NodeIdentity>,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Reversed: BinaryHeap is a max-heap and we want the earliest first.
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// SWIM membership for one node, driven by `handle_*` and drained by `poll_*`.
+///
+/// Call order, after any `handle_*` or [`Membership::announce`]: drain
+/// [`Membership::poll_transmit`] and [`Membership::poll_event`], then sleep until
+/// [`Membership::poll_timeout`] and call [`Membership::handle_timeout`].
+pub struct Membership {
+    foca: Swim,
+    runtime: AccumulatingRuntime<NodeIdentity>,
+    timers: BinaryHeap<Scheduled>,
+    timer_seq: u64,
+    meta: MetaTable,
+    own_meta: NodeMeta,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<MemberEvent>,
+    seeds: Vec<NodeIdentity>,
+    rng: StdRng,
+    sync_due: Option<Instant>,
+    sync_replied: HashMap<NodeId, Instant>,
+    join_due: Option<Instant>,
+    join_attempt: u32,
+    /// Members reported up and not since reported down: the view consumers see.
+    up: BTreeMap<NodeId, NodeIdentity>,
+    stats: GossipStats,
+    max_packet_size: usize,
+}
+
+impl Membership {
+    /// A node that knows nobody yet. `rng` must be seeded by the caller.
+    pub fn new(
+        identity: NodeIdentity,
+        config: &GossipConfig,
+        mut rng: StdRng,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let own_rng = StdRng::seed_from_u64(rng.random());
+        let table = MetaTable::default();
+        let foca = Foca::with_custom_broadcast(
+            identity,
+            config.to_foca(),
+            rng,
+            MsgpackCodec::default(),
+            MetaHandler {
+                table: table.clone(),
+            },
+        );
+        let own_meta = NodeMeta {
+            id: identity.id,
+            generation: identity.generation,
+            seq: 0,
+            ingress: None,
+            load: 0,
+        };
+        meta::lock(&table).insert(identity.id, own_meta.clone());
+        Ok(Membership {
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            meta: table,
+            own_meta,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            up: BTreeMap::new(),
+            seeds: Vec::new(),
+            rng: own_rng,
+            sync_due: None,
+            sync_replied: HashMap::new(),
+            join_due: None,
+            join_attempt: 0,
+            stats: GossipStats::default(),
+            max_packet_size: config.max_packet_size.get(),
+        })
+    }
+
+    /// This node's current identity (changes when it renews).
+    pub fn identity(&self) -> NodeIdentity {
+        *self.foca.identity()
+    }
+
+    /// Adds a seed (a node to join through) and announces to it now. Until this
+    /// node sees at least one member up, it re-announces to every seed with
+    /// capped exponential backoff; if it later finds itself alone
+    /// ([`MemberEvent::Isolated`]) it starts over. A packet lost on the way
+    /// therefore delays a join, it never prevents one.
+    pub fn add_seed(&mut self, now: Instant, seed: NodeIdentity) {
+        if seed.id == self.identity().id {
+            return;
+        }
+        match self.seeds.iter_mut().find(|s| s.id == seed.id) {
+            Some(known) => *known = seed,
+            None => self.seeds.push(seed),
+        }
+        self.announce(now, seed);
+        if self.up.is_empty() && self.join_due.is_none() {
+            self.join_attempt = 0;
+            self.join_due = Some(now + JOIN_RETRY_MIN);
+        }
+    }
+
+    /// Asks `seed` to let us in. `seed` only needs the right id and address; the
+    /// generation is not checked for announcements.
+    pub fn announce(&mut self, now: Instant, seed: NodeIdentity) {
+        if let Err(err) = self.foca.announce(seed, &mut self.runtime) {
+            tracing::debug!(%err, "announce failed");
+        }
+        self.drain(now);
+    }
+
+    /// Leaves the cluster gracefully: tells some members we are going, so they
+    /// mark us down at once instead of after a failed probe and suspicion.
+    pub fn leave(&mut self, now: Instant) {
+        let identity = self.identity();
+        // `leave_cluster` consumes nothing else; a second call is harmless.
+        if let Err(err) = self.foca.leave_cluster(&mut self.runtime) {
+            tracing::debug!(%err, ?identity, "leave failed");
+        }
+        self.drain(now);
+    }
+
+    /// Feeds a packet that arrived on a connection authenticated as `from`.
+    pub fn handle_data(
+        &mut self,
+        now: Instant,
+        from: NodeId,
+        data: &[u8],
+    ) -> Result<(), GossipError> {
+        self.stats.bytes_in += data.len() as u64;
+        let result = self.accept(now, from, data);
+        match &result {
+            Ok(()) => self.stats.packets_in += 1,
+            Err(GossipError::SpoofedSender { .. }) => self.stats.spoofed_dropped += 1,
+            Err(_) => self.stats.invalid_dropped += 1,
+        }
+        self.drain(now);
+        result
+    }
+
+    fn accept(&mut self, now: Instant, from: NodeId, data: &[u8]) -> Result<(), GossipError> {
+        if data.len() > self.max_packet_size {
+            return Err(GossipError::Oversized(data.len()));
+        }
+        if data.first() == Some(&SYNC_TAG) {
+            return self.accept_sync(now, from, SyncChunk::decode(data)?);
+        }
+        let header = peek_header(data)?;
+        if header.src.id != from {
+            return Err(GossipError::SpoofedSender {
+                claimed: header.src.id,
+                actual: from,
+            });
+        }
+        self.foca.handle_data(data, &mut self.runtime)?;
+        Ok(())
+    }
+
+    fn accept_sync(
+        &mut self,
+        now: Instant,
+        from: NodeId,
+        chunk: SyncChunk,
+    ) -> Result<(), GossipError> {
+        // The sender lists itself; its certificate proved `from`, so a member
+        // that has not reached us through gossip yet can sync too.
+        let Some(peer) = chunk
+            .members
+            .iter()
+            .map(|m| *m.id())
+            .find(|id| id.id == from)
+            .or_else(|| self.up.get(&from).copied())
+        else {
+            return Ok(());
+        };
+        // Others already know these states; applying without re-broadcast
+        // keeps a sync from flooding the cluster with stale updates.
+        self.foca
+            .apply_many(chunk.members.into_iter(), false, &mut self.runtime)?;
+        if chunk.reply_wanted {
+            let recent = self
+                .sync_replied
+                .get(&from)
+                .is_some_and(|at| now.saturating_duration_since(*at) < SYNC_REPLY_INTERVAL);
+            if !recent {
+                self.sync_replied.insert(from, now);
+                self.send_sync(peer, false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends our member list (and ourselves) to `to`.
+    fn send_sync(&mut self, to: NodeIdentity, reply_wanted: bool) {
+        let mut members: Vec<_> = self.foca.iter_membership_state().cloned().collect();
+        members.push(foca::Member::new(
+            self.identity(),
+            self.foca_incarnation(),
+            foca::State::Alive,
+        ));
+        for data in SyncChunk::split(&members, reply_wanted, self.max_packet_size) {
+            self.stats.packets_out += 1;
+            self.stats.bytes_out += data.len() as u64;
+            self.transmits.push_back(Transmit {
+                to,
+                data: Bytes::from(data),
+            });
+        }
+    }
+
+    fn foca_incarnation(&self) -> u16 {
+        // foca does not expose our own incarnation; the sync carries 0, which
+        // never overrides fresher knowledge (updates only win with a higher
+        // incarnation or a worse state).
+        0
+    }
+
+    fn sync_with_random_member(&mut self, now: Instant) {
+        self.sync_due = Some(now + SYNC_PERIOD);
+        if self.up.is_empty() {
+            return;
+        }
+        let pick = self.rng.random_range(0..self.up.len());
+        if let Some(&peer) = self.up.values().nth(pick) {
+            self.send_sync(peer, true);
+        }
+    }
+
+    /// When [`Membership::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.timers.peek().map(|s| s.at),
+            self.join_due,
+            self.sync_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Fires every timer due at `now`, in the order they were scheduled.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.join_due.is_some_and(|due| due <= now) {
+            self.retry_join(now);
+        }
+        if self.sync_due.is_some_and(|due| due <= now) {
+            self.sync_with_random_member(now);
+        }
+        while self.timers.peek().is_some_and(|s| s.at <= now) {
+            let Some(due) = self.timers.pop() else { break };
+            if let Err(err) = self.foca.handle_timer(due.timer, &mut self.runtime) {
+                tracing::debug!(%err, "gossip timer failed");
+            }
+            self.drain(now);
+        }
+    }
+
+    /// The next packet to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next membership change.
+    pub fn poll_event(&mut self) -> Option<MemberEvent> {
+        self.events.pop_front()
+    }
+
+    /// Publishes this node's ingress address and load to the cluster.
+    pub fn set_meta(&mut self, ingress: Option<SocketAddr>, load: u32) {
+        self.own_meta.ingress = ingress;
+        self.own_meta.load = load;
+        self.publish_meta();
+    }
+
+    fn publish_meta(&mut self) {
+        let me = self.identity();
+        self.own_meta.generation = me.generation;
+        self.own_meta.seq += 1;
+        meta::lock(&self.meta).insert(me.id, self.own_meta.clone());
+        if let Err(err) = self.foca.add_broadcast(&self.own_meta.encode()) {
+            tracing::warn!(%err, "could not queue metadata broadcast");
+        }
+    }
+
+    /// Every member this node tracks (alive, suspect, or recently down), not
+    /// including itself.
+    pub fn members(&self) -> Vec<MemberView> {
+        let table = meta::lock(&self.meta);
+        self.foca
+            .iter_membership_state()
+            .map(|m| MemberView {
+                identity: *m.id(),
+                incarnation: m.incarnation(),
+                state: match m.state() {
+                    foca::State::Alive => MemberState::Alive,
+                    foca::State::Suspect => MemberState::Suspect,
+                    foca::State::Down => MemberState::Down,
+                },
+                meta: table
+                    .get(&m.id().id)
+                    .filter(|meta| meta.generation == m.id().generation)
+                    .cloned(),
+            })
+            .collect()
+    }
+
+    /// Ids of the active (alive or suspect) members, not including this node.
+    pub fn live_ids(&self) -> Vec<NodeId> {
+        self.foca.iter_members().map(|m| m.id().id).collect()
+    }
+
+    /// This node's own published metadata.
+    pub fn own_meta(&self) -> &NodeMeta {
+        &self.own_meta
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> GossipStats {
+        self.stats
+    }
+
+    fn retry_join(&mut self, now: Instant) {
+        if !self.up.is_empty() || self.seeds.is_empty() {
+            self.join_due = None;
+            return;
+        }
+        for seed in self.seeds.clone() {
+            self.announce(now, seed);
+        }
+        self.join_attempt = self.join_attempt.saturating_add(1);
+        let backoff = JOIN_RETRY_MIN
+            .saturating_mul(1 << self.join_attempt.min(8))
+            .min(JOIN_RETRY_MAX);
+        self.join_due = Some(now + backoff);
+    }
+
+    fn schedule(&mut self, now: Instant, after: Duration, timer: Timer<NodeIdentity>) {
+        self.timer_seq += 1;
+        self.timers.push(Scheduled {
+            at: now + after,
+            seq: self.timer_seq,
+            timer,
+        });
+    }
+
+    /// Moves what foca produced into our queues.
+    fn drain(&mut self, now: Instant) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            self.stats.packets_out += 1;
+            self.stats.bytes_out += data.len() as u64;
+            self.transmits.push_back(Transmit { to, data });
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.schedule(now, after, timer);
+        }
+        let mut republish = false;
+        while let Some(n) = self.runtime.to_notify() {
+            match n {
+                OwnedNotification::MemberUp(id) => {
+                    // A newcomer missed our earlier metadata broadcasts.
+                    republish = true;
+                    self.mark_up(id);
+                }
+                OwnedNotification::MemberDown(id) => self.mark_down(id.id),
+                OwnedNotification::Rename(_old, new) => {
+                    // Same node id, new run. foca reports only the rename when
+                    // liveness did not change, but the old run's state is gone:
+                    // consumers see the old run go down and the new one come up.
+                    if self.up.contains_key(&new.id) {
+                        if self.is_active(new.id) {
+                            republish = true;
+                            self.mark_up(new);
+                        } else {
+                            self.mark_down(new.id);
+                        }
+                    }
+                }
+                OwnedNotification::Active => {
+                    self.events.push_back(MemberEvent::Joined);
+                    // Pull a full view right away instead of waiting for
+                    // gossip to bring every member.
+                    self.sync_due = Some(now);
+                }
+                OwnedNotification::Idle => {
+                    self.events.push_back(MemberEvent::Isolated);
+                    self.join_attempt = 0;
+                    self.join_due = Some(now + JOIN_RETRY_MIN);
+                }
+                OwnedNotification::Rejoin(id) => {
+                    republish = true;
+                    self.events.push_back(MemberEvent::Renewed(id));
+                }
+                OwnedNotification::Defunct => {
+                    // Unreachable: our identities always renew.
+                    tracing::error!("gossip identity defunct");
+                }
+            }
+        }
+        if republish {
+            self.publish_meta();
+        }
+    }
+
+    fn mark_up(&mut self, id: NodeIdentity) {
+        match self.up.insert(id.id, id) {
+            Some(prev) if prev == id => return,
+            Some(prev) => self.events.push_back(MemberEvent::Down(prev)),
+            None => {}
+        }
+        self.events.push_back(MemberEvent::Up(id));
+    }
+
+    fn mark_down(&mut self, id: NodeId) {
+        if let Some(prev) = self.up.remove(&id) {
+            meta::lock(&self.meta).remove(&id);
+            self.events.push_back(MemberEvent::Down(prev));
+        }
+    }
+
+    /// Identities of the members currently up, as reported by the events.
+    pub fn up_members(&self) -> impl Iterator<Item = &NodeIdentity> {
+        self.up.values()
+    }
+
+    fn is_active(&self, id: NodeId) -> bool {
+        self.foca.iter_members().any(|m| m.id().id == id)
+    }
+}
