@@ -1,1 +1,238 @@
-fn main() {}
+//! The `specter` command.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use specter::config::{LogFormat, NodeConfig, NodeSettings};
+use specter::node::{Node, NodeOptions};
+use specter::tls::NodeTls;
+use specter::{admin, bind_endpoint, generation_now, pki};
+use specter_gossip::GossipConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for bad flags, config or certificates (as clap uses for usage errors).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "specter",
+    version,
+    about = "A leaderless, self-hosted reverse-tunnel network over QUIC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the cluster CA and node certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Run a public node.
+    Node {
+        /// Read settings from this TOML file (flags override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: NodeSettings,
+    },
+    /// Run a local overlay on loopback with a throwaway CA.
+    Demo {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a cluster CA (ca.crt, ca.key) in DIR.
+    Init {
+        /// Directory to write into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate (node.crt, node.key) signed by the CA.
+    IssueNode {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The node's DNS name (a SAN).
+        #[arg(long)]
+        name: String,
+        /// IP addresses the node is reached at (SANs), repeatable.
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Ca(cmd) => match run_ca(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => usage_error(&err),
+        },
+        Command::Node { config, settings } => {
+            // Everything that can be checked is checked before binding.
+            let checked = load_node(config, settings);
+            let (config, tls) = match checked {
+                Ok(c) => c,
+                Err(err) => return usage_error(&err),
+            };
+            init_tracing(config.log_format);
+            match runtime().and_then(|rt| rt.block_on(run_node(config, tls))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo { nodes } => {
+            init_tracing(LogFormat::Human);
+            match runtime().and_then(|rt| rt.block_on(specter::demo::run(nodes))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn usage_error(err: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {err:#}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run_ca(cmd: CaCommand) -> Result<()> {
+    match cmd {
+        CaCommand::Init { dir, force } => {
+            pki::init_ca(&dir, force)?;
+            println!(
+                "wrote {} and {}",
+                dir.join(pki::CA_CERT_FILE).display(),
+                dir.join(pki::CA_KEY_FILE).display()
+            );
+        }
+        CaCommand::IssueNode {
+            ca_dir,
+            name,
+            ip,
+            out,
+            force,
+        } => {
+            let id = pki::issue_node(&ca_dir, &name, &ip, &out, force)?;
+            println!(
+                "wrote {} and {} (node id {id})",
+                out.join(pki::NODE_CERT_FILE).display(),
+                out.join(pki::NODE_KEY_FILE).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn load_node(config: Option<PathBuf>, flags: NodeSettings) -> Result<(NodeConfig, NodeTls)> {
+    let file = match config {
+        Some(path) => NodeSettings::from_file(&path)?,
+        None => NodeSettings::default(),
+    };
+    let config = flags.over(file).resolve()?;
+    let tls = NodeTls::load(&config.ca, &config.cert, &config.key)?;
+    Ok((config, tls))
+}
+
+async fn run_node(config: NodeConfig, tls: NodeTls) -> Result<()> {
+    let endpoint =
+        bind_endpoint(config.listen).with_context(|| format!("binding UDP {}", config.listen))?;
+    let quic = endpoint.local_addr()?;
+    let admin_listener = match config.admin {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the admin API on {addr}"))?,
+        ),
+        None => None,
+    };
+    let node = Node::start(
+        endpoint,
+        &tls,
+        NodeOptions {
+            advertise: config.advertise,
+            seeds: config.join.clone(),
+            gossip: GossipConfig::default(),
+            generation: generation_now(),
+            rng_seed: rand::random(),
+        },
+    )?;
+    let cancel = CancellationToken::new();
+    let mut admin_addr = None;
+    if let Some(listener) = admin_listener {
+        admin_addr = Some(listener.local_addr()?);
+        tokio::spawn(admin::serve(listener, node.shared(), cancel.clone()));
+    }
+    if let Some(path) = &config.ready_file {
+        let ready = serde_json::json!({
+            "id": node.id().to_string(),
+            "quic": quic,
+            "advertise": config.advertise,
+            "admin": admin_addr,
+            "pid": std::process::id(),
+        });
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, ready.to_string())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    cancel.cancel();
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! `node.toml`: the file form of `specter node`'s flags. Flags given on the
+//! command line override the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `specter node` settings; every field may come from a flag or the file.
+#[derive(Clone, Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    /// UDP address to bind the QUIC endpoint to.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Address other nodes dial (default: --listen, unless it is unspecified).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// Seeds to join through, `host:port`, comma-separated or repeated.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// Cluster CA certificate (PEM).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (PEM), issued by the CA.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Loopback TCP address of the admin API (/status, /metrics).
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Once serving, write {id, quic, admin} as JSON to this file.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// A complete, checked node configuration.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// See [`NodeSettings::listen`].
+    pub listen: SocketAddr,
+    /// See [`NodeSettings::advertise`].
+    pub advertise: SocketAddr,
+    /// See [`NodeSettings::join`].
+    pub join: Vec<String>,
+    /// See [`NodeSettings::ca`].
+    pub ca: PathBuf,
+    /// See [`NodeSettings::cert`].
+    pub cert: PathBuf,
+    /// See [`NodeSettings::key`].
+    pub key: PathBuf,
+    /// See [`NodeSettings::admin`].
+    pub admin: Option<SocketAddr>,
+    /// See [`NodeSettings::ready_file`].
+    pub ready_file: Option<PathBuf>,
+    /// See [`NodeSettings::log_format`].
+    pub log_format: LogFormat,
+}
+
+/// A configuration problem; reported before anything is bound.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these settings.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: Box<toml::de::Error>,
+    },
+    /// A required setting is missing.
+    #[error("missing --{0} (or `{0}` in the config file)")]
+    Missing(&'static str),
+    /// --advertise is needed because --listen is a wildcard address.
+    #[error(
+        "--listen {0} is a wildcard address; pass --advertise with an address other nodes can dial"
+    )]
+    NeedAdvertise(SocketAddr),
+    /// The admin API must stay on loopback.
+    #[error("--admin {0} is not a loopback address; the admin API is for local use only")]
+    AdminNotLoopback(SocketAddr),
+}
+
+impl NodeSettings {
+    /// Reads a `node.toml`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    /// `self` (flags) over `file`.
+    pub fn over(self, file: NodeSettings) -> NodeSettings {
+        NodeSettings {
+            listen: self.listen.or(file.listen),
+            advertise: self.advertise.or(file.advertise),
+            join: if self.join.is_empty() {
+                file.join
+            } else {
+                self.join
+            },
+            ca: self.ca.or(file.ca),
+            cert: self.cert.or(file.cert),
+            key: self.key.or(file.key),
+            admin: self.admin.or(file.admin),
+            ready_file: self.ready_file.or(file.ready_file),
+            log_format: self.log_format.or(file.log_format),
+        }
+    }
+
+    /// Checks the settings and fills defaults.
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let listen = self.listen.ok_or(ConfigError::Missing("listen"))?;
+        let advertise = match self.advertise {
+            Some(a) => a,
+            None if listen.ip().is_unspecified() => return Err(ConfigError::NeedAdvertise(listen)),
+            None => listen,
+        };
+        if let Some(admin) = self.admin
+            && !admin.ip().is_loopback()
+        {
+            return Err(ConfigError::AdminNotLoopback(admin));
+        }
+        Ok(NodeConfig {
+            listen,
+            advertise,
+            join: self
+                .join
+                .into_iter()
+                .filter(|s| !s.trim().is_empty())
+                .collect(),
+            ca: self.ca.ok_or(ConfigError::Missing("ca"))?,
+            cert: self.cert.ok_or(ConfigError::Missing("cert"))?,
+            key: self.key.ok_or(ConfigError::Missing("key"))?,
+            admin: self.admin,
+            ready_file: self.ready_file,
+            log_format: self.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_unknown_keys_are_refused() {
+        let file: NodeSettings = toml::from_str(
+            "listen = \"127.0.0.2:7000\"\njoin = [\"127.0.0.3:7000\"]\nca = \"ca.crt\"\ncert = \"n.crt\"\nkey = \"n.key\"\n",
+        )
+        .unwrap();
+        let flags = NodeSettings {
+            listen: Some("127.0.0.9:1".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = flags.over(file).resolve().unwrap();
+        assert_eq!(c.listen, "127.0.0.9:1".parse().unwrap());
+        assert_eq!(c.advertise, c.listen);
+        assert_eq!(c.join, vec!["127.0.0.3:7000".to_string()]);
+        assert!(toml::from_str::<NodeSettings>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn a_wildcard_listen_needs_advertise_and_admin_must_be_loopback() {
+        let base = NodeSettings {
+            listen: Some("0.0.0.0:7000".parse().unwrap()),
+            ca: Some("a".into()),
+            cert: Some("b".into()),
+            key: Some("c".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            base.clone().resolve(),
+            Err(ConfigError::NeedAdvertise(_))
+        ));
+        let public_admin = NodeSettings {
+            advertise: Some("127.0.0.2:7000".parse().unwrap()),
+            admin: Some("0.0.0.0:9000".parse().unwrap()),
+            ..base
+        };
+        assert!(matches!(
+            public_admin.resolve(),
+            Err(ConfigError::AdminNotLoopback(_))
+        ));
+    }
+}

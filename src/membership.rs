@@ -1,0 +1,248 @@
+//! The task that owns the node's [`Membership`]: it feeds it datagrams and
+//! timers, hands its packets to the transport, and publishes its view.
+//!
+//! One task owns the state machine, so foca's timers are delivered in order
+//! from one queue (the state machine's own heap) and nothing locks it. Sending
+//! never waits on a handshake: the transport queues or drops (SWIM tolerates
+//! loss).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use specter_gossip::{
+    GossipError, GossipStats, MemberEvent, MemberState, Membership, NodeId, NodeIdentity,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::transport::{DialError, Transport};
+
+/// After a graceful leave, how long the packets announcing it get to leave
+/// before the endpoint closes. Loopback and LAN need far less.
+pub const LEAVE_FLUSH: Duration = Duration::from_millis(300);
+
+/// The published member list is rebuilt at most this often (and on every
+/// membership event), so a busy node does not rebuild it per packet.
+const VIEW_REFRESH: Duration = Duration::from_millis(250);
+
+/// First and longest wait between attempts to reach a seed. A node started
+/// before its seeds joins within seconds of them coming up.
+const SEED_RETRY_MIN: Duration = Duration::from_millis(250);
+const SEED_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Capacity of the channel that brings reached seeds to the owner task; each
+/// seed sends once, so this only needs to exceed the seed list.
+const SEED_CHANNEL: usize = 64;
+
+/// One member as shown in `/status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberStatus {
+    /// Cert-derived id, hex.
+    pub id: String,
+    /// QUIC address it advertises.
+    pub addr: SocketAddr,
+    /// SWIM state.
+    pub state: MemberState,
+    /// foca incarnation (refutations of suspicion).
+    pub incarnation: u16,
+    /// Run of the node (start time in ms; higher after a restart).
+    pub generation: u64,
+    /// Public ingress address, if it published one.
+    pub ingress: Option<SocketAddr>,
+}
+
+/// The membership as last published by the owner task.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MembershipView {
+    /// This node's generation (it changes if the node had to renew).
+    pub generation: u64,
+    /// Whether at least one other member knows this node.
+    pub joined: bool,
+    /// Every member tracked (alive, suspect, recently down), sorted by id.
+    pub members: Vec<MemberStatus>,
+    /// Gossip counters.
+    pub gossip: GossipStats,
+}
+
+/// Shared handle on the published view.
+pub type SharedView = Arc<RwLock<MembershipView>>;
+
+/// Reads the published view.
+pub fn read_view(view: &SharedView) -> MembershipView {
+    view.read().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+/// Inputs of the owner task.
+pub struct Driver {
+    /// The state machine.
+    pub membership: Membership,
+    /// Where packets go.
+    pub transport: Arc<Transport>,
+    /// Datagrams from the transport, tagged with their cert-derived sender.
+    pub inbox: mpsc::Receiver<(NodeId, Bytes)>,
+    /// Seeds to join through (`host:port`).
+    pub seeds: Vec<String>,
+    /// Published view.
+    pub view: SharedView,
+    /// Stops the task without telling anyone (a crash, as far as peers see).
+    pub stop: CancellationToken,
+    /// Leaves the cluster gracefully, then stops.
+    pub leave: CancellationToken,
+}
+
+impl Driver {
+    /// Runs until `stop` or `leave` fires.
+    pub async fn run(self) {
+        let Driver {
+            mut membership,
+            transport,
+            mut inbox,
+            seeds,
+            view,
+            stop,
+            leave,
+        } = self;
+        let (seed_tx, mut seed_rx) = mpsc::channel(SEED_CHANNEL);
+        for seed in seeds {
+            tokio::spawn(reach_seed(
+                seed,
+                transport.clone(),
+                seed_tx.clone(),
+                stop.clone(),
+            ));
+        }
+        drop(seed_tx);
+        let mut joined = false;
+        let mut published = Instant::now();
+        publish(&membership, joined, &view);
+        loop {
+            let deadline = membership
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = leave.cancelled() => {
+                    tracing::info!("leaving the cluster");
+                    membership.leave(Instant::now());
+                    flush(&mut membership, &transport);
+                    tokio::time::sleep(LEAVE_FLUSH).await;
+                    return;
+                }
+                Some((from, data)) = inbox.recv() => {
+                    if let Err(err) = membership.handle_data(Instant::now(), from, &data) {
+                        match err {
+                            GossipError::SpoofedSender { .. } => tracing::warn!(%err, "dropped gossip packet"),
+                            _ => tracing::debug!(%err, "dropped gossip packet"),
+                        }
+                    }
+                }
+                Some(seed) = seed_rx.recv() => membership.add_seed(Instant::now(), seed),
+                () = tokio::time::sleep_until(deadline) => membership.handle_timeout(Instant::now()),
+            }
+            flush(&mut membership, &transport);
+            let mut changed = false;
+            while let Some(event) = membership.poll_event() {
+                changed = true;
+                match event {
+                    MemberEvent::Up(m) => {
+                        tracing::info!(member = %m.id, addr = %m.addr, generation = m.generation, "member up")
+                    }
+                    MemberEvent::Down(m) => {
+                        tracing::info!(member = %m.id, addr = %m.addr, generation = m.generation, "member down")
+                    }
+                    MemberEvent::Joined => {
+                        joined = true;
+                        tracing::info!("joined the cluster");
+                    }
+                    MemberEvent::Isolated => {
+                        joined = false;
+                        tracing::warn!("no live members left; announcing to seeds again");
+                    }
+                    MemberEvent::Renewed(me) => tracing::warn!(
+                        generation = me.generation,
+                        "was declared down while alive; rejoined with a new generation"
+                    ),
+                }
+            }
+            if changed || published.elapsed() >= VIEW_REFRESH {
+                publish(&membership, joined, &view);
+                published = Instant::now();
+            }
+        }
+    }
+}
+
+fn flush(membership: &mut Membership, transport: &Arc<Transport>) {
+    while let Some(t) = membership.poll_transmit() {
+        transport.send_datagram(t.to.id, t.to.addr, t.data);
+    }
+}
+
+fn publish(membership: &Membership, joined: bool, view: &SharedView) {
+    let mut members: Vec<MemberStatus> = membership
+        .members()
+        .into_iter()
+        .map(|m| MemberStatus {
+            id: m.identity.id.to_string(),
+            addr: m.identity.addr,
+            state: m.state,
+            incarnation: m.incarnation,
+            generation: m.identity.generation,
+            ingress: m.meta.and_then(|meta| meta.ingress),
+        })
+        .collect();
+    members.sort_by(|a, b| a.id.cmp(&b.id));
+    let next = MembershipView {
+        generation: membership.identity().generation,
+        joined,
+        members,
+        gossip: membership.stats(),
+    };
+    *view.write().unwrap_or_else(PoisonError::into_inner) = next;
+}
+
+/// Dials a seed until it answers, then hands its proven identity to the owner
+/// task. A seed that turns out to be this node is skipped.
+async fn reach_seed(
+    seed: String,
+    transport: Arc<Transport>,
+    found: mpsc::Sender<NodeIdentity>,
+    stop: CancellationToken,
+) {
+    let mut wait = SEED_RETRY_MIN;
+    loop {
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(seed.as_str()).await {
+            Ok(addrs) => addrs.collect(),
+            Err(err) => {
+                tracing::warn!(%seed, %err, "cannot resolve seed");
+                Vec::new()
+            }
+        };
+        for addr in addrs {
+            match transport.connect(addr, None).await {
+                Ok((id, _)) => {
+                    tracing::info!(%seed, node = %id, "reached seed");
+                    let identity = NodeIdentity {
+                        id,
+                        addr,
+                        generation: 0,
+                    };
+                    let _ = found.send(identity).await;
+                    return;
+                }
+                Err(DialError::SelfDial(_)) => return,
+                Err(err) => tracing::debug!(%seed, %err, "seed not reachable yet"),
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(SEED_RETRY_MAX);
+    }
+}

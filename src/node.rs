@@ -1,0 +1,192 @@
+//! The node daemon: composes the QUIC transport, the membership task and the
+//! admin API. [`Node::start`] takes an already-bound endpoint (and the caller
+//! binds the admin listener), so tests bind port 0 and the binary binds what
+//! the operator asked for.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use quinn::Endpoint;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Serialize;
+use specter_gossip::{GossipConfig, Membership, NodeId, NodeIdentity};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::membership::{Driver, MemberStatus, SharedView, read_view};
+use crate::tls::{NodeTls, TlsError};
+use crate::transport::{Transport, TransportCounters};
+
+/// What a node needs besides its endpoint and TLS identity.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Address other nodes dial (must be reachable by them).
+    pub advertise: SocketAddr,
+    /// Nodes to join through (`host:port`); empty for the first node.
+    pub seeds: Vec<String>,
+    /// SWIM settings.
+    pub gossip: GossipConfig,
+    /// This run's generation; must exceed every earlier run's (the binary uses
+    /// the start time in milliseconds).
+    pub generation: u64,
+    /// Seed of the membership's RNG.
+    pub rng_seed: u64,
+}
+
+/// Why a node did not start; nothing is left running.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The TLS material could not be turned into QUIC configs.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The gossip settings are inconsistent.
+    #[error("gossip config: {0}")]
+    Gossip(#[from] specter_gossip::config::ConfigError),
+}
+
+/// Everything `/status` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeStatus {
+    /// This node's id (hex).
+    pub id: String,
+    /// Its advertised QUIC address.
+    pub addr: SocketAddr,
+    /// Its current generation.
+    pub generation: u64,
+    /// Whether another member knows it.
+    pub joined: bool,
+    /// Every member it tracks (not itself).
+    pub members: Vec<MemberStatus>,
+    /// Gossip counters.
+    pub gossip: specter_gossip::GossipStats,
+    /// Transport counters.
+    pub transport: TransportCounters,
+}
+
+/// State shared by the node's tasks and the admin API.
+pub struct NodeShared {
+    /// This node's id.
+    pub id: NodeId,
+    /// Its advertised address.
+    pub advertise: SocketAddr,
+    /// The connection pool.
+    pub transport: Arc<Transport>,
+    view: SharedView,
+}
+
+impl NodeShared {
+    /// A consistent snapshot for `/status`.
+    pub fn status(&self) -> NodeStatus {
+        let view = read_view(&self.view);
+        NodeStatus {
+            id: self.id.to_string(),
+            addr: self.advertise,
+            generation: view.generation,
+            joined: view.joined,
+            members: view.members,
+            gossip: view.gossip,
+            transport: self.transport.counters(),
+        }
+    }
+}
+
+/// A running node.
+pub struct Node {
+    shared: Arc<NodeShared>,
+    stop: CancellationToken,
+    leave: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts serving on `endpoint` and joining through `options.seeds`.
+    pub fn start(
+        endpoint: Endpoint,
+        tls: &NodeTls,
+        options: NodeOptions,
+    ) -> Result<Node, NodeError> {
+        let identity = NodeIdentity {
+            id: tls.id,
+            addr: options.advertise,
+            generation: options.generation,
+        };
+        let membership = Membership::new(
+            identity,
+            &options.gossip,
+            StdRng::seed_from_u64(options.rng_seed),
+        )?;
+        let (transport, inbox) = Transport::new(endpoint, tls)?;
+        let view = SharedView::default();
+        let stop = CancellationToken::new();
+        let leave = CancellationToken::new();
+        let driver = Driver {
+            membership,
+            transport: transport.clone(),
+            inbox,
+            seeds: options.seeds,
+            view: view.clone(),
+            stop: stop.clone(),
+            leave: leave.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(driver.run()),
+            tokio::spawn(transport.clone().serve(stop.clone())),
+        ];
+        tracing::info!(id = %tls.id, advertise = %options.advertise, generation = options.generation, "node started");
+        Ok(Node {
+            shared: Arc::new(NodeShared {
+                id: tls.id,
+                advertise: options.advertise,
+                transport,
+                view,
+            }),
+            stop,
+            leave,
+            tasks,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.shared.id
+    }
+
+    /// State for the admin API.
+    pub fn shared(&self) -> Arc<NodeShared> {
+        self.shared.clone()
+    }
+
+    /// A snapshot for `/status`.
+    pub fn status(&self) -> NodeStatus {
+        self.shared.status()
+    }
+
+    /// A token that fires when the node stops.
+    pub fn stopped(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Leaves the cluster gracefully (members see it down at once), then closes.
+    pub async fn shutdown(mut self) {
+        self.leave.cancel();
+        if let Some(driver) = self.tasks.first_mut() {
+            let _ = driver.await;
+        }
+        self.stop.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        self.shared.transport.shutdown().await;
+    }
+
+    /// Stops at once without telling the cluster: as far as members can tell,
+    /// the node crashed (they detect it through failed probes).
+    pub async fn crash(mut self) {
+        self.stop.cancel();
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        self.shared.transport.shutdown().await;
+    }
+}

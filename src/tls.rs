@@ -1,0 +1,310 @@
+//! TLS for node↔node QUIC: mutual authentication against the cluster CA, and
+//! the [`NodeId`] each side proves with its certificate.
+//!
+//! Both sides must present a chain to the cluster CA. The dialing side does not
+//! check a DNS name: nodes are addressed by the id their key proves, so after
+//! the handshake the transport compares the peer's cert-derived id with the id
+//! it meant to reach (see `transport`). Only TLS 1.3 is offered (QUIC needs it).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use specter_gossip::NodeId;
+
+use crate::pki;
+
+/// ALPN of node↔node connections.
+pub const ALPN_NODE: &[u8] = b"specter-node/1";
+
+/// Server name sent when dialing a node. Not checked (see the module docs); it
+/// only has to be a valid DNS name.
+pub const NODE_SERVER_NAME: &str = "node.specter.invalid";
+
+/// QUIC keep-alive between nodes: well inside the idle timeout, so a quiet but
+/// healthy pair keeps its connection, and NAT bindings stay fresh.
+pub const NODE_KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// QUIC idle timeout between nodes: a dead peer's connection is dropped within
+/// 10 s. Failure *detection* is SWIM's job (≈ 2 s); this only frees resources,
+/// so it is generous enough to ride out a busy peer.
+pub const NODE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why TLS material could not be loaded; nothing was bound or started.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file holds no usable PEM object of the expected kind.
+    #[error("{0}")]
+    Pem(String),
+    /// The private key is not the one the certificate was issued for.
+    #[error("the private key does not match the certificate")]
+    KeyMismatch,
+    /// The certificate is not signed by the given CA (or is expired).
+    #[error("the certificate is not valid under the given CA: {0}")]
+    NotSignedByCa(rustls::Error),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    /// The certificate did not parse.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+}
+
+/// A node's TLS identity: its certificate chain and key, and the CA it trusts.
+#[derive(Clone)]
+pub struct NodeTls {
+    /// The id this node's certificate proves.
+    pub id: NodeId,
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("NodeTls")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The one crypto provider used everywhere (passed explicitly: with two
+/// providers compiled in, rustls' implicit default panics).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl NodeTls {
+    /// Loads and cross-checks the CA, certificate and key files.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Self::from_pem(&read(ca)?, &read(cert)?, &read(key)?).map_err(|e| match e {
+            TlsError::Pem(msg) => TlsError::Pem(format!(
+                "{msg} (ca {}, cert {}, key {})",
+                ca.display(),
+                cert.display(),
+                key.display()
+            )),
+            other => other,
+        })
+    }
+
+    /// Builds the identity from PEM text, checking that the key matches the
+    /// certificate and that the certificate chains to the CA.
+    pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let provider = provider();
+        let mut roots = RootCertStore::empty();
+        let mut ca_count = 0;
+        for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            let ca = ca.map_err(|e| TlsError::Pem(format!("CA file: {e}")))?;
+            roots
+                .add(ca)
+                .map_err(|e| TlsError::Pem(format!("CA certificate: {e}")))?;
+            ca_count += 1;
+        }
+        if ca_count == 0 {
+            return Err(TlsError::Pem("CA file holds no certificate".into()));
+        }
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| TlsError::Pem(format!("certificate file: {e}")))?;
+        let Some(leaf) = chain.first() else {
+            return Err(TlsError::Pem(
+                "certificate file holds no certificate".into(),
+            ));
+        };
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(format!("key file: {e}")))?;
+
+        let spki = pki::spki_of(leaf)?;
+        let key_pair = rcgen::KeyPair::from_pem(key_pem)
+            .map_err(|e| TlsError::Pem(format!("key file: {e}")))?;
+        if rcgen::PublicKeyData::subject_public_key_info(&key_pair) != spki {
+            return Err(TlsError::KeyMismatch);
+        }
+        let parsed = ParsedCertificate::try_from(leaf).map_err(TlsError::NotSignedByCa)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &chain[1..],
+            UnixTime::now(),
+            provider.signature_verification_algorithms.all,
+        )
+        .map_err(TlsError::NotSignedByCa)?;
+        Ok(NodeTls {
+            id: pki::node_id_of_spki(&spki),
+            roots: Arc::new(roots),
+            chain,
+            key: Arc::new(key),
+            provider,
+        })
+    }
+
+    /// QUIC server config: requires a client certificate from the cluster CA.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN_NODE.to_vec()];
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(Arc::new(node_transport()));
+        Ok(config)
+    }
+
+    /// QUIC client config for dialing nodes: presents our certificate and
+    /// accepts any server certificate that chains to the cluster CA.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let verifier = Arc::new(ClusterCaVerifier {
+            roots: self.roots.clone(),
+            algorithms: self.provider.signature_verification_algorithms,
+        });
+        let mut tls = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN_NODE.to_vec()];
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(node_transport()));
+        Ok(config)
+    }
+}
+
+/// Transport settings for node↔node connections.
+pub fn node_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(NODE_KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(NODE_IDLE_TIMEOUT).expect("10 s fits a QUIC varint"),
+    ));
+    t
+}
+
+/// The id proven by the certificate a connection's peer presented.
+pub fn peer_node_id(conn: &quinn::Connection) -> Option<NodeId> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    pki::node_id_of(certs.first()?).ok()
+}
+
+/// Accepts a server certificate that chains to the cluster CA, whatever name it
+/// carries; the peer's identity is its key, checked by the transport.
+#[derive(Debug)]
+struct ClusterCaVerifier {
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ClusterCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is offered.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{make_ca, make_node_cert};
+
+    #[test]
+    fn a_certificate_from_another_ca_or_a_foreign_key_is_refused() {
+        let ca = make_ca("a").unwrap();
+        let other = make_ca("b").unwrap();
+        let node = make_node_cert(&ca, "n", &[]).unwrap();
+        let stranger = make_node_cert(&other, "n", &[]).unwrap();
+
+        let ok = NodeTls::from_pem(&ca.cert, &node.cert, &node.key).unwrap();
+        assert_eq!(ok.id, node.id);
+        assert!(matches!(
+            NodeTls::from_pem(&ca.cert, &stranger.cert, &stranger.key),
+            Err(TlsError::NotSignedByCa(_))
+        ));
+        assert!(matches!(
+            NodeTls::from_pem(&ca.cert, &node.cert, &stranger.key),
+            Err(TlsError::KeyMismatch)
+        ));
+        assert!(matches!(
+            NodeTls::from_pem("garbage", &node.cert, &node.key),
+            Err(TlsError::Pem(_))
+        ));
+        ok.server_config().unwrap();
+        ok.client_config().unwrap();
+    }
+}

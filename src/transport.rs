@@ -1,0 +1,456 @@
+//! The node↔node QUIC connection pool: one endpoint (one UDP socket) per
+//! node, at most one connection per pair of nodes, dialed lazily, shared by
+//! everything node↔node, closed when idle.
+//!
+//! Simultaneous dials from both ends settle on the connection dialed by the
+//! lower [`NodeId`]: both ends apply the same rule, so both keep the same one.
+//! Every connection is attributed to the id its peer's certificate proves;
+//! a dial made to reach id X that reaches a certificate for Y is closed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::{Connection, Endpoint, VarInt};
+use serde::Serialize;
+use specter_gossip::NodeId;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::tls::{self, ALPN_NODE, NODE_SERVER_NAME, NodeTls, TlsError};
+
+/// Close code: this connection lost the simultaneous-dial tie-break.
+pub const CLOSE_DUPLICATE: VarInt = VarInt::from_u32(0x10);
+/// Close code: the peer's certificate proves another id than the one dialed.
+pub const CLOSE_WRONG_PEER: VarInt = VarInt::from_u32(0x11);
+/// Close code: unused for [`POOL_IDLE_CLOSE`].
+pub const CLOSE_IDLE: VarInt = VarInt::from_u32(0x12);
+/// Close code: the node is shutting down.
+pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x13);
+/// Close code: the handshake negotiated an ALPN this node does not serve here.
+pub const CLOSE_BAD_ALPN: VarInt = VarInt::from_u32(0x14);
+
+/// A connection that carried nothing for this long is closed; the next send
+/// dials again. Gossip reaches every member of a small cluster every few
+/// seconds, so only pairs that stopped talking are affected.
+pub const POOL_IDLE_CLOSE: Duration = Duration::from_secs(30);
+
+/// How often idle connections are looked for.
+const SWEEP_PERIOD: Duration = Duration::from_secs(5);
+
+/// Datagrams kept per peer while its connection is being dialed. Gossip
+/// tolerates loss, so more would only delay fresher packets.
+pub const PENDING_PER_PEER: usize = 16;
+
+/// Received datagrams waiting for the gossip task. When full, new datagrams
+/// are dropped and counted (SWIM treats that as loss) rather than queued
+/// without bound.
+pub const INBOX_CAPACITY: usize = 4_096;
+
+/// Handshakes in progress at once from unknown peers; more are refused, so a
+/// flood of connection attempts cannot exhaust memory.
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
+
+/// A dial or an inbound handshake that has not completed by then is abandoned.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a dial failed. The pool is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// quinn refused to start the connection (bad address, endpoint closed).
+    #[error("cannot dial {addr}: {source}")]
+    Connect {
+        /// Target address.
+        addr: SocketAddr,
+        /// The cause.
+        source: quinn::ConnectError,
+    },
+    /// The handshake failed (unreachable, refused, TLS error).
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake {
+        /// Target address.
+        addr: SocketAddr,
+        /// The cause.
+        source: quinn::ConnectionError,
+    },
+    /// No answer within [`HANDSHAKE_TIMEOUT`].
+    #[error("handshake with {0} timed out")]
+    Timeout(SocketAddr),
+    /// The peer's certificate proves another id than the one we meant to reach.
+    #[error("{addr} proved id {actual}, expected {expected}")]
+    WrongPeer {
+        /// Target address.
+        addr: SocketAddr,
+        /// The id we wanted.
+        expected: NodeId,
+        /// The id its certificate proves.
+        actual: NodeId,
+    },
+    /// The address is our own endpoint.
+    #[error("{0} is this node")]
+    SelfDial(SocketAddr),
+    /// The peer presented no usable certificate (cannot happen with our TLS
+    /// configuration; kept as an error rather than a panic).
+    #[error("{0} presented no certificate")]
+    NoIdentity(SocketAddr),
+}
+
+/// Counters for `/status` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    datagrams_sent: AtomicU64,
+    datagrams_received: AtomicU64,
+    datagram_send_errors: AtomicU64,
+    inbox_dropped: AtomicU64,
+    handshakes_failed: AtomicU64,
+    handshakes_refused: AtomicU64,
+    wrong_peer: AtomicU64,
+    duplicates_closed: AtomicU64,
+    idle_closed: AtomicU64,
+}
+
+/// A point-in-time copy of [`TransportStats`].
+#[derive(Debug, Clone, Copy, Serialize)]
+#[allow(missing_docs)]
+pub struct TransportCounters {
+    pub connections: u64,
+    pub datagrams_sent: u64,
+    pub datagrams_received: u64,
+    pub datagram_send_errors: u64,
+    pub inbox_dropped: u64,
+    pub handshakes_failed: u64,
+    pub handshakes_refused: u64,
+    pub wrong_peer: u64,
+    pub duplicates_closed: u64,
+    pub idle_closed: u64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+struct Entry {
+    conn: Connection,
+    outbound: bool,
+    last_used: Instant,
+}
+
+#[derive(Default)]
+struct Pool {
+    conns: HashMap<NodeId, Entry>,
+    /// Peers being dialed, with the datagrams waiting for the connection.
+    dialing: HashMap<NodeId, Vec<Bytes>>,
+}
+
+/// The node's QUIC endpoint and its pool of node connections.
+pub struct Transport {
+    endpoint: Endpoint,
+    local: NodeId,
+    client_config: quinn::ClientConfig,
+    pool: Mutex<Pool>,
+    inbox: mpsc::Sender<(NodeId, Bytes)>,
+    handshakes: Arc<Semaphore>,
+    stats: TransportStats,
+}
+
+impl Transport {
+    /// Wraps a bound endpoint. Received datagrams go to the returned receiver,
+    /// tagged with the cert-derived id of the connection they arrived on.
+    pub fn new(
+        endpoint: Endpoint,
+        tls: &NodeTls,
+    ) -> Result<(Arc<Self>, mpsc::Receiver<(NodeId, Bytes)>), TlsError> {
+        endpoint.set_server_config(Some(tls.server_config()?));
+        let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+        let transport = Arc::new(Transport {
+            endpoint,
+            local: tls.id,
+            client_config: tls.client_config()?,
+            pool: Mutex::default(),
+            inbox: tx,
+            handshakes: Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES)),
+            stats: TransportStats::default(),
+        });
+        Ok((transport, rx))
+    }
+
+    /// This node's id.
+    pub fn local_id(&self) -> NodeId {
+        self.local
+    }
+
+    /// The endpoint's bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        // The pool holds handles and timestamps; a panic elsewhere cannot
+        // leave it inconsistent enough to matter.
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends one datagram to `to`, dialing `addr` first if there is no
+    /// connection. Never waits: while a dial is under way the datagram is
+    /// queued (up to [`PENDING_PER_PEER`]), otherwise dropped and counted.
+    pub fn send_datagram(self: &Arc<Self>, to: NodeId, addr: SocketAddr, data: Bytes) {
+        let mut pool = self.pool();
+        if let Some(entry) = pool.conns.get_mut(&to) {
+            entry.last_used = Instant::now();
+            match entry.conn.send_datagram(data) {
+                Ok(()) => bump(&self.stats.datagrams_sent),
+                Err(err) => {
+                    tracing::debug!(peer = %to, %err, "datagram not sent");
+                    bump(&self.stats.datagram_send_errors);
+                }
+            }
+            return;
+        }
+        if let Some(queue) = pool.dialing.get_mut(&to) {
+            if queue.len() < PENDING_PER_PEER {
+                queue.push(data);
+            }
+            return;
+        }
+        pool.dialing.insert(to, vec![data]);
+        drop(pool);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = this.connect(addr, Some(to)).await;
+            let pending = this.pool().dialing.remove(&to).unwrap_or_default();
+            match result {
+                Ok((_, conn)) => {
+                    for data in pending {
+                        match conn.send_datagram(data) {
+                            Ok(()) => bump(&this.stats.datagrams_sent),
+                            Err(_) => bump(&this.stats.datagram_send_errors),
+                        }
+                    }
+                }
+                Err(err) => tracing::debug!(peer = %to, %err, "dial failed"),
+            }
+        });
+    }
+
+    /// Dials `addr` (or returns the pooled connection to `expected`), checks the
+    /// peer's id, and adds the connection to the pool.
+    pub async fn connect(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<(NodeId, Connection), DialError> {
+        if let Some(id) = expected
+            && let Some(entry) = self.pool().conns.get(&id)
+        {
+            return Ok((id, entry.conn.clone()));
+        }
+        let connecting = self
+            .endpoint
+            .connect_with(self.client_config.clone(), addr, NODE_SERVER_NAME)
+            .map_err(|source| DialError::Connect { addr, source })?;
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(source)) => {
+                bump(&self.stats.handshakes_failed);
+                return Err(DialError::Handshake { addr, source });
+            }
+            Err(_) => {
+                bump(&self.stats.handshakes_failed);
+                return Err(DialError::Timeout(addr));
+            }
+        };
+        let Some(peer) = tls::peer_node_id(&conn) else {
+            conn.close(CLOSE_WRONG_PEER, b"no certificate");
+            return Err(DialError::NoIdentity(addr));
+        };
+        if peer == self.local {
+            conn.close(CLOSE_WRONG_PEER, b"self");
+            return Err(DialError::SelfDial(addr));
+        }
+        if let Some(expected) = expected
+            && expected != peer
+        {
+            bump(&self.stats.wrong_peer);
+            conn.close(CLOSE_WRONG_PEER, b"unexpected node id");
+            return Err(DialError::WrongPeer {
+                addr,
+                expected,
+                actual: peer,
+            });
+        }
+        Ok((peer, self.adopt(conn, peer, true)))
+    }
+
+    /// Puts `conn` in the pool unless it loses the tie-break against an open
+    /// connection to the same peer; returns the connection that stays.
+    fn adopt(self: &Arc<Self>, conn: Connection, peer: NodeId, outbound: bool) -> Connection {
+        let mut pool = self.pool();
+        if let Some(existing) = pool.conns.get(&peer)
+            && existing.conn.close_reason().is_none()
+            && existing.conn.stable_id() != conn.stable_id()
+        {
+            // Same direction: the newer one replaces a connection the peer has
+            // probably abandoned (it restarted). Opposite directions: the one
+            // dialed by the lower id wins, on both ends.
+            let our_dial_wins = self.local < peer;
+            let keep_new = existing.outbound == outbound || outbound == our_dial_wins;
+            bump(&self.stats.duplicates_closed);
+            if !keep_new {
+                conn.close(CLOSE_DUPLICATE, b"duplicate connection");
+                return existing.conn.clone();
+            }
+            existing
+                .conn
+                .close(CLOSE_DUPLICATE, b"duplicate connection");
+        }
+        pool.conns.insert(
+            peer,
+            Entry {
+                conn: conn.clone(),
+                outbound,
+                last_used: Instant::now(),
+            },
+        );
+        drop(pool);
+        tracing::debug!(%peer, outbound, remote = %conn.remote_address(), "node connection up");
+        let this = self.clone();
+        let reader = conn.clone();
+        tokio::spawn(async move { this.read_datagrams(reader, peer).await });
+        conn
+    }
+
+    async fn read_datagrams(self: Arc<Self>, conn: Connection, peer: NodeId) {
+        let reason = loop {
+            match conn.read_datagram().await {
+                Ok(data) => {
+                    bump(&self.stats.datagrams_received);
+                    if let Some(entry) = self.pool().conns.get_mut(&peer)
+                        && entry.conn.stable_id() == conn.stable_id()
+                    {
+                        entry.last_used = Instant::now();
+                    }
+                    if self.inbox.try_send((peer, data)).is_err() {
+                        bump(&self.stats.inbox_dropped);
+                    }
+                }
+                Err(err) => break err,
+            }
+        };
+        let mut pool = self.pool();
+        if pool
+            .conns
+            .get(&peer)
+            .is_some_and(|e| e.conn.stable_id() == conn.stable_id())
+        {
+            pool.conns.remove(&peer);
+        }
+        drop(pool);
+        tracing::debug!(%peer, %reason, "node connection closed");
+    }
+
+    /// Accepts node connections until `cancel` fires, and closes idle ones.
+    pub async fn serve(self: Arc<Self>, cancel: CancellationToken) {
+        let mut sweep = tokio::time::interval(SWEEP_PERIOD);
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                _ = sweep.tick() => self.close_idle(),
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
+                        bump(&self.stats.handshakes_refused);
+                        incoming.refuse();
+                        continue;
+                    };
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        this.accept_one(incoming).await;
+                    });
+                }
+            }
+        }
+    }
+
+    async fn accept_one(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(err)) => {
+                bump(&self.stats.handshakes_failed);
+                tracing::info!(%remote, %err, "refused node connection");
+                return;
+            }
+            Err(_) => {
+                bump(&self.stats.handshakes_failed);
+                tracing::info!(%remote, "node handshake timed out");
+                return;
+            }
+        };
+        let alpn = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol);
+        if alpn.as_deref() != Some(ALPN_NODE) {
+            conn.close(CLOSE_BAD_ALPN, b"unsupported protocol");
+            return;
+        }
+        let Some(peer) = tls::peer_node_id(&conn) else {
+            conn.close(CLOSE_WRONG_PEER, b"no certificate");
+            return;
+        };
+        if peer == self.local {
+            conn.close(CLOSE_WRONG_PEER, b"self");
+            return;
+        }
+        self.adopt(conn, peer, false);
+    }
+
+    fn close_idle(&self) {
+        let now = Instant::now();
+        let mut pool = self.pool();
+        pool.conns.retain(|peer, e| {
+            let idle = now.saturating_duration_since(e.last_used) >= POOL_IDLE_CLOSE;
+            if idle {
+                tracing::debug!(%peer, "closing idle node connection");
+                e.conn.close(CLOSE_IDLE, b"idle");
+                self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            }
+            !idle
+        });
+    }
+
+    /// Closes every connection and the endpoint, then waits (bounded) for the
+    /// close frames to leave.
+    pub async fn shutdown(&self) {
+        self.endpoint.close(CLOSE_SHUTDOWN, b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    /// Ids of peers with an open connection.
+    pub fn connected_peers(&self) -> Vec<NodeId> {
+        self.pool().conns.keys().copied().collect()
+    }
+
+    /// Current counters.
+    pub fn counters(&self) -> TransportCounters {
+        let s = &self.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        TransportCounters {
+            connections: self.pool().conns.len() as u64,
+            datagrams_sent: get(&s.datagrams_sent),
+            datagrams_received: get(&s.datagrams_received),
+            datagram_send_errors: get(&s.datagram_send_errors),
+            inbox_dropped: get(&s.inbox_dropped),
+            handshakes_failed: get(&s.handshakes_failed),
+            handshakes_refused: get(&s.handshakes_refused),
+            wrong_peer: get(&s.wrong_peer),
+            duplicates_closed: get(&s.duplicates_closed),
+            idle_closed: get(&s.idle_closed),
+        }
+    }
+}
