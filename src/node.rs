@@ -170,8 +170,9 @@ impl Node {
     /// Leaves the cluster gracefully (members see it down at once), then closes.
     pub async fn shutdown(mut self) {
         self.leave.cancel();
-        if let Some(driver) = self.tasks.first_mut() {
-            let _ = driver.await;
+        // The membership task (first) returns once its leave packets are out.
+        if !self.tasks.is_empty() {
+            let _ = self.tasks.remove(0).await;
         }
         self.stop.cancel();
         for task in self.tasks.drain(..) {

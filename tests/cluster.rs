@@ -1,0 +1,277 @@
+//! Real QUIC on loopback, in one process: nodes join, converge, detect a
+//! crash, see a graceful leave, and refuse foreign certificates and spoofed
+//! gossip.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::wait_until;
+use specter::node::{Node, NodeOptions};
+use specter::pki::{CaPem, make_ca, make_node_cert};
+use specter::tls::NodeTls;
+use specter::transport::Transport;
+use specter::{bind_endpoint, generation_now};
+use specter_gossip::{GossipConfig, MemberState, Membership, NodeIdentity};
+
+/// Crash detection bound from the gossip config, allowing 20 ms one-way
+/// delivery on a loaded 2-core machine running every node of the test.
+fn detection_bound() -> Duration {
+    GossipConfig::default().detection_bound(Duration::from_millis(20))
+}
+
+fn tls_for(ca: &CaPem, i: usize) -> NodeTls {
+    let pem = make_node_cert(ca, &format!("n{i}.test.invalid"), &[]).unwrap();
+    NodeTls::from_pem(&ca.cert, &pem.cert, &pem.key).unwrap()
+}
+
+fn start(ca: &CaPem, i: usize, seed: Option<String>) -> Node {
+    let tls = tls_for(ca, i);
+    let endpoint = bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let advertise = endpoint.local_addr().unwrap();
+    Node::start(
+        endpoint,
+        &tls,
+        NodeOptions {
+            advertise,
+            seeds: seed.into_iter().collect(),
+            gossip: GossipConfig::default(),
+            generation: generation_now(),
+            rng_seed: i as u64,
+        },
+    )
+    .unwrap()
+}
+
+fn alive_ids(node: &Node) -> BTreeSet<String> {
+    node.status()
+        .members
+        .into_iter()
+        .filter(|m| m.state != MemberState::Down)
+        .map(|m| m.id)
+        .collect()
+}
+
+fn sees_down(node: &Node, id: &str) -> bool {
+    node.status()
+        .members
+        .iter()
+        .find(|m| m.id == id)
+        .is_none_or(|m| m.state == MemberState::Down)
+}
+
+fn converged(nodes: &[Node]) -> bool {
+    nodes.iter().all(|n| {
+        let expected: BTreeSet<String> = nodes
+            .iter()
+            .filter(|o| o.id() != n.id())
+            .map(|o| o.id().to_string())
+            .collect();
+        alive_ids(n) == expected
+    })
+}
+
+async fn cluster(ca: &CaPem, n: usize) -> Vec<Node> {
+    let seed = start(ca, 0, None);
+    let seed_addr = seed.status().addr.to_string();
+    let mut nodes = vec![seed];
+    for i in 1..n {
+        nodes.push(start(ca, i, Some(seed_addr.clone())));
+    }
+    let took = wait_until(Duration::from_secs(20), || converged(&nodes)).await;
+    assert!(took.is_some(), "{n} nodes did not converge in 20 s");
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_nodes_converge_and_see_a_crash_and_a_leave() {
+    let ca = make_ca("test").unwrap();
+    let mut nodes = cluster(&ca, 10).await;
+    let bound = detection_bound();
+
+    // Crash: the endpoint goes away without a word.
+    let crashed = nodes.remove(4);
+    let crashed_id = crashed.id().to_string();
+    let started = std::time::Instant::now();
+    crashed.crash().await;
+    let crash_took = wait_until(bound, || nodes.iter().all(|n| sees_down(n, &crashed_id)))
+        .await
+        .map(|_| started.elapsed());
+    assert!(
+        crash_took.is_some(),
+        "not every node saw the crash within {bound:?}"
+    );
+
+    // Graceful leave: seen sooner than a crash.
+    let leaver = nodes.remove(7);
+    let leaver_id = leaver.id().to_string();
+    let started = std::time::Instant::now();
+    let leaving = tokio::spawn(leaver.shutdown());
+    let leave_took = wait_until(bound, || nodes.iter().all(|n| sees_down(n, &leaver_id)))
+        .await
+        .map(|_| started.elapsed());
+    leaving.await.unwrap();
+    println!("crash seen by all in {crash_took:?}, leave in {leave_took:?}");
+    let (crash_took, leave_took) = (crash_took.unwrap(), leave_took.expect("leave not seen"));
+    assert!(
+        leave_took < crash_took,
+        "leave took {leave_took:?}, crash {crash_took:?}"
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_from_another_ca_cannot_join() {
+    let ca = make_ca("ours").unwrap();
+    let nodes = cluster(&ca, 3).await;
+    let seed_addr = nodes[0].status().addr.to_string();
+
+    let foreign_ca = make_ca("theirs").unwrap();
+    let stranger = start(&foreign_ca, 9, Some(seed_addr));
+    let stranger_id = stranger.id().to_string();
+    // The seed refuses its handshake (it retries with backoff).
+    let refused = wait_until(Duration::from_secs(10), || {
+        nodes[0].status().transport.handshakes_failed > 0
+    })
+    .await;
+    assert!(refused.is_some(), "the seed never refused the stranger");
+    // Give gossip time to spread anything the stranger might have said.
+    tokio::time::sleep(GossipConfig::default().probe_period * 4).await;
+    for n in &nodes {
+        assert!(
+            n.status().members.iter().all(|m| m.id != stranger_id),
+            "the stranger was gossiped"
+        );
+    }
+    assert!(!stranger.status().joined);
+    stranger.crash().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datagram_claiming_another_nodes_identity_is_dropped() {
+    let ca = make_ca("test").unwrap();
+    let nodes = cluster(&ca, 3).await;
+    let target = nodes[0].status();
+    let target_identity = NodeIdentity {
+        id: nodes[0].id(),
+        addr: target.addr,
+        generation: 0,
+    };
+
+    // A valid member of the CA, but it speaks for node 1 (whose key it lacks).
+    let liar_tls = tls_for(&ca, 7);
+    let (liar, _inbox) = Transport::new(
+        bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(),
+        &liar_tls,
+    )
+    .unwrap();
+    let victim = NodeIdentity {
+        id: nodes[1].id(),
+        addr: liar.local_addr().unwrap(),
+        generation: u64::MAX / 2,
+    };
+    let mut forged = Membership::new(
+        victim,
+        &GossipConfig::default(),
+        rand::SeedableRng::seed_from_u64(1),
+    )
+    .unwrap();
+    forged.announce(std::time::Instant::now(), target_identity);
+    let packet = forged.poll_transmit().unwrap();
+    let (_, _) = liar
+        .connect(target.addr, Some(nodes[0].id()))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        liar.send_datagram(nodes[0].id(), target.addr, Bytes::clone(&packet.data));
+    }
+    let dropped = wait_until(Duration::from_secs(5), || {
+        nodes[0].status().gossip.spoofed_dropped >= 1
+    })
+    .await;
+    assert!(
+        dropped.is_some(),
+        "spoofed datagram was not counted as dropped"
+    );
+    // Node 1 keeps its real identity; nothing of the forgery stuck.
+    let seen = nodes[0].status();
+    let entry = seen
+        .members
+        .iter()
+        .find(|m| m.id == nodes[1].id().to_string())
+        .unwrap();
+    assert_ne!(entry.generation, u64::MAX / 2);
+    assert_eq!(entry.state, MemberState::Alive);
+    liar.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dials_settle_on_one_connection() {
+    let ca = make_ca("test").unwrap();
+    let (ta, tb) = (tls_for(&ca, 1), tls_for(&ca, 2));
+    let (a, mut inbox_a) =
+        Transport::new(bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(), &ta).unwrap();
+    let (b, mut inbox_b) =
+        Transport::new(bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(), &tb).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(a.clone().serve(cancel.clone()));
+    tokio::spawn(b.clone().serve(cancel.clone()));
+    let (ra, rb) = tokio::join!(
+        a.connect(b.local_addr().unwrap(), Some(tb.id)),
+        b.connect(a.local_addr().unwrap(), Some(ta.id))
+    );
+    ra.unwrap();
+    rb.unwrap();
+    // Both ends keep exactly one connection, and it is the same one: the one
+    // dialed by the lower id (the other end closed the loser).
+    let settled = wait_until(Duration::from_secs(5), || {
+        a.connected_peers() == vec![tb.id] && b.connected_peers() == vec![ta.id]
+    })
+    .await;
+    assert!(settled.is_some());
+    assert!(a.counters().duplicates_closed + b.counters().duplicates_closed >= 1);
+    // The connection both ends kept works both ways.
+    a.send_datagram(
+        tb.id,
+        b.local_addr().unwrap(),
+        Bytes::from_static(b"from a"),
+    );
+    b.send_datagram(
+        ta.id,
+        a.local_addr().unwrap(),
+        Bytes::from_static(b"from b"),
+    );
+    let got_b = tokio::time::timeout(Duration::from_secs(5), inbox_b.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let got_a = tokio::time::timeout(Duration::from_secs(5), inbox_a.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got_b, (ta.id, Bytes::from_static(b"from a")));
+    assert_eq!(got_a, (tb.id, Bytes::from_static(b"from b")));
+    // Dialing an address expecting another id than its certificate proves fails.
+    let wrong = a
+        .connect(
+            b.local_addr().unwrap(),
+            Some(specter_gossip::NodeId(tb.id.0 ^ 1)),
+        )
+        .await;
+    assert!(matches!(
+        wrong,
+        Err(specter::transport::DialError::WrongPeer { .. })
+    ));
+    assert_eq!(a.counters().wrong_peer, 1);
+    cancel.cancel();
+}
