@@ -182,6 +182,11 @@ async fn run_node(config: NodeConfig, tls: NodeTls) -> Result<()> {
     let endpoint =
         bind_endpoint(config.listen).with_context(|| format!("binding UDP {}", config.listen))?;
     let quic = endpoint.local_addr()?;
+    // `--listen IP:0` lets the OS pick the port; advertise the one it picked.
+    let mut config = config;
+    if config.advertise.port() == 0 {
+        config.advertise.set_port(quic.port());
+    }
     let admin_listener = match config.admin {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

@@ -10,15 +10,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde::Serialize;
 use specter_gossip::{
-    GossipError, GossipStats, MemberEvent, MemberState, Membership, NodeId, NodeIdentity,
+    GossipError, GossipStats, MemberEvent, MemberState, Membership, NodeIdentity,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::transport::{DialError, Transport};
+use crate::transport::{DialError, Inbox, Transport};
 
 /// After a graceful leave, how long the packets announcing it get to leave
 /// before the endpoint closes. Loopback and LAN need far less.
@@ -82,7 +81,7 @@ pub struct Driver {
     /// Where packets go.
     pub transport: Arc<Transport>,
     /// Datagrams from the transport, tagged with their cert-derived sender.
-    pub inbox: mpsc::Receiver<(NodeId, Bytes)>,
+    pub inbox: Inbox,
     /// Seeds to join through (`host:port`).
     pub seeds: Vec<String>,
     /// Published view.

@@ -40,6 +40,9 @@ pub enum NodeError {
     /// The TLS material could not be turned into QUIC configs.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Other nodes could not dial the advertised address.
+    #[error("cannot advertise {0}: other nodes need a specific IP and a non-zero port")]
+    BadAdvertise(SocketAddr),
     /// The gossip settings are inconsistent.
     #[error("gossip config: {0}")]
     Gossip(#[from] specter_gossip::config::ConfigError),

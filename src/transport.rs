@@ -57,6 +57,10 @@ pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 /// A dial or an inbound handshake that has not completed by then is abandoned.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Datagrams received from nodes, tagged with the cert-derived id of the
+/// connection each arrived on.
+pub type Inbox = mpsc::Receiver<(NodeId, Bytes)>;
+
 /// Why a dial failed. The pool is unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -159,10 +163,7 @@ pub struct Transport {
 impl Transport {
     /// Wraps a bound endpoint. Received datagrams go to the returned receiver,
     /// tagged with the cert-derived id of the connection they arrived on.
-    pub fn new(
-        endpoint: Endpoint,
-        tls: &NodeTls,
-    ) -> Result<(Arc<Self>, mpsc::Receiver<(NodeId, Bytes)>), TlsError> {
+    pub fn new(endpoint: Endpoint, tls: &NodeTls) -> Result<(Arc<Self>, Inbox), TlsError> {
         endpoint.set_server_config(Some(tls.server_config()?));
         let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
         let transport = Arc::new(Transport {

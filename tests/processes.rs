@@ -4,153 +4,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use common::procs::*;
 use specter_gossip::GossipConfig;
-
-const BIN: &str = env!("CARGO_BIN_EXE_specter");
-
-fn specter(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).output().expect("run specter")
-}
-
-fn ca(dir: &Path) -> PathBuf {
-    let ca = dir.join("ca");
-    let out = specter(&["ca", "init", "--dir", ca.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ca
-}
-
-fn issue(ca: &Path, name: &str, ip: &str, out: &Path) {
-    let o = specter(&[
-        "ca",
-        "issue-node",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--name",
-        name,
-        "--ip",
-        ip,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-/// A node process, killed when dropped.
-struct Proc {
-    child: Child,
-    ready: Value,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn admin(&self) -> SocketAddr {
-        self.ready["admin"].as_str().unwrap().parse().unwrap()
-    }
-    fn quic(&self) -> String {
-        self.ready["quic"].as_str().unwrap().to_string()
-    }
-    fn id(&self) -> String {
-        self.ready["id"].as_str().unwrap().to_string()
-    }
-}
-
-fn start_node(dir: &Path, node_dir: &Path, ip: &str, join: Option<&str>) -> Proc {
-    let ready = node_dir.join(format!("ready-{:016x}", rand::random::<u64>()));
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "node",
-        "--listen",
-        &format!("{ip}:0"),
-        "--admin",
-        "127.0.0.1:0",
-    ])
-    .args(["--ca", dir.join("ca/ca.crt").to_str().unwrap()])
-    .args(["--cert", node_dir.join("node.crt").to_str().unwrap()])
-    .args(["--key", node_dir.join("node.key").to_str().unwrap()])
-    .args(["--ready-file", ready.to_str().unwrap()])
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::null())
-    .stderr(Stdio::from(
-        std::fs::File::create(node_dir.join(format!("{ip}.log"))).unwrap(),
-    ));
-    if let Some(seed) = join {
-        cmd.args(["--join", seed]);
-    }
-    let mut child = cmd.spawn().expect("spawn node");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&ready) {
-            let ready: Value = serde_json::from_str(&text).unwrap();
-            return Proc { child, ready };
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("node {ip} exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "node {ip} not ready in 20 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
-}
-
-fn status(p: &Proc) -> Option<Value> {
-    serde_json::from_str(&http_get(p.admin(), "/status")?).ok()
-}
-
-/// State of member `id` as `observer` sees it ("alive", "suspect", "down", or
-/// "absent").
-fn state_of(observer: &Proc, id: &str) -> String {
-    let Some(s) = status(observer) else {
-        return "unreachable".into();
-    };
-    s["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == id)
-        .map_or("absent".into(), |m| {
-            m["state"].as_str().unwrap().to_string()
-        })
-}
-
-fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < deadline {
-        if cond() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    None
-}
 
 #[test]
 fn five_processes_see_a_sigkill_and_a_restart() {
@@ -209,10 +70,28 @@ fn five_processes_see_a_sigkill_and_a_restart() {
     assert!(back.is_some(), "restarted node not up everywhere");
     println!("restarted node up everywhere after {:?}", back.unwrap());
 
+    // SIGTERM: the node leaves gracefully, exits 0, and is seen down at once
+    // (well before crash detection could have noticed).
+    let mut leaver = procs.remove(1);
+    let leaver_id = leaver.id();
+    let term_at = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &leaver.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let exit = leaver.child.wait().unwrap();
+    assert!(exit.success(), "SIGTERM exit: {exit}");
+    let left = wait_for(bound, || {
+        procs.iter().all(|p| state_of(p, &leaver_id) == "down")
+    });
+    assert!(left.is_some(), "graceful leave not seen");
+    println!("SIGTERM seen down by all after {:?}", term_at.elapsed());
+
     // /metrics answers too, and the admin API survives garbage.
     let metrics = http_get(procs[0].admin(), "/metrics").unwrap();
     assert!(
-        metrics.contains("specter_members{state=\"alive\"} 4"),
+        metrics.contains("specter_members{state=\"alive\"} 3"),
         "{metrics}"
     );
     let mut raw = TcpStream::connect(procs[0].admin()).unwrap();

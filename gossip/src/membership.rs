@@ -427,9 +427,13 @@ impl Membership {
         let me = self.identity();
         self.own_meta.generation = me.generation;
         self.own_meta.seq += 1;
-        meta::lock(&self.meta).insert(me.id, self.own_meta.clone());
-        if let Err(err) = self.foca.add_broadcast(&self.own_meta.encode()) {
-            tracing::warn!(%err, "could not queue metadata broadcast");
+        // foca passes our own broadcast through the handler too, which stores
+        // it in the table and queues it only if it is newer than what the
+        // table holds, so the table must not be updated first.
+        match self.foca.add_broadcast(&self.own_meta.encode()) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("metadata broadcast not newer than the last one"),
+            Err(err) => tracing::warn!(%err, "could not queue metadata broadcast"),
         }
     }
 
@@ -575,5 +579,167 @@ impl Membership {
 
     fn is_active(&self, id: NodeId) -> bool {
         self.foca.iter_members().any(|m| m.id().id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ident(n: u64) -> NodeIdentity {
+        NodeIdentity {
+            id: NodeId(n),
+            addr: format!("127.0.0.{n}:7000").parse().unwrap(),
+            generation: 1,
+        }
+    }
+
+    fn member(n: u64) -> Membership {
+        Membership::new(ident(n), &GossipConfig::default(), StdRng::seed_from_u64(n)).unwrap()
+    }
+
+    /// Delivers every queued packet between `nodes` (by id) until quiet.
+    fn pump(now: Instant, nodes: &mut [Membership]) {
+        loop {
+            let mut moved = false;
+            for i in 0..nodes.len() {
+                while let Some(t) = nodes[i].poll_transmit() {
+                    moved = true;
+                    let from = nodes[i].identity().id;
+                    if let Some(j) = nodes.iter().position(|m| m.identity().id == t.to.id) {
+                        let _ = nodes[j].handle_data(now, from, &t.data);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn events(m: &mut Membership) -> Vec<MemberEvent> {
+        std::iter::from_fn(|| m.poll_event()).collect()
+    }
+
+    #[test]
+    fn announcing_to_a_seed_brings_both_up_and_shares_metadata() {
+        let t0 = Instant::now();
+        let mut nodes = vec![member(1), member(2)];
+        nodes[0].set_meta(Some("127.0.0.1:443".parse().unwrap()), 7);
+        nodes[1].add_seed(t0, ident(1));
+        pump(t0, &mut nodes);
+        assert!(events(&mut nodes[0]).contains(&MemberEvent::Up(ident(2))));
+        let e1 = events(&mut nodes[1]);
+        assert!(e1.contains(&MemberEvent::Up(ident(1))));
+        assert!(e1.contains(&MemberEvent::Joined));
+        // Gossip rounds carry the metadata broadcast.
+        let mut now = t0;
+        for _ in 0..10 {
+            now += Duration::from_millis(200);
+            for n in nodes.iter_mut() {
+                n.handle_timeout(now);
+            }
+            pump(now, &mut nodes);
+        }
+        let seen = nodes[1].members();
+        let meta = seen[0].meta.as_ref().expect("metadata arrived");
+        assert_eq!(meta.load, 7);
+        assert_eq!(meta.ingress, Some("127.0.0.1:443".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_packet_naming_another_sender_is_refused_and_counted() {
+        let t0 = Instant::now();
+        let mut liar = member(3);
+        let mut target = member(1);
+        liar.announce(t0, ident(1));
+        let packet = liar.poll_transmit().unwrap();
+        // It arrived on a connection that proved id 2, but says it is from 3.
+        let err = target.handle_data(t0, NodeId(2), &packet.data).unwrap_err();
+        assert!(matches!(
+            err,
+            GossipError::SpoofedSender {
+                claimed: NodeId(3),
+                actual: NodeId(2)
+            }
+        ));
+        assert_eq!(target.stats().spoofed_dropped, 1);
+        assert!(target.members().is_empty());
+        assert!(target.poll_event().is_none());
+        // The same packet from the right connection is accepted.
+        target.handle_data(t0, NodeId(3), &packet.data).unwrap();
+        assert_eq!(target.members().len(), 1);
+    }
+
+    #[test]
+    fn oversized_and_garbage_packets_change_nothing() {
+        let t0 = Instant::now();
+        let mut m = member(1);
+        let big = vec![WIRE_VERSION_FOR_TESTS; MAX_FOR_TESTS + 1];
+        assert!(matches!(
+            m.handle_data(t0, NodeId(2), &big),
+            Err(GossipError::Oversized(_))
+        ));
+        assert!(matches!(
+            m.handle_data(t0, NodeId(2), &[0xff, 0, 1]),
+            Err(GossipError::Malformed(_))
+        ));
+        assert!(matches!(
+            m.handle_data(t0, NodeId(2), &[SYNC_TAG, 0xc1]),
+            Err(GossipError::Malformed(_))
+        ));
+        assert_eq!(m.stats().invalid_dropped, 3);
+        assert!(m.members().is_empty());
+    }
+
+    const WIRE_VERSION_FOR_TESTS: u8 = crate::codec::WIRE_VERSION;
+    const MAX_FOR_TESTS: usize = crate::config::MAX_PACKET_SIZE;
+
+    #[test]
+    fn a_member_that_stops_answering_is_declared_down_after_probe_and_suspicion() {
+        let cfg = GossipConfig::default();
+        let t0 = Instant::now();
+        let mut nodes = vec![member(1), member(2)];
+        nodes[1].add_seed(t0, ident(1));
+        pump(t0, &mut nodes);
+        events(&mut nodes[0]);
+        // Node 2 goes silent: only node 1 keeps running its timers.
+        let mut survivor = nodes.remove(0);
+        let mut now = t0;
+        let mut down_at = None;
+        while now < t0 + Duration::from_secs(10) && down_at.is_none() {
+            now = survivor.poll_timeout().unwrap();
+            survivor.handle_timeout(now);
+            while survivor.poll_transmit().is_some() {}
+            if events(&mut survivor).contains(&MemberEvent::Down(ident(2))) {
+                down_at = Some(now - t0);
+            }
+        }
+        let took = down_at.expect("declared down");
+        // At most: a probe period to start probing, one to fail, then suspicion.
+        assert!(
+            took <= 2 * cfg.probe_period + cfg.suspect_to_down_after,
+            "{took:?}"
+        );
+        assert!(took >= cfg.suspect_to_down_after);
+    }
+
+    #[test]
+    fn timers_fire_in_deadline_then_scheduling_order() {
+        let t0 = Instant::now();
+        let mut heap = BinaryHeap::new();
+        let timer = |n| Timer::<NodeIdentity>::PeriodicGossip(n);
+        for (seq, (after, n)) in [(5u64, 1u8), (1, 2), (5, 3), (0, 4)]
+            .into_iter()
+            .enumerate()
+        {
+            heap.push(Scheduled {
+                at: t0 + Duration::from_millis(after),
+                seq: seq as u64,
+                timer: timer(n),
+            });
+        }
+        let order: Vec<_> = std::iter::from_fn(|| heap.pop()).map(|s| s.timer).collect();
+        assert_eq!(order, vec![timer(4), timer(2), timer(1), timer(3)]);
     }
 }

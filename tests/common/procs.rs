@@ -1,0 +1,173 @@
+//! Running real `specter` processes: certificates through the CLI, nodes that
+//! write a ready file, and the admin API over plain HTTP/1.1. Shared by the
+//! process tests and the membership benchmark.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_specter");
+
+pub fn specter(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().expect("run specter")
+}
+
+pub fn ca(dir: &Path) -> PathBuf {
+    let ca = dir.join("ca");
+    let out = specter(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ca
+}
+
+pub fn issue(ca: &Path, name: &str, ip: &str, out: &Path) {
+    let o = specter(&[
+        "ca",
+        "issue-node",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--name",
+        name,
+        "--ip",
+        ip,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A node process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub ready: Value,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn admin(&self) -> SocketAddr {
+        self.ready["admin"].as_str().unwrap().parse().unwrap()
+    }
+    pub fn quic(&self) -> String {
+        self.ready["quic"].as_str().unwrap().to_string()
+    }
+    pub fn id(&self) -> String {
+        self.ready["id"].as_str().unwrap().to_string()
+    }
+}
+
+pub fn start_node(dir: &Path, node_dir: &Path, ip: &str, join: Option<&str>) -> Proc {
+    let ready = node_dir.join(format!("ready-{:016x}", rand::random::<u64>()));
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "node",
+        "--listen",
+        &format!("{ip}:0"),
+        "--admin",
+        "127.0.0.1:0",
+    ])
+    .args(["--ca", dir.join("ca/ca.crt").to_str().unwrap()])
+    .args(["--cert", node_dir.join("node.crt").to_str().unwrap()])
+    .args(["--key", node_dir.join("node.key").to_str().unwrap()])
+    .args(["--ready-file", ready.to_str().unwrap()])
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(Stdio::from(
+        std::fs::File::create(node_dir.join(format!("{ip}.log"))).unwrap(),
+    ));
+    if let Some(seed) = join {
+        cmd.args(["--join", seed]);
+    }
+    let mut child = cmd.spawn().expect("spawn node");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            let ready: Value = serde_json::from_str(&text).unwrap();
+            return Proc { child, ready };
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("node {ip} exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "node {ip} not ready in 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+pub fn status(p: &Proc) -> Option<Value> {
+    serde_json::from_str(&http_get(p.admin(), "/status")?).ok()
+}
+
+/// State of member `id` as `observer` sees it ("alive", "suspect", "down", or
+/// "absent").
+pub fn state_of(observer: &Proc, id: &str) -> String {
+    let Some(s) = status(observer) else {
+        return "unreachable".into();
+    };
+    s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .map_or("absent".into(), |m| {
+            m["state"].as_str().unwrap().to_string()
+        })
+}
+
+pub fn wait_for(deadline: Duration, cond: impl FnMut() -> bool) -> Option<Duration> {
+    wait_for_every(deadline, Duration::from_millis(25), cond)
+}
+
+/// [`wait_for`] with a chosen polling interval.
+pub fn wait_for_every(
+    deadline: Duration,
+    every: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(every);
+    }
+    None
+}
+
+/// Resident set size of a process in KiB (from /proc).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
