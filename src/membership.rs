@@ -143,6 +143,14 @@ impl Driver {
                 Some(seed) = seed_rx.recv() => membership.add_seed(Instant::now(), seed),
                 () = tokio::time::sleep_until(deadline) => membership.handle_timeout(Instant::now()),
             }
+            // A steady stream of packets must not starve the timers: fire
+            // whatever is due before handling more input.
+            if membership
+                .poll_timeout()
+                .is_some_and(|t| t <= Instant::now())
+            {
+                membership.handle_timeout(Instant::now());
+            }
             flush(&mut membership, &transport);
             let mut changed = false;
             while let Some(event) = membership.poll_event() {

@@ -139,6 +139,7 @@ fn bump(counter: &AtomicU64) {
 struct Entry {
     conn: Connection,
     outbound: bool,
+    since: Instant,
     last_used: Instant,
 }
 
@@ -243,10 +244,21 @@ impl Transport {
         addr: SocketAddr,
         expected: Option<NodeId>,
     ) -> Result<(NodeId, Connection), DialError> {
-        if let Some(id) = expected
-            && let Some(entry) = self.pool().conns.get(&id)
         {
-            return Ok((id, entry.conn.clone()));
+            let pool = self.pool();
+            let pooled = match expected {
+                Some(id) => pool.conns.get_key_value(&id),
+                // A seed known by address only: reuse a connection to it.
+                None => pool
+                    .conns
+                    .iter()
+                    .find(|(_, e)| e.conn.remote_address() == addr),
+            };
+            if let Some((id, entry)) = pooled
+                && entry.conn.close_reason().is_none()
+            {
+                return Ok((*id, entry.conn.clone()));
+            }
         }
         let connecting = self
             .endpoint
@@ -293,11 +305,16 @@ impl Transport {
             && existing.conn.close_reason().is_none()
             && existing.conn.stable_id() != conn.stable_id()
         {
-            // Same direction: the newer one replaces a connection the peer has
-            // probably abandoned (it restarted). Opposite directions: the one
-            // dialed by the lower id wins, on both ends.
+            // A simultaneous dial (the existing connection is itself only a
+            // handshake old): the one dialed by the lower id wins, on both
+            // ends. Otherwise the newer one replaces a connection the peer has
+            // probably abandoned (it restarted, or closed it as idle); keeping
+            // the old one would refuse a restarted peer until our idle
+            // timeout.
+            let simultaneous = existing.since.elapsed() < HANDSHAKE_TIMEOUT;
             let our_dial_wins = self.local < peer;
-            let keep_new = existing.outbound == outbound || outbound == our_dial_wins;
+            let keep_new =
+                !simultaneous || existing.outbound == outbound || outbound == our_dial_wins;
             bump(&self.stats.duplicates_closed);
             if !keep_new {
                 conn.close(CLOSE_DUPLICATE, b"duplicate connection");
@@ -312,6 +329,7 @@ impl Transport {
             Entry {
                 conn: conn.clone(),
                 outbound,
+                since: Instant::now(),
                 last_used: Instant::now(),
             },
         );

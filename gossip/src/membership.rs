@@ -170,6 +170,11 @@ pub struct Membership {
     rng: StdRng,
     sync_due: Option<Instant>,
     sync_replied: HashMap<NodeId, Instant>,
+    /// Peers we asked for a sync and have not answered yet (at most one per
+    /// sync period, and only members: bounded by the cluster size).
+    sync_requested: std::collections::HashSet<NodeId>,
+    /// Set once this node leaves; foca then reports itself defunct.
+    left: bool,
     join_due: Option<Instant>,
     join_attempt: u32,
     /// Members reported up and not since reported down: the view consumers see.
@@ -195,6 +200,7 @@ impl Membership {
             MsgpackCodec::default(),
             MetaHandler {
                 table: table.clone(),
+                own: identity.id,
             },
         );
         let own_meta = NodeMeta {
@@ -219,6 +225,8 @@ impl Membership {
             rng: own_rng,
             sync_due: None,
             sync_replied: HashMap::new(),
+            sync_requested: std::collections::HashSet::new(),
+            left: false,
             join_due: None,
             join_attempt: 0,
             stats: GossipStats::default(),
@@ -264,6 +272,7 @@ impl Membership {
     /// mark us down at once instead of after a failed probe and suspicion.
     pub fn leave(&mut self, now: Instant) {
         let identity = self.identity();
+        self.left = true;
         // `leave_cluster` consumes nothing else; a second call is harmless.
         if let Err(err) = self.foca.leave_cluster(&mut self.runtime) {
             tracing::debug!(%err, ?identity, "leave failed");
@@ -313,8 +322,13 @@ impl Membership {
         from: NodeId,
         chunk: SyncChunk,
     ) -> Result<(), GossipError> {
-        // The sender lists itself; its certificate proved `from`, so a member
-        // that has not reached us through gossip yet can sync too.
+        // Like foca, trust member lists only from active members (a node
+        // that was cut off holds stale states) or in answer to our own
+        // request. Anyone the cluster CA vouches for may still ask for ours:
+        // a newcomer syncs before every member has heard of it.
+        let solicited = self.sync_requested.remove(&from);
+        let trusted = solicited || self.up.contains_key(&from);
+        // The sender lists itself; its certificate proved `from`.
         let Some(peer) = chunk
             .members
             .iter()
@@ -326,8 +340,10 @@ impl Membership {
         };
         // Others already know these states; applying without re-broadcast
         // keeps a sync from flooding the cluster with stale updates.
-        self.foca
-            .apply_many(chunk.members.into_iter(), false, &mut self.runtime)?;
+        if trusted {
+            self.foca
+                .apply_many(chunk.members.into_iter(), false, &mut self.runtime)?;
+        }
         if chunk.reply_wanted {
             let recent = self
                 .sync_replied
@@ -373,6 +389,9 @@ impl Membership {
         }
         let pick = self.rng.random_range(0..self.up.len());
         if let Some(&peer) = self.up.values().nth(pick) {
+            // A reply may arrive in several chunks; the first one clears this,
+            // later ones are applied only if the sender is an active member.
+            self.sync_requested.insert(peer.id);
             self.send_sync(peer, true);
         }
     }
@@ -546,8 +565,11 @@ impl Membership {
                     self.events.push_back(MemberEvent::Renewed(id));
                 }
                 OwnedNotification::Defunct => {
-                    // Unreachable: our identities always renew.
-                    tracing::error!("gossip identity defunct");
+                    // Expected after leaving; otherwise our identities renew,
+                    // so this should not happen.
+                    if !self.left {
+                        tracing::error!("gossip identity defunct");
+                    }
                 }
             }
         }

@@ -90,6 +90,8 @@ pub(crate) fn lock(table: &MetaTable) -> std::sync::MutexGuard<'_, HashMap<NodeI
 /// foca broadcast handler storing [`NodeMeta`] in a [`MetaTable`].
 pub(crate) struct MetaHandler {
     pub(crate) table: MetaTable,
+    /// This node: only it publishes metadata about itself.
+    pub(crate) own: NodeId,
 }
 
 impl foca::BroadcastHandler<NodeIdentity> for MetaHandler {
@@ -99,9 +101,14 @@ impl foca::BroadcastHandler<NodeIdentity> for MetaHandler {
     fn receive_item(
         &mut self,
         data: &[u8],
-        _sender: Option<&NodeIdentity>,
+        sender: Option<&NodeIdentity>,
     ) -> Result<Option<MetaKey>, MetaError> {
         let meta = NodeMeta::decode(data)?;
+        // foca passes our own broadcasts with no sender; a relayed copy of
+        // metadata about us is stale or forged.
+        if meta.id == self.own && sender.is_some() {
+            return Ok(None);
+        }
         let key = MetaKey {
             id: meta.id,
             version: meta.version(),
@@ -136,6 +143,7 @@ mod tests {
     fn newer_metadata_replaces_older_and_stale_is_not_redisseminated() {
         let mut h = MetaHandler {
             table: Default::default(),
+            own: NodeId(99),
         };
         assert!(
             h.receive_item(&meta(1, 5, 2).encode(), None)
@@ -164,6 +172,7 @@ mod tests {
     fn malformed_metadata_is_an_error_and_stores_nothing() {
         let mut h = MetaHandler {
             table: Default::default(),
+            own: NodeId(99),
         };
         assert!(h.receive_item(&[], None).is_err());
         assert!(h.receive_item(&[7, 1, 2], None).is_err());
