@@ -74,7 +74,11 @@ async fn handle(mut stream: TcpStream, node: &NodeShared) -> std::io::Result<()>
         Err(_) => return Ok(()),
         Ok(Err(err)) => return Err(err),
         Ok(Ok(None)) => ("400 Bad Request", "text/plain", "bad request\n".to_string()),
-        Ok(Ok(Some(end))) => route(&buf[..end], node),
+        Ok(Ok(Some(end))) => match dht_route(&buf[..end]) {
+            Some(Ok((write, name))) => dht(node, write, name).await,
+            Some(Err(msg)) => ("400 Bad Request", "text/plain", format!("{msg}\n")),
+            None => route(&buf[..end], node),
+        },
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -102,6 +106,88 @@ fn route(head: &[u8], node: &NodeShared) -> (&'static str, &'static str, String)
             "method not allowed\n".into(),
         ),
     }
+}
+
+/// Longest tunnel name (a DNS label).
+const MAX_NAME_LEN: usize = 63;
+
+/// `GET /dht/get?name=N` or `POST /dht/put?name=N`: `Some(Ok((is_write, name)))`.
+fn dht_route(head: &[u8]) -> Option<Result<(bool, String), &'static str>> {
+    let line = std::str::from_utf8(head.split(|&b| b == b'\r').next()?).ok()?;
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next()?, parts.next()?);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let write = match (method, path) {
+        ("GET", "/dht/get") => false,
+        ("POST", "/dht/put") => true,
+        _ => return None,
+    };
+    let name = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("name="))
+        .unwrap_or_default();
+    Some(if valid_name(name) {
+        Ok((write, name.to_string()))
+    } else {
+        Err("name must be 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'")
+    })
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Runs a DHT read (or an operator test registration) through this node.
+async fn dht(node: &NodeShared, write: bool, name: String) -> (&'static str, &'static str, String) {
+    let outcome = if write {
+        let op = crate::dht::admin_registration(node);
+        node.dht(|reply| crate::dht::Command::Put {
+            name: name.clone(),
+            op,
+            reply,
+        })
+        .await
+    } else {
+        node.dht(|reply| crate::dht::Command::Get {
+            name: name.clone(),
+            reply,
+        })
+        .await
+    };
+    let Some((outcome, took)) = outcome else {
+        return ("503 Service Unavailable", "text/plain", "dht busy\n".into());
+    };
+    let key = format!("{:016x}", specter_dht::key_of(&name));
+    let latency_ms = took.as_secs_f64() * 1e3;
+    let (status, json) = match outcome {
+        specter_dht::Outcome::Got { item, hops } => (
+            if item.is_some() {
+                "200 OK"
+            } else {
+                "404 Not Found"
+            },
+            serde_json::json!({"name": name, "key": key, "hops": hops, "latency_ms": latency_ms, "record": item.map(|i| crate::dht::record_json(&i.record))}),
+        ),
+        specter_dht::Outcome::Wrote { record, hops } => (
+            "200 OK",
+            serde_json::json!({"name": name, "key": key, "hops": hops, "latency_ms": latency_ms, "record": crate::dht::record_json(&record)}),
+        ),
+        specter_dht::Outcome::Refused(code) => (
+            "409 Conflict",
+            serde_json::json!({"name": name, "key": key, "error": code.to_string()}),
+        ),
+        specter_dht::Outcome::Unreachable { hops } => (
+            "502 Bad Gateway",
+            serde_json::json!({"name": name, "key": key, "hops": hops, "error": "no node that holds the key answered"}),
+        ),
+    };
+    (status, "application/json", json.to_string() + "\n")
 }
 
 fn metrics(node: &NodeShared) -> String {

@@ -8,6 +8,8 @@
 //! - [`tls`]: mutual TLS against the cluster CA, cert-derived node ids.
 //! - [`transport`]: the node's QUIC endpoint and its connection pool.
 //! - [`membership`]: the task that owns the SWIM state machine.
+//! - [`rpc`]: DHT requests over node↔node QUIC bi-streams.
+//! - [`dht`]: the task that owns the DHT state machine.
 //! - [`node`]: the node daemon, composed from the above.
 //! - [`admin`]: the loopback admin API (`/status`, `/metrics`).
 //! - [`config`]: the TOML file config and its conversion.
@@ -18,9 +20,11 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod dht;
 pub mod membership;
 pub mod node;
 pub mod pki;
+pub mod rpc;
 pub mod tls;
 pub mod transport;
 

@@ -40,11 +40,34 @@ enum Command {
         #[command(flatten)]
         settings: NodeSettings,
     },
+    /// Query the DHT through a node's admin API.
+    #[command(subcommand)]
+    Dht(DhtCommand),
     /// Run a local overlay on loopback with a throwaway CA.
     Demo {
         /// Number of nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum DhtCommand {
+    /// Show the record for NAME as seen from the node, with the lookup's hop count.
+    Get {
+        /// Tunnel name.
+        name: String,
+        /// The node's admin address.
+        #[arg(long)]
+        admin: std::net::SocketAddr,
+    },
+    /// Register NAME at the node as an operator test (10-minute lease).
+    Put {
+        /// Tunnel name.
+        name: String,
+        /// The node's admin address.
+        #[arg(long)]
+        admin: std::net::SocketAddr,
     },
 }
 
@@ -102,6 +125,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Dht(cmd) => match run_dht(cmd) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => usage_error(&err),
+        },
         Command::Demo { nodes } => {
             init_tracing(LogFormat::Human);
             match runtime().and_then(|rt| rt.block_on(specter::demo::run(nodes))) {
@@ -166,6 +194,30 @@ fn run_ca(cmd: CaCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints the admin API's answer; returns whether it was a success.
+fn run_dht(cmd: DhtCommand) -> Result<bool> {
+    use std::io::{Read, Write};
+    let (method, path, name, admin) = match cmd {
+        DhtCommand::Get { name, admin } => ("GET", "/dht/get", name, admin),
+        DhtCommand::Put { name, admin } => ("POST", "/dht/put", name, admin),
+    };
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(5))
+            .with_context(|| format!("connecting to the admin API at {admin}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path}?name={name} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed answer")?;
+    print!("{body}");
+    Ok(head.starts_with("HTTP/1.1 200"))
 }
 
 fn load_node(config: Option<PathBuf>, flags: NodeSettings) -> Result<(NodeConfig, NodeTls)> {

@@ -90,6 +90,8 @@ pub struct Driver {
     pub stop: CancellationToken,
     /// Leaves the cluster gracefully, then stops.
     pub leave: CancellationToken,
+    /// The live set (other nodes), for the ring; updated on every change.
+    pub live: tokio::sync::watch::Sender<Vec<specter_dht::Peer>>,
 }
 
 impl Driver {
@@ -103,6 +105,7 @@ impl Driver {
             view,
             stop,
             leave,
+            live,
         } = self;
         let (seed_tx, mut seed_rx) = mpsc::channel(SEED_CHANNEL);
         for seed in seeds {
@@ -175,6 +178,16 @@ impl Driver {
                         "was declared down while alive; rejoined with a new generation"
                     ),
                 }
+            }
+            if changed {
+                let peers = membership
+                    .up_members()
+                    .map(|m| specter_dht::Peer {
+                        id: m.id,
+                        addr: m.addr,
+                    })
+                    .collect();
+                live.send_replace(peers);
             }
             if changed || published.elapsed() >= VIEW_REFRESH {
                 publish(&membership, joined, &view);

@@ -14,6 +14,7 @@ use specter_gossip::{GossipConfig, Membership, NodeId, NodeIdentity};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::dht::{Command, DhtDriver, DhtStatus, SharedDhtStatus, read_status};
 use crate::membership::{Driver, MemberStatus, SharedView, read_view};
 use crate::tls::{NodeTls, TlsError};
 use crate::transport::{Transport, TransportCounters};
@@ -65,6 +66,8 @@ pub struct NodeStatus {
     pub gossip: specter_gossip::GossipStats,
     /// Transport counters.
     pub transport: TransportCounters,
+    /// Ring neighbours, fingers and records held.
+    pub dht: DhtStatus,
 }
 
 /// State shared by the node's tasks and the admin API.
@@ -76,6 +79,8 @@ pub struct NodeShared {
     /// The connection pool.
     pub transport: Arc<Transport>,
     view: SharedView,
+    dht_status: SharedDhtStatus,
+    dht: tokio::sync::mpsc::Sender<Command>,
 }
 
 impl NodeShared {
@@ -90,7 +95,20 @@ impl NodeShared {
             members: view.members,
             gossip: view.gossip,
             transport: self.transport.counters(),
+            dht: read_status(&self.dht_status),
         }
+    }
+
+    /// Runs a DHT operation and waits for its outcome.
+    pub async fn dht(
+        &self,
+        command: impl FnOnce(
+            tokio::sync::oneshot::Sender<(specter_dht::Outcome, std::time::Duration)>,
+        ) -> Command,
+    ) -> Option<(specter_dht::Outcome, std::time::Duration)> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.dht.try_send(command(tx)).ok()?;
+        rx.await.ok()
     }
 }
 
@@ -119,10 +137,31 @@ impl Node {
             &options.gossip,
             StdRng::seed_from_u64(options.rng_seed),
         )?;
-        let (transport, inbox) = Transport::new(endpoint, tls)?;
+        let (transport, inbox, streams) = Transport::new(endpoint, tls)?;
         let view = SharedView::default();
         let stop = CancellationToken::new();
         let leave = CancellationToken::new();
+        let (live_tx, live_rx) = tokio::sync::watch::channel(Vec::new());
+        let (served_tx, served_rx) = tokio::sync::mpsc::channel(crate::dht::SERVED_CAPACITY);
+        let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(crate::dht::COMMAND_CAPACITY);
+        let dht_status = SharedDhtStatus::default();
+        let me = specter_dht::Peer {
+            id: tls.id,
+            addr: options.advertise,
+        };
+        let dht = DhtDriver {
+            node: specter_dht::DhtNode::new(
+                me,
+                specter_dht::DhtConfig::default(),
+                crate::dht::now_ms(),
+            ),
+            transport: transport.clone(),
+            served: served_rx,
+            commands: cmd_rx,
+            members: live_rx,
+            status: dht_status.clone(),
+            stop: stop.clone(),
+        };
         let driver = Driver {
             membership,
             transport: transport.clone(),
@@ -131,10 +170,13 @@ impl Node {
             view: view.clone(),
             stop: stop.clone(),
             leave: leave.clone(),
+            live: live_tx,
         };
         let tasks = vec![
             tokio::spawn(driver.run()),
             tokio::spawn(transport.clone().serve(stop.clone())),
+            tokio::spawn(dht.run()),
+            tokio::spawn(crate::rpc::serve(streams, served_tx, stop.clone())),
         ];
         tracing::info!(id = %tls.id, advertise = %options.advertise, generation = options.generation, "node started");
         Ok(Node {
@@ -143,6 +185,8 @@ impl Node {
                 advertise: options.advertise,
                 transport,
                 view,
+                dht_status,
+                dht: cmd_tx,
             }),
             stop,
             leave,

@@ -209,6 +209,8 @@ impl NodeTls {
 pub fn node_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(NODE_KEEP_ALIVE));
+    t.max_concurrent_bidi_streams(crate::transport::MAX_STREAMS_PER_PEER.into());
+    t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(NODE_IDLE_TIMEOUT).expect("10 s fits a QUIC varint"),
     ));

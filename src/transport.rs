@@ -61,6 +61,31 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// connection each arrived on.
 pub type Inbox = mpsc::Receiver<(NodeId, Bytes)>;
 
+/// A bi-stream a node opened to us, with the cert-derived id of its connection.
+pub struct IncomingStream {
+    /// The node that opened it.
+    pub peer: NodeId,
+    /// Our sending half.
+    pub send: quinn::SendStream,
+    /// Our receiving half.
+    pub recv: quinn::RecvStream,
+}
+
+/// Bi-streams opened by nodes, for the RPC server.
+pub type StreamInbox = mpsc::Receiver<IncomingStream>;
+
+/// Streams waiting for the RPC server. When full, new streams are reset with
+/// [`STREAM_BUSY`] rather than queued without bound.
+pub const STREAM_INBOX_CAPACITY: usize = 256;
+
+/// Bi-streams one node may have open to us at once (QUIC flow control
+/// enforces it): enough for replication, lookups and anti-entropy in parallel,
+/// small enough that one peer cannot tie up the RPC server.
+pub const MAX_STREAMS_PER_PEER: u32 = 64;
+
+/// Stream reset code: the RPC server is overloaded.
+pub const STREAM_BUSY: VarInt = VarInt::from_u32(0x20);
+
 /// Why a dial failed. The pool is unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -157,26 +182,33 @@ pub struct Transport {
     client_config: quinn::ClientConfig,
     pool: Mutex<Pool>,
     inbox: mpsc::Sender<(NodeId, Bytes)>,
+    streams: mpsc::Sender<IncomingStream>,
     handshakes: Arc<Semaphore>,
     stats: TransportStats,
 }
 
 impl Transport {
-    /// Wraps a bound endpoint. Received datagrams go to the returned receiver,
-    /// tagged with the cert-derived id of the connection they arrived on.
-    pub fn new(endpoint: Endpoint, tls: &NodeTls) -> Result<(Arc<Self>, Inbox), TlsError> {
+    /// Wraps a bound endpoint. Received datagrams go to the returned inbox,
+    /// tagged with the cert-derived id of the connection they arrived on, and
+    /// bi-streams opened by nodes to the stream inbox.
+    pub fn new(
+        endpoint: Endpoint,
+        tls: &NodeTls,
+    ) -> Result<(Arc<Self>, Inbox, StreamInbox), TlsError> {
         endpoint.set_server_config(Some(tls.server_config()?));
         let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+        let (stream_tx, stream_rx) = mpsc::channel(STREAM_INBOX_CAPACITY);
         let transport = Arc::new(Transport {
             endpoint,
             local: tls.id,
             client_config: tls.client_config()?,
             pool: Mutex::default(),
             inbox: tx,
+            streams: stream_tx,
             handshakes: Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES)),
             stats: TransportStats::default(),
         });
-        Ok((transport, rx))
+        Ok((transport, rx, stream_rx))
     }
 
     /// This node's id.
@@ -338,7 +370,26 @@ impl Transport {
         let this = self.clone();
         let reader = conn.clone();
         tokio::spawn(async move { this.read_datagrams(reader, peer).await });
+        let this = self.clone();
+        let acceptor = conn.clone();
+        tokio::spawn(async move { this.accept_streams(acceptor, peer).await });
         conn
+    }
+
+    /// Hands every bi-stream the peer opens to the RPC server.
+    async fn accept_streams(self: Arc<Self>, conn: Connection, peer: NodeId) {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let incoming = IncomingStream { peer, send, recv };
+            if let Err(
+                mpsc::error::TrySendError::Full(rejected)
+                | mpsc::error::TrySendError::Closed(rejected),
+            ) = self.streams.try_send(incoming)
+            {
+                (send, recv) = (rejected.send, rejected.recv);
+                let _ = send.reset(STREAM_BUSY);
+                let _ = recv.stop(STREAM_BUSY);
+            }
+        }
     }
 
     async fn read_datagrams(self: Arc<Self>, conn: Connection, peer: NodeId) {

@@ -167,7 +167,7 @@ async fn a_datagram_claiming_another_nodes_identity_is_dropped() {
 
     // A valid member of the CA, but it speaks for node 1 (whose key it lacks).
     let liar_tls = tls_for(&ca, 7);
-    let (liar, _inbox) = Transport::new(
+    let (liar, _inbox, _streams) = Transport::new(
         bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(),
         &liar_tls,
     )
@@ -219,9 +219,9 @@ async fn a_datagram_claiming_another_nodes_identity_is_dropped() {
 async fn simultaneous_dials_settle_on_one_connection() {
     let ca = make_ca("test").unwrap();
     let (ta, tb) = (tls_for(&ca, 1), tls_for(&ca, 2));
-    let (a, mut inbox_a) =
+    let (a, mut inbox_a, _sa) =
         Transport::new(bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(), &ta).unwrap();
-    let (b, mut inbox_b) =
+    let (b, mut inbox_b, _sb) =
         Transport::new(bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(), &tb).unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     tokio::spawn(a.clone().serve(cancel.clone()));
@@ -275,4 +275,75 @@ async fn simultaneous_dials_settle_on_one_connection() {
     ));
     assert_eq!(a.counters().wrong_peer, 1);
     cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_rpc_frames_are_refused_and_the_node_keeps_serving() {
+    use specter_dht::messages::{self, ErrorCode, Request, Response};
+    let ca = make_ca("test").unwrap();
+    let nodes = cluster(&ca, 3).await;
+    let target = nodes[0].status().addr;
+    let peer_tls = tls_for(&ca, 8);
+    let (peer, _inbox, _streams) = Transport::new(
+        bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(),
+        &peer_tls,
+    )
+    .unwrap();
+    let (_, conn) = peer.connect(target, Some(nodes[0].id())).await.unwrap();
+
+    async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(bytes).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())
+    }
+
+    // Oversized: refused from the header alone, with a stream reset.
+    let mut huge = (u32::try_from(messages::MAX_FRAME_SIZE).unwrap() + 1)
+        .to_be_bytes()
+        .to_vec();
+    huge.extend_from_slice(&[1, 2, 3]);
+    assert!(
+        exchange(&conn, &huge).await.is_err(),
+        "oversized frame not reset"
+    );
+
+    // Garbage body, wrong version: typed errors.
+    let garbage = [0, 0, 0, 3, messages::PROTOCOL_VERSION, 0xc1, 0xc1];
+    let answer = exchange(&conn, &garbage).await.unwrap();
+    assert_eq!(
+        messages::decode_frame::<Response>(&answer).unwrap(),
+        Response::Error(ErrorCode::Malformed)
+    );
+    let wrong_version = [0, 0, 0, 2, 9, 0x90];
+    let answer = exchange(&conn, &wrong_version).await.unwrap();
+    assert_eq!(
+        messages::decode_frame::<Response>(&answer).unwrap(),
+        Response::Error(ErrorCode::Version)
+    );
+
+    // A truncated frame is abandoned without an answer.
+    assert!(
+        exchange(&conn, &[0, 0, 0, 9, 1])
+            .await
+            .map(|a| a.is_empty())
+            .unwrap_or(true)
+    );
+
+    // Still serving: a valid request gets a real answer.
+    let get = messages::encode(&Request::Get {
+        key: specter_dht::key_of("nobody"),
+        name: "nobody".into(),
+        any_replica: true,
+    })
+    .unwrap();
+    let answer = exchange(&conn, &get).await.unwrap();
+    assert!(matches!(
+        messages::decode_frame::<Response>(&answer).unwrap(),
+        Response::Found { item: None } | Response::Redirect { .. }
+    ));
+    peer.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
 }

@@ -1,0 +1,128 @@
+//! The DHT across five real `specter` processes on 127.0.0.2–127.0.0.6: write
+//! through one node, read through every node; SIGKILL the key's owner and
+//! read through every survivor; restart it and it holds its share again.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::procs::*;
+use serde_json::Value;
+
+fn dht(p: &Proc, method: &str, name: &str) -> Option<(u16, Value)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(p.admin()).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let path = if method == "POST" {
+        "/dht/put"
+    } else {
+        "/dht/get"
+    };
+    write!(
+        s,
+        "{method} {path}?name={name} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let code = head.split(' ').nth(1)?.parse().ok()?;
+    Some((code, serde_json::from_str(body).ok()?))
+}
+
+fn owner_of(ids: &[String], key: u64) -> usize {
+    let nums: Vec<u64> = ids
+        .iter()
+        .map(|i| u64::from_str_radix(i, 16).unwrap())
+        .collect();
+    (0..nums.len())
+        .min_by_key(|&i| nums[i].wrapping_sub(key))
+        .unwrap()
+}
+
+#[test]
+fn records_survive_the_owners_sigkill_and_return_to_it_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let ips: Vec<String> = (2..=6).map(|i| format!("127.0.0.{i}")).collect();
+    let dirs: Vec<PathBuf> = ips
+        .iter()
+        .map(|ip| {
+            let d = dir.path().join(ip);
+            issue(&ca, &format!("{ip}.test.invalid"), ip, &d);
+            d
+        })
+        .collect();
+    let mut procs: Vec<Option<Proc>> = vec![Some(start_node(dir.path(), &dirs[0], &ips[0], None))];
+    let seed = procs[0].as_ref().unwrap().quic();
+    for i in 1..5 {
+        procs.push(Some(start_node(dir.path(), &dirs[i], &ips[i], Some(&seed))));
+    }
+    let ids: Vec<String> = procs.iter().map(|p| p.as_ref().unwrap().id()).collect();
+    let ring_of = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
+    assert!(
+        wait_for(Duration::from_secs(20), || procs
+            .iter()
+            .flatten()
+            .all(|p| ring_of(p) == 5))
+        .is_some(),
+        "ring did not form"
+    );
+
+    // Write 20 names through node 0; read each through every node.
+    let names: Vec<String> = (0..20).map(|i| format!("tunnel-{i}")).collect();
+    for n in &names {
+        let (code, body) = dht(procs[0].as_ref().unwrap(), "POST", n).unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    for p in procs.iter().flatten() {
+        for n in &names {
+            let (code, body) = dht(p, "GET", n).unwrap();
+            assert_eq!(code, 200, "{n} via {}: {body}", p.id());
+            assert_eq!(body["record"]["attachments"][0]["node"], ids[0]);
+            assert!(body["hops"].as_u64().unwrap() <= 1);
+        }
+    }
+    assert_eq!(
+        dht(procs[3].as_ref().unwrap(), "GET", "never-registered")
+            .unwrap()
+            .0,
+        404
+    );
+
+    // SIGKILL the owner of the first name; every survivor still reads it.
+    let key = u64::from_str_radix(
+        dht(procs[1].as_ref().unwrap(), "GET", &names[0]).unwrap().1["key"]
+            .as_str()
+            .unwrap(),
+        16,
+    )
+    .unwrap();
+    let owner = owner_of(&ids, key);
+    procs[owner] = None;
+    for p in procs.iter().flatten() {
+        for n in &names {
+            let (code, body) = dht(p, "GET", n).unwrap();
+            assert_eq!(code, 200, "{n} via {} after the owner died: {body}", p.id());
+        }
+    }
+
+    // Restart it with the same certificate: it takes its share back.
+    procs[owner] = Some(start_node(
+        dir.path(),
+        &dirs[owner],
+        &ips[owner],
+        Some(&seed),
+    ));
+    let back = procs[owner].as_ref().unwrap();
+    let owned = |p: &Proc| status(p).map_or(0, |s| s["dht"]["records_owned"].as_u64().unwrap_or(0));
+    let took = wait_for(Duration::from_secs(30), || owned(back) >= 1);
+    assert!(took.is_some(), "restarted owner never got its records back");
+    println!(
+        "restarted owner holds its records again after {:?}",
+        took.unwrap()
+    );
+    let (code, _) = dht(back, "GET", &names[0]).unwrap();
+    assert_eq!(code, 200);
+}
