@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use specter::demo::start_loopback_node;
 use specter::dht::{Command, admin_registration};
-use specter::node::{Node, NodeOptions};
-use specter::pki::{make_ca, make_node_cert};
-use specter::tls::NodeTls;
-use specter::{bind_endpoint, generation_now};
+use specter::node::Node;
+use specter::pki::make_ca;
 use specter_dht::sim::{DhtSim, DhtSimConfig};
 use specter_dht::{ClientId, DhtConfig, Outcome, WriteOp, key_of};
-use specter_gossip::{GossipConfig, NodeId};
+use specter_gossip::NodeId;
 
 fn pct(v: &mut [Duration], p: usize) -> Duration {
     v.sort();
@@ -41,22 +40,9 @@ async fn real(n: usize, records: usize, lookups: usize) {
     let mut nodes = Vec::new();
     let mut seed = None;
     for i in 0..n {
-        let pem = make_node_cert(&ca, &format!("n{i}.bench.invalid"), &[]).unwrap();
-        let tls = NodeTls::from_pem(&ca.cert, &pem.cert, &pem.key).unwrap();
-        let endpoint = bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        let advertise = endpoint.local_addr().unwrap();
-        let node = Node::start(
-            endpoint,
-            &tls,
-            NodeOptions {
-                advertise,
-                seeds: seed.iter().map(ToString::to_string).collect(),
-                gossip: GossipConfig::default(),
-                generation: generation_now(),
-                rng_seed: i as u64,
-            },
-        )
-        .unwrap();
+        let node =
+            start_loopback_node(&ca, &format!("n{i}.bench.invalid"), seed, i as u64).unwrap();
+        let advertise = node.status().addr;
         seed.get_or_insert(advertise);
         nodes.push(node);
     }

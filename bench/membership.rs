@@ -103,14 +103,7 @@ fn processes(n: usize, kills: usize) -> Real {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = ca(dir.path());
     let ips: Vec<String> = (0..n).map(|i| format!("127.0.0.{}", i + 2)).collect();
-    let dirs: Vec<PathBuf> = ips
-        .iter()
-        .map(|ip| {
-            let d = dir.path().join(ip);
-            issue(&ca_dir, &format!("{ip}.bench.invalid"), ip, &d);
-            d
-        })
-        .collect();
+    let dirs: Vec<PathBuf> = issue_all(dir.path(), &ca_dir, &ips);
     let mut procs: Vec<Option<Proc>> = vec![Some(start_node(dir.path(), &dirs[0], &ips[0], None))];
     let seed = procs[0].as_ref().unwrap().quic();
     for i in 1..n {

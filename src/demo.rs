@@ -9,12 +9,38 @@ use specter_gossip::GossipConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::node::{Node, NodeOptions};
-use crate::pki::{make_ca, make_node_cert};
+use crate::pki::{CaPem, make_ca, make_node_cert};
 use crate::tls::NodeTls;
 use crate::{admin, bind_endpoint, generation_now};
 
 /// How long the demo waits for its nodes to see each other before printing.
 const CONVERGE_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Starts a node on 127.0.0.1 (a port chosen by the OS) with a certificate
+/// from `ca`, joining through `seed` if given. Used by the demo, the
+/// benchmarks and the tests.
+pub fn start_loopback_node(
+    ca: &CaPem,
+    name: &str,
+    seed: Option<SocketAddr>,
+    rng_seed: u64,
+) -> Result<Node> {
+    let pem = make_node_cert(ca, name, &["127.0.0.1".parse()?])?;
+    let tls = NodeTls::from_pem(&ca.cert, &pem.cert, &pem.key)?;
+    let endpoint = bind_endpoint("127.0.0.1:0".parse()?)?;
+    let advertise = endpoint.local_addr()?;
+    Ok(Node::start(
+        endpoint,
+        &tls,
+        NodeOptions {
+            advertise,
+            seeds: seed.iter().map(ToString::to_string).collect(),
+            gossip: GossipConfig::default(),
+            generation: generation_now(),
+            rng_seed,
+        },
+    )?)
+}
 
 /// A running demo overlay.
 pub struct Demo {
@@ -34,25 +60,9 @@ impl Demo {
         let mut admins = Vec::new();
         let mut seed: Option<SocketAddr> = None;
         for i in 0..n {
-            let pem = make_node_cert(
-                &ca,
-                &format!("node{i}.demo.invalid"),
-                &["127.0.0.1".parse()?],
-            )?;
-            let tls = NodeTls::from_pem(&ca.cert, &pem.cert, &pem.key)?;
-            let endpoint = bind_endpoint("127.0.0.1:0".parse()?)?;
-            let advertise = endpoint.local_addr()?;
-            let node = Node::start(
-                endpoint,
-                &tls,
-                NodeOptions {
-                    advertise,
-                    seeds: seed.iter().map(ToString::to_string).collect(),
-                    gossip: GossipConfig::default(),
-                    generation: generation_now(),
-                    rng_seed: rand::random(),
-                },
-            )?;
+            let node =
+                start_loopback_node(&ca, &format!("node{i}.demo.invalid"), seed, rand::random())?;
+            let advertise = node.status().addr;
             seed.get_or_insert(advertise);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await

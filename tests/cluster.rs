@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::wait_until;
-use specter::node::{Node, NodeOptions};
+use specter::bind_endpoint;
+use specter::node::Node;
 use specter::pki::{CaPem, make_ca, make_node_cert};
 use specter::tls::NodeTls;
 use specter::transport::Transport;
-use specter::{bind_endpoint, generation_now};
 use specter_gossip::{GossipConfig, MemberState, Membership, NodeIdentity};
 
 /// Crash detection bound from the gossip config, allowing 20 ms one-way
@@ -27,22 +27,8 @@ fn tls_for(ca: &CaPem, i: usize) -> NodeTls {
     NodeTls::from_pem(&ca.cert, &pem.cert, &pem.key).unwrap()
 }
 
-fn start(ca: &CaPem, i: usize, seed: Option<String>) -> Node {
-    let tls = tls_for(ca, i);
-    let endpoint = bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-    let advertise = endpoint.local_addr().unwrap();
-    Node::start(
-        endpoint,
-        &tls,
-        NodeOptions {
-            advertise,
-            seeds: seed.into_iter().collect(),
-            gossip: GossipConfig::default(),
-            generation: generation_now(),
-            rng_seed: i as u64,
-        },
-    )
-    .unwrap()
+fn start(ca: &CaPem, i: usize, seed: Option<std::net::SocketAddr>) -> Node {
+    specter::demo::start_loopback_node(ca, &format!("n{i}.test.invalid"), seed, i as u64).unwrap()
 }
 
 fn alive_ids(node: &Node) -> BTreeSet<String> {
@@ -75,10 +61,10 @@ fn converged(nodes: &[Node]) -> bool {
 
 async fn cluster(ca: &CaPem, n: usize) -> Vec<Node> {
     let seed = start(ca, 0, None);
-    let seed_addr = seed.status().addr.to_string();
+    let seed_addr = seed.status().addr;
     let mut nodes = vec![seed];
     for i in 1..n {
-        nodes.push(start(ca, i, Some(seed_addr.clone())));
+        nodes.push(start(ca, i, Some(seed_addr)));
     }
     let took = wait_until(Duration::from_secs(20), || converged(&nodes)).await;
     assert!(took.is_some(), "{n} nodes did not converge in 20 s");
@@ -128,7 +114,7 @@ async fn ten_nodes_converge_and_see_a_crash_and_a_leave() {
 async fn a_node_from_another_ca_cannot_join() {
     let ca = make_ca("ours").unwrap();
     let nodes = cluster(&ca, 3).await;
-    let seed_addr = nodes[0].status().addr.to_string();
+    let seed_addr = nodes[0].status().addr;
 
     let foreign_ca = make_ca("theirs").unwrap();
     let stranger = start(&foreign_ca, 9, Some(seed_addr));

@@ -46,19 +46,12 @@ fn records_survive_the_owners_sigkill_and_return_to_it_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ca(dir.path());
     let ips: Vec<String> = (2..=6).map(|i| format!("127.0.0.{i}")).collect();
-    let dirs: Vec<PathBuf> = ips
-        .iter()
-        .map(|ip| {
-            let d = dir.path().join(ip);
-            issue(&ca, &format!("{ip}.test.invalid"), ip, &d);
-            d
-        })
+    let dirs: Vec<PathBuf> = issue_all(dir.path(), &ca, &ips);
+    let mut procs: Vec<Option<Proc>> = start_all(dir.path(), &dirs, &ips)
+        .into_iter()
+        .map(Some)
         .collect();
-    let mut procs: Vec<Option<Proc>> = vec![Some(start_node(dir.path(), &dirs[0], &ips[0], None))];
     let seed = procs[0].as_ref().unwrap().quic();
-    for i in 1..5 {
-        procs.push(Some(start_node(dir.path(), &dirs[i], &ips[i], Some(&seed))));
-    }
     let ids: Vec<String> = procs.iter().map(|p| p.as_ref().unwrap().id()).collect();
     let ring_of = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
     assert!(

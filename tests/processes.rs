@@ -18,19 +18,9 @@ fn five_processes_see_a_sigkill_and_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ca(dir.path());
     let ips: Vec<String> = (2..=6).map(|i| format!("127.0.0.{i}")).collect();
-    let node_dirs: Vec<PathBuf> = ips
-        .iter()
-        .map(|ip| {
-            let d = dir.path().join(ip);
-            issue(&ca, &format!("{ip}.test.invalid"), ip, &d);
-            d
-        })
-        .collect();
-    let mut procs = vec![start_node(dir.path(), &node_dirs[0], &ips[0], None)];
+    let node_dirs: Vec<PathBuf> = issue_all(dir.path(), &ca, &ips);
+    let mut procs = start_all(dir.path(), &node_dirs, &ips);
     let seed = procs[0].quic();
-    for i in 1..5 {
-        procs.push(start_node(dir.path(), &node_dirs[i], &ips[i], Some(&seed)));
-    }
     let ids: Vec<String> = procs.iter().map(Proc::id).collect();
     let all_alive = |procs: &[Proc]| {
         procs.iter().all(|p| {

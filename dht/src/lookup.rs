@@ -128,7 +128,7 @@ mod tests {
         fn lookup_terminates_on_any_view(
             ids in proptest::collection::btree_set(any::<u64>(), 2..50),
             key: u64,
-            script in proptest::collection::vec((any::<u64>(), any::<bool>()), 0..100),
+            script in proptest::collection::vec((any::<usize>(), any::<bool>()), 0..100),
         ) {
             let ids: Vec<u64> = ids.into_iter().collect();
             let mut v = RingView::new(peer(ids[0]));
@@ -141,7 +141,7 @@ mod tests {
                 prop_assert!(asked.insert(to.id), "asked twice");
                 steps += 1;
                 match script.next() {
-                    Some((r, false)) => l.redirected(peer(ids[(r % ids.len() as u64) as usize])),
+                    Some((r, false)) => l.redirected(peer(ids[r % ids.len()])),
                     Some((_, true)) => l.failed(),
                     None => break,
                 }

@@ -211,8 +211,10 @@ mod tests {
             c.validate(),
             Err(ConfigError::RttNotBelowPeriod { .. })
         ));
-        let mut c = GossipConfig::default();
-        c.suspect_to_down_after = Duration::ZERO;
+        let c = GossipConfig {
+            suspect_to_down_after: Duration::ZERO,
+            ..GossipConfig::default()
+        };
         assert_eq!(
             c.validate(),
             Err(ConfigError::Zero("suspect_to_down_after"))

@@ -12,7 +12,7 @@ const LOSS: f64 = 0.05;
 const STEP: Duration = Duration::from_millis(50);
 
 fn config() -> GossipConfig {
-    GossipConfig::lan(std::num::NonZeroU32::new(MEMBERS as u32).unwrap())
+    GossipConfig::lan(std::num::NonZeroU32::new(u32::try_from(MEMBERS).unwrap()).unwrap())
 }
 
 /// 100 members announce to member 0, a few at a time, and converge.

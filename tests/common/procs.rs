@@ -44,6 +44,27 @@ pub fn issue(ca: &Path, name: &str, ip: &str, out: &Path) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// Issues a node certificate for each IP into `dir/IP`; returns the folders.
+pub fn issue_all(dir: &Path, ca: &Path, ips: &[String]) -> Vec<PathBuf> {
+    ips.iter()
+        .map(|ip| {
+            let d = dir.join(ip);
+            issue(ca, &format!("{ip}.test.invalid"), ip, &d);
+            d
+        })
+        .collect()
+}
+
+/// Starts one node per folder, the first as the seed of the others.
+pub fn start_all(dir: &Path, dirs: &[PathBuf], ips: &[String]) -> Vec<Proc> {
+    let mut procs = vec![start_node(dir, &dirs[0], &ips[0], None)];
+    let seed = procs[0].quic();
+    for i in 1..dirs.len() {
+        procs.push(start_node(dir, &dirs[i], &ips[i], Some(&seed)));
+    }
+    procs
+}
+
 /// A node process, killed when dropped.
 pub struct Proc {
     pub child: Child,
