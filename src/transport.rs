@@ -45,6 +45,11 @@ const SWEEP_PERIOD: Duration = Duration::from_secs(5);
 /// tolerates loss, so more would only delay fresher packets.
 pub const PENDING_PER_PEER: usize = 16;
 
+/// After a failed dial to a node, datagrams to it are dropped (not redialed)
+/// for this long: gossip keeps probing a dead node several times a second,
+/// and each probe must not become a new handshake.
+pub const DIAL_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Received datagrams waiting for the gossip task. When full, new datagrams
 /// are dropped and counted (SWIM treats that as loss) rather than queued
 /// without bound.
@@ -173,6 +178,10 @@ struct Pool {
     conns: HashMap<NodeId, Entry>,
     /// Peers being dialed, with the datagrams waiting for the connection.
     dialing: HashMap<NodeId, Vec<Bytes>>,
+    /// Peers whose last dial failed, and when. Entries are removed on the
+    /// next successful connection or when they expire, so the map holds at
+    /// most the peers that failed in the last [`DIAL_BACKOFF`].
+    failed: HashMap<NodeId, Instant>,
 }
 
 /// The node's QUIC endpoint and its pool of node connections.
@@ -249,6 +258,13 @@ impl Transport {
             }
             return;
         }
+        let now = Instant::now();
+        pool.failed
+            .retain(|_, at| now.saturating_duration_since(*at) < DIAL_BACKOFF);
+        if pool.failed.contains_key(&to) {
+            bump(&self.stats.datagram_send_errors);
+            return;
+        }
         pool.dialing.insert(to, vec![data]);
         drop(pool);
         let this = self.clone();
@@ -264,7 +280,10 @@ impl Transport {
                         }
                     }
                 }
-                Err(err) => tracing::debug!(peer = %to, %err, "dial failed"),
+                Err(err) => {
+                    tracing::debug!(peer = %to, %err, "dial failed");
+                    this.pool().failed.insert(to, Instant::now());
+                }
             }
         });
     }
@@ -356,6 +375,7 @@ impl Transport {
                 .conn
                 .close(CLOSE_DUPLICATE, b"duplicate connection");
         }
+        pool.failed.remove(&peer);
         pool.conns.insert(
             peer,
             Entry {
