@@ -1,7 +1,17 @@
-//! The client↔node tunnel protocol, tunnel names, ingress parsing (SNI, Host),
-//! stream splicing with half-close, and the route cache.
+//! Tunnel building blocks for Specter, free of sockets and QUIC types:
 //!
-//! Not built yet: this crate fills in with the tunnel work.
+//! - [`names`]: random three-word tunnel names, name validation, and finding
+//!   the tunnel name in a Host header or SNI value.
+//! - [`splice`]: two-way byte copying that keeps half-close, generic over
+//!   `AsyncRead + AsyncWrite` (QUIC streams and TCP sockets alike).
+//! - [`route_cache`]: where a name was last found, with short lifetimes,
+//!   negative entries and invalidation.
+//!
+//! The client↔node protocol, ingress and forwarding build on these.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+
+pub mod names;
+pub mod route_cache;
+pub mod splice;
