@@ -112,6 +112,19 @@ impl NodeShared {
     }
 }
 
+async fn refuse_clients(mut clients: crate::transport::ClientInbox, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            conn = clients.recv() => match conn {
+                Some(conn) => conn.close(crate::transport::CLOSE_BAD_ALPN, b"tunnel clients are not served by this node"),
+                None => return,
+            },
+        }
+    }
+}
+
 /// A running node.
 pub struct Node {
     shared: Arc<NodeShared>,
@@ -137,10 +150,17 @@ impl Node {
             &options.gossip,
             StdRng::seed_from_u64(options.rng_seed),
         )?;
-        let (transport, inbox, streams) = Transport::new(endpoint, tls)?;
+        let (transport, inboxes) = Transport::new(endpoint, tls)?;
+        let crate::transport::Inboxes {
+            datagrams: inbox,
+            streams,
+            clients,
+        } = inboxes;
         let view = SharedView::default();
         let stop = CancellationToken::new();
         let leave = CancellationToken::new();
+        // Tunnel clients are not served yet: refuse them explicitly.
+        tokio::spawn(refuse_clients(clients, stop.clone()));
         let (live_tx, live_rx) = tokio::sync::watch::channel(Vec::new());
         let (served_tx, served_rx) = tokio::sync::mpsc::channel(crate::dht::SERVED_CAPACITY);
         let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(crate::dht::COMMAND_CAPACITY);

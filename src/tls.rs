@@ -15,14 +15,18 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use specter_gossip::NodeId;
 
 use crate::pki;
 
 /// ALPN of node↔node connections.
 pub const ALPN_NODE: &[u8] = b"specter-node/1";
+
+/// ALPN of client→node connections (a tunnel client's self-signed certificate).
+pub const ALPN_CLIENT: &[u8] = b"specter-client/1";
 
 /// Server name sent when dialing a node. Not checked (see the module docs); it
 /// only has to be a valid DNS name.
@@ -164,19 +168,43 @@ impl NodeTls {
         })
     }
 
-    /// QUIC server config: requires a client certificate from the cluster CA.
+    fn cluster_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))
+    }
+
+    /// Checks that a peer's certificate chain leads to the cluster CA (done
+    /// after the handshake for node connections, see [`server_config`]).
+    ///
+    /// [`server_config`]: NodeTls::server_config
+    pub fn verify_node_chain(&self, chain: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+        let (leaf, rest) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.cluster_verifier()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_client_cert(leaf, rest, UnixTime::now())
+            .map(|_| ())
+    }
+
+    /// QUIC server config for both ALPNs. The handshake requires a client
+    /// certificate and proof of its key, from anyone: clients present
+    /// self-signed certificates. Which certificates are acceptable depends on
+    /// the ALPN, so the chain to the cluster CA is checked right after the
+    /// handshake for `specter-node/1` (the transport closes the connection
+    /// before reading anything from it otherwise).
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier = Arc::new(AnyClientKey {
+            algorithms: self.provider.signature_verification_algorithms,
+        });
         let mut tls = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        tls.alpn_protocols = vec![ALPN_NODE.to_vec()];
+        tls.alpn_protocols = vec![ALPN_NODE.to_vec(), ALPN_CLIENT.to_vec()];
         let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(node_transport()));
@@ -224,6 +252,62 @@ pub fn peer_node_id(conn: &quinn::Connection) -> Option<NodeId> {
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
     pki::node_id_of(certs.first()?).ok()
+}
+
+/// Requires a client certificate and a valid TLS 1.3 signature with its key,
+/// and accepts any such certificate; see [`NodeTls::server_config`].
+#[derive(Debug)]
+struct AnyClientKey {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AnyClientKey {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Must at least parse; the signature check below proves the key.
+        ParsedCertificate::try_from(end_entity)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The certificate chain a connection's peer presented.
+pub fn peer_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()
+        .map(|b| *b)
 }
 
 /// Accepts a server certificate that chains to the cluster CA, whatever name it

@@ -20,7 +20,7 @@ use specter_gossip::NodeId;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::tls::{self, ALPN_NODE, NODE_SERVER_NAME, NodeTls, TlsError};
+use crate::tls::{self, ALPN_CLIENT, ALPN_NODE, NODE_SERVER_NAME, NodeTls, TlsError};
 
 /// Close code: this connection lost the simultaneous-dial tie-break.
 pub const CLOSE_DUPLICATE: VarInt = VarInt::from_u32(0x10);
@@ -32,6 +32,17 @@ pub const CLOSE_IDLE: VarInt = VarInt::from_u32(0x12);
 pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x13);
 /// Close code: the handshake negotiated an ALPN this node does not serve here.
 pub const CLOSE_BAD_ALPN: VarInt = VarInt::from_u32(0x14);
+/// Close code: a node connection whose certificate is not from the cluster CA.
+pub const CLOSE_NOT_MEMBER: VarInt = VarInt::from_u32(0x15);
+/// Close code: too many connections waiting to be served.
+pub const CLOSE_BUSY: VarInt = VarInt::from_u32(0x16);
+
+/// Client connections waiting for the tunnel server; beyond this, new ones
+/// are closed with [`CLOSE_BUSY`].
+pub const CLIENT_INBOX_CAPACITY: usize = 256;
+
+/// Client connections (ALPN `specter-client/1`) for the tunnel server.
+pub type ClientInbox = mpsc::Receiver<Connection>;
 
 /// A connection that carried nothing for this long is closed; the next send
 /// dials again. Gossip reaches every member of a small cluster every few
@@ -78,6 +89,16 @@ pub struct IncomingStream {
 
 /// Bi-streams opened by nodes, for the RPC server.
 pub type StreamInbox = mpsc::Receiver<IncomingStream>;
+
+/// What a transport hands to the rest of the node.
+pub struct Inboxes {
+    /// Gossip datagrams.
+    pub datagrams: Inbox,
+    /// Bi-streams opened by nodes.
+    pub streams: StreamInbox,
+    /// Client connections.
+    pub clients: ClientInbox,
+}
 
 /// Streams waiting for the RPC server. When full, new streams are reset with
 /// [`STREAM_BUSY`] rather than queued without bound.
@@ -192,6 +213,8 @@ pub struct Transport {
     pool: Mutex<Pool>,
     inbox: mpsc::Sender<(NodeId, Bytes)>,
     streams: mpsc::Sender<IncomingStream>,
+    clients: mpsc::Sender<Connection>,
+    tls: NodeTls,
     handshakes: Arc<Semaphore>,
     stats: TransportStats,
 }
@@ -200,13 +223,11 @@ impl Transport {
     /// Wraps a bound endpoint. Received datagrams go to the returned inbox,
     /// tagged with the cert-derived id of the connection they arrived on, and
     /// bi-streams opened by nodes to the stream inbox.
-    pub fn new(
-        endpoint: Endpoint,
-        tls: &NodeTls,
-    ) -> Result<(Arc<Self>, Inbox, StreamInbox), TlsError> {
+    pub fn new(endpoint: Endpoint, tls: &NodeTls) -> Result<(Arc<Self>, Inboxes), TlsError> {
         endpoint.set_server_config(Some(tls.server_config()?));
         let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
         let (stream_tx, stream_rx) = mpsc::channel(STREAM_INBOX_CAPACITY);
+        let (client_tx, client_rx) = mpsc::channel(CLIENT_INBOX_CAPACITY);
         let transport = Arc::new(Transport {
             endpoint,
             local: tls.id,
@@ -214,10 +235,19 @@ impl Transport {
             pool: Mutex::default(),
             inbox: tx,
             streams: stream_tx,
+            clients: client_tx,
+            tls: tls.clone(),
             handshakes: Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES)),
             stats: TransportStats::default(),
         });
-        Ok((transport, rx, stream_rx))
+        Ok((
+            transport,
+            Inboxes {
+                datagrams: rx,
+                streams: stream_rx,
+                clients: client_rx,
+            },
+        ))
     }
 
     /// This node's id.
@@ -485,8 +515,22 @@ impl Transport {
             .handshake_data()
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|d| d.protocol);
+        if alpn.as_deref() == Some(ALPN_CLIENT) {
+            if self.clients.try_send(conn.clone()).is_err() {
+                conn.close(CLOSE_BUSY, b"too many clients connecting");
+            }
+            return;
+        }
         if alpn.as_deref() != Some(ALPN_NODE) {
             conn.close(CLOSE_BAD_ALPN, b"unsupported protocol");
+            return;
+        }
+        // Node connections need a certificate from the cluster CA.
+        let chain = tls::peer_chain(&conn).unwrap_or_default();
+        if let Err(err) = self.tls.verify_node_chain(&chain) {
+            bump(&self.stats.handshakes_failed);
+            tracing::info!(%remote, %err, "refused node connection: certificate not from the cluster CA");
+            conn.close(CLOSE_NOT_MEMBER, b"certificate not from the cluster CA");
             return;
         }
         let Some(peer) = tls::peer_node_id(&conn) else {

@@ -135,6 +135,39 @@ async fn a_node_from_another_ca_cannot_join() {
     }
     assert!(!stranger.status().joined);
     stranger.crash().await;
+
+    // A stranger that trusts our CA too (so its side of the handshake
+    // succeeds) is refused by the seed's check right after the handshake.
+    let before = nodes[0].status().transport.handshakes_failed;
+    let pem = make_node_cert(&foreign_ca, "sly.test.invalid", &[]).unwrap();
+    let both = format!("{}{}", ca.cert, foreign_ca.cert);
+    let sly_tls = NodeTls::from_pem(&both, &pem.cert, &pem.key).unwrap();
+    let (sly, _inboxes) = Transport::new(
+        bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(),
+        &sly_tls,
+    )
+    .unwrap();
+    let (_, conn) = sly
+        .connect(seed_addr, None)
+        .await
+        .expect("TLS itself succeeds");
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == specter::transport::CLOSE_NOT_MEMBER),
+        "{reason:?}"
+    );
+    assert!(nodes[0].status().transport.handshakes_failed > before);
+    for n in &nodes {
+        assert!(
+            n.status()
+                .members
+                .iter()
+                .all(|m| m.id != sly_tls.id.to_string())
+        );
+    }
+    sly.shutdown().await;
     for n in nodes {
         n.shutdown().await;
     }
@@ -153,7 +186,7 @@ async fn a_datagram_claiming_another_nodes_identity_is_dropped() {
 
     // A valid member of the CA, but it speaks for node 1 (whose key it lacks).
     let liar_tls = tls_for(&ca, 7);
-    let (liar, _inbox, _streams) = Transport::new(
+    let (liar, _inboxes) = Transport::new(
         bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(),
         &liar_tls,
     )
@@ -205,10 +238,11 @@ async fn a_datagram_claiming_another_nodes_identity_is_dropped() {
 async fn simultaneous_dials_settle_on_one_connection() {
     let ca = make_ca("test").unwrap();
     let (ta, tb) = (tls_for(&ca, 1), tls_for(&ca, 2));
-    let (a, mut inbox_a, _sa) =
+    let (a, inboxes_a) =
         Transport::new(bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(), &ta).unwrap();
-    let (b, mut inbox_b, _sb) =
+    let (b, inboxes_b) =
         Transport::new(bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(), &tb).unwrap();
+    let (mut inbox_a, mut inbox_b) = (inboxes_a.datagrams, inboxes_b.datagrams);
     let cancel = tokio_util::sync::CancellationToken::new();
     tokio::spawn(a.clone().serve(cancel.clone()));
     tokio::spawn(b.clone().serve(cancel.clone()));
@@ -270,7 +304,7 @@ async fn malformed_and_oversized_rpc_frames_are_refused_and_the_node_keeps_servi
     let nodes = cluster(&ca, 3).await;
     let target = nodes[0].status().addr;
     let peer_tls = tls_for(&ca, 8);
-    let (peer, _inbox, _streams) = Transport::new(
+    let (peer, _inboxes) = Transport::new(
         bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(),
         &peer_tls,
     )
