@@ -10,6 +10,7 @@
 //! - [`membership`]: the task that owns the SWIM state machine.
 //! - [`rpc`]: DHT requests over node↔node QUIC bi-streams.
 //! - [`dht`]: the task that owns the DHT state machine.
+//! - [`tunnels`]: client sessions, local attachments, visitor streams.
 //! - [`node`]: the node daemon, composed from the above.
 //! - [`admin`]: the loopback admin API (`/status`, `/metrics`).
 //! - [`config`]: the TOML file config and its conversion.
@@ -27,6 +28,7 @@ pub mod pki;
 pub mod rpc;
 pub mod tls;
 pub mod transport;
+pub mod tunnels;
 
 use std::net::SocketAddr;
 

@@ -18,6 +18,7 @@ use crate::dht::{Command, DhtDriver, DhtStatus, SharedDhtStatus, read_status};
 use crate::membership::{Driver, MemberStatus, SharedView, read_view};
 use crate::tls::{NodeTls, TlsError};
 use crate::transport::{Transport, TransportCounters};
+use crate::tunnels::Tunnels;
 
 /// What a node needs besides its endpoint and TLS identity.
 #[derive(Clone, Debug)]
@@ -112,13 +113,27 @@ impl NodeShared {
     }
 }
 
-async fn refuse_clients(mut clients: crate::transport::ClientInbox, stop: CancellationToken) {
+/// Accepts tunnel clients and forwarded visitors until `stop` fires.
+async fn serve_clients(
+    mut clients: crate::transport::ClientInbox,
+    mut forwards: tokio::sync::mpsc::Receiver<crate::transport::IncomingStream>,
+    tunnels: Arc<Tunnels>,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => return,
             conn = clients.recv() => match conn {
-                Some(conn) => conn.close(crate::transport::CLOSE_BAD_ALPN, b"tunnel clients are not served by this node"),
+                Some(conn) => {
+                    tokio::spawn(tunnels.clone().serve_client(conn, stop.clone()));
+                }
+                None => return,
+            },
+            stream = forwards.recv() => match stream {
+                Some(stream) => {
+                    tokio::spawn(tunnels.clone().serve_forward(stream));
+                }
                 None => return,
             },
         }
@@ -128,6 +143,7 @@ async fn refuse_clients(mut clients: crate::transport::ClientInbox, stop: Cancel
 /// A running node.
 pub struct Node {
     shared: Arc<NodeShared>,
+    tunnels: Arc<Tunnels>,
     stop: CancellationToken,
     leave: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -159,8 +175,6 @@ impl Node {
         let view = SharedView::default();
         let stop = CancellationToken::new();
         let leave = CancellationToken::new();
-        // Tunnel clients are not served yet: refuse them explicitly.
-        tokio::spawn(refuse_clients(clients, stop.clone()));
         let (live_tx, live_rx) = tokio::sync::watch::channel(Vec::new());
         let (served_tx, served_rx) = tokio::sync::mpsc::channel(crate::dht::SERVED_CAPACITY);
         let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(crate::dht::COMMAND_CAPACITY);
@@ -192,22 +206,38 @@ impl Node {
             leave: leave.clone(),
             live: live_tx,
         };
+        let shared = Arc::new(NodeShared {
+            id: tls.id,
+            advertise: options.advertise,
+            transport: transport.clone(),
+            view,
+            dht_status,
+            dht: cmd_tx,
+        });
+        let tunnels = Tunnels::new(shared.clone());
+        let (forward_tx, forward_rx) =
+            tokio::sync::mpsc::channel(crate::transport::STREAM_INBOX_CAPACITY);
         let tasks = vec![
             tokio::spawn(driver.run()),
             tokio::spawn(transport.clone().serve(stop.clone())),
             tokio::spawn(dht.run()),
-            tokio::spawn(crate::rpc::serve(streams, served_tx, stop.clone())),
+            tokio::spawn(crate::rpc::serve(
+                streams,
+                served_tx,
+                forward_tx,
+                stop.clone(),
+            )),
+            tokio::spawn(serve_clients(
+                clients,
+                forward_rx,
+                tunnels.clone(),
+                stop.clone(),
+            )),
         ];
         tracing::info!(id = %tls.id, advertise = %options.advertise, generation = options.generation, "node started");
         Ok(Node {
-            shared: Arc::new(NodeShared {
-                id: tls.id,
-                advertise: options.advertise,
-                transport,
-                view,
-                dht_status,
-                dht: cmd_tx,
-            }),
+            shared,
+            tunnels,
             stop,
             leave,
             tasks,
@@ -217,6 +247,11 @@ impl Node {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.shared.id
+    }
+
+    /// The node's tunnels (for ingress).
+    pub fn tunnels(&self) -> Arc<Tunnels> {
+        self.tunnels.clone()
     }
 
     /// State for the admin API.

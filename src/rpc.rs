@@ -12,6 +12,10 @@ use specter_gossip::NodeId;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::transport::{DialError, IncomingStream, Transport};
+use specter_tunnel::protocol::{STREAM_FORWARD, STREAM_RPC};
+
+/// Stream reset code: the stream's first byte names no known stream kind.
+pub const STREAM_UNKNOWN_KIND: VarInt = VarInt::from_u32(0x23);
 
 /// A request and its response must each arrive within this; a peer that
 /// stalls mid-frame loses its stream, not the node's attention.
@@ -66,9 +70,18 @@ pub async fn write_frame<T: serde::Serialize>(
     send: &mut SendStream,
     msg: &T,
 ) -> Result<(), RpcError> {
+    write_msg(send, msg).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Writes one frame and keeps the stream open.
+pub async fn write_msg<T: serde::Serialize>(
+    send: &mut SendStream,
+    msg: &T,
+) -> Result<(), RpcError> {
     let frame = messages::encode(msg)?;
     send.write_all(&frame).await?;
-    let _ = send.finish();
     Ok(())
 }
 
@@ -81,6 +94,7 @@ pub async fn call(
     tokio::time::timeout(RPC_TIMEOUT, async {
         let (_, conn) = transport.connect(to.addr, Some(to.id)).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&[STREAM_RPC]).await?;
         write_frame(&mut send, request).await?;
         read_frame::<Response>(&mut recv).await
     })
@@ -100,10 +114,12 @@ pub struct Served {
 
 /// Serves incoming streams: reads each request, asks the DHT task, writes the
 /// answer. Malformed frames get a typed error; oversized ones a stream reset.
-/// Runs until `stop` fires or the stream inbox closes.
+/// Runs until `stop` fires or the stream inbox closes. Streams that carry a
+/// forwarded visitor go to `forwards`.
 pub async fn serve(
     mut streams: mpsc::Receiver<IncomingStream>,
     dht: mpsc::Sender<Served>,
+    forwards: mpsc::Sender<IncomingStream>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -116,7 +132,29 @@ pub async fn serve(
             },
         };
         let dht = dht.clone();
-        tokio::spawn(serve_one(stream, dht));
+        let forwards = forwards.clone();
+        tokio::spawn(async move {
+            let mut stream = stream;
+            let mut kind = [0u8; 1];
+            let got = tokio::time::timeout(RPC_TIMEOUT, stream.recv.read_exact(&mut kind)).await;
+            match (got, kind[0]) {
+                (Ok(Ok(())), STREAM_RPC) => serve_one(stream, dht).await,
+                (Ok(Ok(())), STREAM_FORWARD) => {
+                    if let Err(
+                        mpsc::error::TrySendError::Full(mut s)
+                        | mpsc::error::TrySendError::Closed(mut s),
+                    ) = forwards.try_send(stream)
+                    {
+                        let _ = s.send.reset(crate::transport::STREAM_BUSY);
+                        let _ = s.recv.stop(crate::transport::STREAM_BUSY);
+                    }
+                }
+                _ => {
+                    let _ = stream.send.reset(STREAM_UNKNOWN_KIND);
+                    let _ = stream.recv.stop(STREAM_UNKNOWN_KIND);
+                }
+            }
+        });
     }
 }
 

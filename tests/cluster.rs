@@ -313,6 +313,9 @@ async fn malformed_and_oversized_rpc_frames_are_refused_and_the_node_keeps_servi
 
     async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, String> {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&[specter_tunnel::protocol::STREAM_RPC])
+            .await
+            .map_err(|e| e.to_string())?;
         send.write_all(bytes).await.map_err(|e| e.to_string())?;
         let _ = send.finish();
         recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())

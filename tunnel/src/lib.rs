@@ -6,6 +6,7 @@
 //!   `AsyncRead + AsyncWrite` (QUIC streams and TCP sockets alike).
 //! - [`route_cache`]: where a name was last found, with short lifetimes,
 //!   negative entries and invalidation.
+//! - [`protocol`]: the client↔node control messages and visitor stream headers.
 //!
 //! The client↔node protocol, ingress and forwarding build on these.
 
@@ -13,5 +14,6 @@
 #![forbid(unsafe_code)]
 
 pub mod names;
+pub mod protocol;
 pub mod route_cache;
 pub mod splice;

@@ -1,0 +1,424 @@
+//! The node side of tunnels: client sessions (register and attach names,
+//! renew their leases, hand out peer samples), the local attachment table, and
+//! opening streams to a tunnel's client, directly when it is attached here or
+//! through a node it is attached to.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use rand::seq::SliceRandom;
+use sha2::{Digest, Sha256};
+use specter_dht::{ClientId, Outcome, Peer, WriteOp};
+use specter_tunnel::names;
+use specter_tunnel::protocol::{
+    ClientMsg, MAX_NAMES_PER_CLIENT, NodeMsg, RefuseCode, STREAM_FORWARD, TUNNEL_PROTOCOL_VERSION,
+    Visit,
+};
+use specter_tunnel::route_cache::{Cached, RouteCache};
+use tokio_util::sync::CancellationToken;
+
+use crate::dht::{Command, now_ms};
+use crate::node::NodeShared;
+use crate::rpc::{read_frame, write_msg};
+use crate::transport::IncomingStream;
+
+/// Attachment lease: a node that stops renewing (it crashed) stops being
+/// listed after this, even if nobody declared it dead.
+pub const LEASE: Duration = Duration::from_secs(30);
+/// Leases are renewed this often while the client stays connected, so two
+/// renewals can be lost before a lease lapses.
+pub const RENEW: Duration = Duration::from_secs(10);
+/// A name's claim outlives its last attachment by this much, so a client that
+/// crashes and returns gets its name back, and nobody else can take it.
+pub const CLAIM_KEEP: Duration = Duration::from_secs(7 * 24 * 3_600);
+/// A client must send its hello this soon after connecting.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Nodes in a peer sample.
+pub const PEER_SAMPLE: usize = 8;
+
+/// Close code for a refused client.
+pub const CLOSE_REFUSED: VarInt = VarInt::from_u32(0x30);
+/// Stream reset code: the tunnel is not attached here.
+pub const STREAM_NOT_HERE: VarInt = VarInt::from_u32(0x31);
+
+/// The id of the client behind a connection: SHA-256 of its certificate's
+/// public key.
+pub fn client_id(conn: &Connection) -> Option<ClientId> {
+    let chain = crate::tls::peer_chain(conn)?;
+    let spki = crate::pki::spki_of(chain.first()?).ok()?;
+    Some(ClientId(Sha256::digest(spki).into()))
+}
+
+/// Why a visitor stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No such tunnel is registered.
+    #[error("unknown tunnel")]
+    Unknown,
+    /// Registered, but no attachment answered.
+    #[error("tunnel registered but unreachable")]
+    Unreachable,
+}
+
+/// Local attachments and the route cache.
+pub struct Tunnels {
+    node: Arc<NodeShared>,
+    attached: Mutex<HashMap<String, Vec<Connection>>>,
+    routes: RouteCache<Vec<Peer>>,
+}
+
+impl Tunnels {
+    /// Tunnels served by `node`.
+    pub fn new(node: Arc<NodeShared>) -> Arc<Self> {
+        Arc::new(Tunnels {
+            node,
+            attached: Mutex::new(HashMap::new()),
+            routes: RouteCache::new(),
+        })
+    }
+
+    fn local(&self, name: &str) -> Vec<Connection> {
+        let mut attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(conns) = attached.get_mut(name) {
+            conns.retain(|c| c.close_reason().is_none());
+            return conns.clone();
+        }
+        Vec::new()
+    }
+
+    /// Names attached here, with their client connection counts.
+    pub fn attached_names(&self) -> Vec<(String, usize)> {
+        let attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut v: Vec<_> = attached.iter().map(|(n, c)| (n.clone(), c.len())).collect();
+        v.sort();
+        v
+    }
+
+    /// Forgets cached routes through a node that was declared dead.
+    pub fn node_down(&self, node: specter_gossip::NodeId) {
+        self.routes
+            .invalidate_where(|route| route.iter().any(|p| p.id == node));
+    }
+
+    /// Opens a stream to the client of `name` for a visitor: directly when it
+    /// is attached here, else through a node it is attached to (route cache,
+    /// then DHT). Attachments that fail are skipped.
+    pub async fn open(
+        &self,
+        name: &str,
+        visit: &Visit,
+    ) -> Result<(SendStream, RecvStream), OpenError> {
+        for conn in self.local(name) {
+            if let Ok(pair) = open_to_client(&conn, visit).await {
+                return Ok(pair);
+            }
+        }
+        let now = std::time::Instant::now();
+        let route = match self.routes.get(name, now) {
+            Cached::Found(route) => route,
+            Cached::Missing => return Err(OpenError::Unknown),
+            Cached::Unknown => {
+                let looked_up = self
+                    .node
+                    .dht(|reply| Command::Get {
+                        name: name.to_string(),
+                        reply,
+                    })
+                    .await;
+                match looked_up {
+                    Some((
+                        Outcome::Got {
+                            item: Some(item), ..
+                        },
+                        _,
+                    )) => {
+                        let t = now_ms();
+                        let route: Vec<Peer> = item
+                            .record
+                            .live_attachments(t)
+                            .map(|(id, a)| Peer { id, addr: a.addr })
+                            .collect();
+                        self.routes.found(name, route.clone(), now);
+                        route
+                    }
+                    Some((Outcome::Got { item: None, .. }, _)) => {
+                        self.routes.missing(name, now);
+                        return Err(OpenError::Unknown);
+                    }
+                    _ => return Err(OpenError::Unreachable),
+                }
+            }
+        };
+        if route.is_empty() {
+            return Err(OpenError::Unreachable);
+        }
+        for peer in route.iter().filter(|p| p.id != self.node.id) {
+            match self.forward_via(*peer, visit).await {
+                Ok(pair) => return Ok(pair),
+                Err(err) => {
+                    tracing::info!(tunnel = name, via = %peer.id, %err, "attachment failed, trying the next")
+                }
+            }
+        }
+        self.routes.invalidate(name);
+        Err(OpenError::Unreachable)
+    }
+
+    async fn forward_via(
+        &self,
+        peer: Peer,
+        visit: &Visit,
+    ) -> anyhow::Result<(SendStream, RecvStream)> {
+        let (_, conn) = self
+            .node
+            .transport
+            .connect(peer.addr, Some(peer.id))
+            .await?;
+        let (mut send, recv) = conn.open_bi().await?;
+        send.write_all(&[STREAM_FORWARD]).await?;
+        write_msg(&mut send, visit).await?;
+        Ok((send, recv))
+    }
+
+    /// Serves a forwarded visitor that another node sent here.
+    pub async fn serve_forward(self: Arc<Self>, stream: IncomingStream) {
+        let IncomingStream {
+            peer,
+            mut send,
+            mut recv,
+        } = stream;
+        let visit: Visit = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await {
+            Ok(Ok(v)) => v,
+            _ => {
+                let _ = send.reset(STREAM_NOT_HERE);
+                return;
+            }
+        };
+        let mut opened = None;
+        for conn in self.local(&visit.name) {
+            if let Ok(pair) = open_to_client(&conn, &visit).await {
+                opened = Some(pair);
+                break;
+            }
+        }
+        let Some((mut c_send, mut c_recv)) = opened else {
+            tracing::info!(from = %peer, tunnel = %visit.name, "forwarded visitor for a tunnel not attached here");
+            let _ = send.reset(STREAM_NOT_HERE);
+            let _ = recv.stop(STREAM_NOT_HERE);
+            return;
+        };
+        let mut entry = tokio::io::join(recv, send);
+        let mut client = tokio::io::join(&mut c_recv, &mut c_send);
+        if let Err(err) = specter_tunnel::splice::splice(&mut entry, &mut client).await {
+            tracing::debug!(tunnel = %visit.name, %err, "forwarded stream ended with an error");
+        }
+    }
+
+    /// Serves one client connection until it closes or `stop` fires.
+    pub async fn serve_client(self: Arc<Self>, conn: Connection, stop: CancellationToken) {
+        let remote = conn.remote_address();
+        let Some(client) = client_id(&conn) else {
+            conn.close(CLOSE_REFUSED, b"no client certificate");
+            return;
+        };
+        let accepted = tokio::time::timeout(HELLO_TIMEOUT, async {
+            let (send, mut recv) = conn.accept_bi().await.ok()?;
+            let hello: ClientMsg = read_frame(&mut recv).await.ok()?;
+            Some((send, recv, hello))
+        })
+        .await;
+        let Ok(Some((mut send, mut recv, hello))) = accepted else {
+            tracing::info!(%remote, "client sent no hello in time");
+            conn.close(CLOSE_REFUSED, b"no hello");
+            return;
+        };
+        let names = match self.register(client, hello).await {
+            Ok(names) => names,
+            Err((code, name)) => {
+                tracing::info!(%remote, %client, ?name, %code, "refused client");
+                let _ = write_msg(&mut send, &NodeMsg::Refused { code, name }).await;
+                let _ = send.finish();
+                // Give the refusal time to arrive before closing.
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                return;
+            }
+        };
+        {
+            let mut attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+            for n in &names {
+                attached.entry(n.clone()).or_default().push(conn.clone());
+            }
+        }
+        tracing::info!(%remote, %client, ?names, "client attached");
+        let me = Peer {
+            id: self.node.id,
+            addr: self.node.advertise,
+        };
+        if write_msg(&mut send, &NodeMsg::Welcome { node: me })
+            .await
+            .is_ok()
+        {
+            self.session(&conn, client, &names, &mut send, &mut recv, &stop)
+                .await;
+        }
+        {
+            let mut attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+            for n in &names {
+                if let Some(conns) = attached.get_mut(n) {
+                    conns.retain(|c| c.stable_id() != conn.stable_id());
+                    if conns.is_empty() {
+                        attached.remove(n);
+                    }
+                }
+            }
+        }
+        tracing::info!(%remote, %client, ?names, "client detached");
+        for n in &names {
+            let op = WriteOp::Detach {
+                client,
+                node: self.node.id,
+                version: now_ms(),
+            };
+            let _ = self
+                .node
+                .dht(|reply| Command::Put {
+                    name: n.clone(),
+                    op,
+                    reply,
+                })
+                .await;
+        }
+    }
+
+    async fn session(
+        &self,
+        conn: &Connection,
+        client: ClientId,
+        names: &[String],
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+        stop: &CancellationToken,
+    ) {
+        let mut renew = tokio::time::interval(RENEW);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                _ = conn.closed() => return,
+                _ = renew.tick() => {
+                    for n in names {
+                        let _ = self.attach(client, n).await;
+                    }
+                }
+                msg = read_frame::<ClientMsg>(recv) => match msg {
+                    Ok(ClientMsg::Peers) => {
+                        let nodes = self.peer_sample();
+                        if write_msg(send, &NodeMsg::Peers { nodes }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(ClientMsg::Hello { .. }) | Err(_) => return,
+                },
+            }
+        }
+    }
+
+    fn peer_sample(&self) -> Vec<Peer> {
+        let status = self.node.status();
+        let mut nodes: Vec<Peer> = status
+            .members
+            .iter()
+            .filter(|m| m.state == specter_gossip::MemberState::Alive)
+            .filter_map(|m| {
+                Some(Peer {
+                    id: specter_gossip::NodeId(u64::from_str_radix(&m.id, 16).ok()?),
+                    addr: m.addr,
+                })
+            })
+            .collect();
+        nodes.shuffle(&mut rand::rng());
+        nodes.truncate(PEER_SAMPLE);
+        nodes
+    }
+
+    async fn attach(&self, client: ClientId, name: &str) -> Result<(), RefuseCode> {
+        let op = WriteOp::Attach {
+            client,
+            node: self.node.id,
+            addr: self.node.advertise,
+            version: now_ms(),
+            lease_ms: u64::try_from(LEASE.as_millis()).unwrap_or(u64::MAX),
+            claim_ms: u64::try_from(CLAIM_KEEP.as_millis()).unwrap_or(u64::MAX),
+        };
+        match self
+            .node
+            .dht(|reply| Command::Put {
+                name: name.to_string(),
+                op,
+                reply,
+            })
+            .await
+        {
+            Some((Outcome::Wrote { .. }, _)) => {
+                self.routes.invalidate(name);
+                Ok(())
+            }
+            Some((
+                Outcome::Refused(specter_dht::messages::ErrorCode::Write(
+                    specter_dht::WriteError::NameTaken(_),
+                )),
+                _,
+            )) => Err(RefuseCode::NameTaken),
+            _ => Err(RefuseCode::Unavailable),
+        }
+    }
+
+    async fn register(
+        &self,
+        client: ClientId,
+        hello: ClientMsg,
+    ) -> Result<Vec<String>, (RefuseCode, Option<String>)> {
+        let ClientMsg::Hello { version, names, .. } = hello else {
+            return Err((RefuseCode::Version, None));
+        };
+        if version != TUNNEL_PROTOCOL_VERSION {
+            return Err((RefuseCode::Version, None));
+        }
+        if names.is_empty() || names.len() > MAX_NAMES_PER_CLIENT {
+            return Err((
+                RefuseCode::NameCount {
+                    max: MAX_NAMES_PER_CLIENT,
+                },
+                None,
+            ));
+        }
+        for n in &names {
+            names::validate(n).map_err(|_| (RefuseCode::InvalidName, Some(n.clone())))?;
+        }
+        for n in &names {
+            self.attach(client, n)
+                .await
+                .map_err(|code| (code, Some(n.clone())))?;
+        }
+        Ok(names)
+    }
+}
+
+/// Opens a visitor stream to a client and sends the header.
+async fn open_to_client(
+    conn: &Connection,
+    visit: &Visit,
+) -> anyhow::Result<(SendStream, RecvStream)> {
+    let (mut send, recv) = conn.open_bi().await?;
+    write_msg(&mut send, visit).await?;
+    Ok((send, recv))
+}
+
+/// The visitor address placeholder for streams whose visitor is unknown.
+pub fn unknown_visitor() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}

@@ -1,0 +1,166 @@
+//! The client↔node tunnel protocol, and the headers of the streams that carry
+//! visitors. Frames use the DHT's framing (`[u32 length][u8 version][MessagePack]`,
+//! bounded by `MAX_FRAME_SIZE`).
+//!
+//! - A client opens one **control stream** on each node connection: it sends
+//!   [`ClientMsg::Hello`] with the names it serves; the node answers
+//!   [`NodeMsg::Welcome`] (the names are registered and attached here) or
+//!   [`NodeMsg::Refused`] with a typed [`RefuseCode`]. Later the client may ask
+//!   for [`ClientMsg::Peers`].
+//! - For each visitor the node opens a bi-stream to the client and writes a
+//!   [`Visit`] header; raw bytes follow both ways.
+//! - Between nodes, a stream that starts with [`STREAM_FORWARD`] carries a
+//!   [`Visit`] header to the attached node, then raw bytes; one that starts
+//!   with [`STREAM_RPC`] carries a DHT request.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use specter_dht::Peer;
+
+pub use specter_dht::messages::{
+    FrameError, MAX_FRAME_SIZE, decode, decode_frame, encode, frame_len,
+};
+
+/// First byte of a node↔node stream carrying a DHT request.
+pub const STREAM_RPC: u8 = 1;
+/// First byte of a node↔node stream carrying a forwarded visitor.
+pub const STREAM_FORWARD: u8 = 2;
+
+/// Version the client and node must share.
+pub const TUNNEL_PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN a visitor uses for raw TCP over TLS.
+pub const ALPN_TCP: &[u8] = b"specter-tcp";
+
+/// Client → node on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// Register and attach these names here.
+    Hello {
+        /// Must equal [`TUNNEL_PROTOCOL_VERSION`].
+        version: u16,
+        /// Tunnel names served by this client.
+        names: Vec<String>,
+        /// A client token from `specter ca issue-client-token`, if required.
+        token: Option<String>,
+    },
+    /// Ask for a sample of live nodes to attach to.
+    Peers,
+}
+
+/// Node → client on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeMsg {
+    /// The names are registered and attached at this node.
+    Welcome {
+        /// This node's id and address.
+        node: Peer,
+    },
+    /// The hello was refused; nothing was registered.
+    Refused {
+        /// Why.
+        code: RefuseCode,
+        /// The name concerned, if one.
+        name: Option<String>,
+    },
+    /// A random sample of live nodes.
+    Peers {
+        /// Nodes (id and QUIC address).
+        nodes: Vec<Peer>,
+    },
+}
+
+/// Typed reasons for refusing a client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RefuseCode {
+    /// Another client holds the name.
+    #[error("the name is claimed by another client")]
+    NameTaken,
+    /// The name is not a valid DNS label.
+    #[error("invalid tunnel name")]
+    InvalidName,
+    /// No names, or too many.
+    #[error("a hello must carry 1 to {max} names")]
+    NameCount {
+        /// The limit.
+        max: usize,
+    },
+    /// The node requires a valid client token.
+    #[error("a valid client token is required")]
+    Unauthorized,
+    /// The client speaks another protocol version.
+    #[error("unsupported protocol version")]
+    Version,
+    /// The registration could not be stored (DHT unreachable).
+    #[error("the registration could not be stored; try another node")]
+    Unavailable,
+}
+
+/// What kind of visitor a stream carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VisitKind {
+    /// Raw TCP (TCP over TLS, or HTTP proxied as bytes).
+    Tcp,
+}
+
+/// Header of a stream that carries one visitor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Visit {
+    /// The tunnel name.
+    pub name: String,
+    /// The visitor's address, as the entry node saw it.
+    pub visitor: SocketAddr,
+    /// What the stream carries.
+    pub kind: VisitKind,
+}
+
+/// Names one client may serve over one connection.
+pub const MAX_NAMES_PER_CLIENT: usize = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use specter_gossip::NodeId;
+
+    #[test]
+    fn messages_round_trip_through_frames() {
+        let hello = ClientMsg::Hello {
+            version: TUNNEL_PROTOCOL_VERSION,
+            names: vec!["brave-orange-tiger".into()],
+            token: None,
+        };
+        assert_eq!(
+            decode_frame::<ClientMsg>(&encode(&hello).unwrap()).unwrap(),
+            hello
+        );
+        let refused = NodeMsg::Refused {
+            code: RefuseCode::NameTaken,
+            name: Some("x".into()),
+        };
+        assert_eq!(
+            decode_frame::<NodeMsg>(&encode(&refused).unwrap()).unwrap(),
+            refused
+        );
+        let welcome = NodeMsg::Welcome {
+            node: Peer {
+                id: NodeId(7),
+                addr: "127.0.0.1:1".parse().unwrap(),
+            },
+        };
+        assert_eq!(
+            decode_frame::<NodeMsg>(&encode(&welcome).unwrap()).unwrap(),
+            welcome
+        );
+        let visit = Visit {
+            name: "a".into(),
+            visitor: "127.0.0.9:5555".parse().unwrap(),
+            kind: VisitKind::Tcp,
+        };
+        assert_eq!(
+            decode_frame::<Visit>(&encode(&visit).unwrap()).unwrap(),
+            visit
+        );
+        assert!(decode_frame::<Visit>(&[0, 0, 0, 2, 1, 0xc1]).is_err());
+    }
+}
