@@ -46,6 +46,18 @@ pub struct NodeSettings {
     /// Once serving, write {id, quic, admin} as JSON to this file.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Public domain: tunnels are `<name>.<domain>`.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// TCP address of the public TLS ingress.
+    #[arg(long)]
+    pub https: Option<SocketAddr>,
+    /// Wildcard certificate for `*.<domain>` (PEM).
+    #[arg(long)]
+    pub edge_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long)]
+    pub edge_key: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -72,6 +84,21 @@ pub struct NodeConfig {
     pub ready_file: Option<PathBuf>,
     /// See [`NodeSettings::log_format`].
     pub log_format: LogFormat,
+    /// Public ingress, when enabled.
+    pub ingress: Option<IngressConfig>,
+}
+
+/// Where and how the node serves visitors.
+#[derive(Clone, Debug)]
+pub struct IngressConfig {
+    /// See [`NodeSettings::domain`].
+    pub domain: String,
+    /// See [`NodeSettings::https`].
+    pub https: SocketAddr,
+    /// See [`NodeSettings::edge_cert`].
+    pub edge_cert: PathBuf,
+    /// See [`NodeSettings::edge_key`].
+    pub edge_key: PathBuf,
 }
 
 /// A configuration problem; reported before anything is bound.
@@ -135,6 +162,10 @@ impl NodeSettings {
             admin: self.admin.or(file.admin),
             ready_file: self.ready_file.or(file.ready_file),
             log_format: self.log_format.or(file.log_format),
+            domain: self.domain.or(file.domain),
+            https: self.https.or(file.https),
+            edge_cert: self.edge_cert.or(file.edge_cert),
+            edge_key: self.edge_key.or(file.edge_key),
         }
     }
 
@@ -151,7 +182,17 @@ impl NodeSettings {
         {
             return Err(ConfigError::AdminNotLoopback(admin));
         }
+        let ingress = match self.https {
+            None => None,
+            Some(https) => Some(IngressConfig {
+                domain: self.domain.ok_or(ConfigError::Missing("domain"))?,
+                https,
+                edge_cert: self.edge_cert.ok_or(ConfigError::Missing("edge-cert"))?,
+                edge_key: self.edge_key.ok_or(ConfigError::Missing("edge-key"))?,
+            }),
+        };
         Ok(NodeConfig {
+            ingress,
             listen,
             advertise,
             join: self

@@ -11,17 +11,21 @@
 //! - [`rpc`]: DHT requests over node↔node QUIC bi-streams.
 //! - [`dht`]: the task that owns the DHT state machine.
 //! - [`tunnels`]: client sessions, local attachments, visitor streams.
+//! - [`ingress`]: public TLS ingress (TCP over TLS by SNI).
 //! - [`node`]: the node daemon, composed from the above.
 //! - [`admin`]: the loopback admin API (`/status`, `/metrics`).
 //! - [`config`]: the TOML file config and its conversion.
+//! - [`client`]: the client daemon (`specter tunnel`).
 //! - [`demo`]: `specter demo`, a local overlay in one process.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod dht;
+pub mod ingress;
 pub mod membership;
 pub mod node;
 pub mod pki;

@@ -38,7 +38,45 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: NodeSettings,
+        settings: Box<NodeSettings>,
+    },
+    /// Expose a local service through the overlay (the client daemon).
+    Tunnel {
+        /// Local target: tcp://HOST:PORT or http://HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// Tunnel name (default: the saved one, or three random words).
+        #[arg(long)]
+        name: Option<String>,
+        /// Seed nodes' QUIC addresses, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        via: Vec<String>,
+        /// Cluster CA certificate (PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Where the client key and name are kept.
+        #[arg(long, default_value = ".specter-client")]
+        state_dir: PathBuf,
+        /// Number of nodes to attach to.
+        #[arg(long, default_value_t = specter::client::ATTACHMENTS)]
+        attachments: usize,
+    },
+    /// Reach a tunnel's TCP service through a node's ingress.
+    Connect {
+        /// NAME.DOMAIN of the tunnel.
+        host: String,
+        /// A node's ingress address (HOST:PORT).
+        #[arg(long)]
+        via: String,
+        /// CA that signed the ingress certificate (PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Accept local connections here and carry each through the tunnel.
+        #[arg(long, conflicts_with = "stdio")]
+        listen: Option<std::net::SocketAddr>,
+        /// Carry standard input and output (for ssh ProxyCommand).
+        #[arg(long)]
+        stdio: bool,
     },
     /// Query the DHT through a node's admin API.
     #[command(subcommand)]
@@ -82,6 +120,22 @@ enum CaCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Issue a wildcard ingress certificate for *.DOMAIN (edge.crt, edge.key)
+    /// signed by the cluster CA, for tests and demos.
+    IssueEdge {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The public domain.
+        #[arg(long)]
+        domain: String,
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Issue a node certificate (node.crt, node.key) signed by the CA.
     IssueNode {
         /// Directory holding ca.crt and ca.key.
@@ -111,13 +165,86 @@ fn main() -> ExitCode {
         },
         Command::Node { config, settings } => {
             // Everything that can be checked is checked before binding.
-            let checked = load_node(config, settings);
+            let checked = load_node(config, *settings);
             let (config, tls) = match checked {
                 Ok(c) => c,
                 Err(err) => return usage_error(&err),
             };
             init_tracing(config.log_format);
             match runtime().and_then(|rt| rt.block_on(run_node(config, tls))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Tunnel {
+            to,
+            name,
+            via,
+            ca,
+            state_dir,
+            attachments,
+        } => {
+            let target = match to
+                .strip_prefix("tcp://")
+                .or_else(|| to.strip_prefix("http://"))
+            {
+                Some(t) => t.trim_end_matches('/').to_string(),
+                None => {
+                    return usage_error(&anyhow::anyhow!(
+                        "--to must be tcp://HOST:PORT or http://HOST:PORT"
+                    ));
+                }
+            };
+            let ca_pem = match std::fs::read_to_string(&ca) {
+                Ok(p) => p,
+                Err(e) => return usage_error(&anyhow::anyhow!("{}: {e}", ca.display())),
+            };
+            init_tracing(LogFormat::Human);
+            let options = specter::client::ClientOptions {
+                via,
+                ca_pem,
+                state_dir,
+                target,
+                name,
+                attachments: attachments.max(1),
+            };
+            let run = async move {
+                let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+                let stop = tokio_util::sync::CancellationToken::new();
+                let stopper = stop.clone();
+                tokio::spawn(async move {
+                    let _ = wait_for_signal().await;
+                    stopper.cancel();
+                });
+                specter::client::run(options, endpoint, stop).await
+            };
+            match runtime().and_then(|rt| rt.block_on(run)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Connect {
+            host,
+            via,
+            ca,
+            listen,
+            stdio,
+        } => {
+            let ca_pem = match std::fs::read(&ca) {
+                Ok(p) => p,
+                Err(e) => return usage_error(&anyhow::anyhow!("{}: {e}", ca.display())),
+            };
+            if listen.is_none() && !stdio {
+                return usage_error(&anyhow::anyhow!("pass --listen ADDR or --stdio"));
+            }
+            init_tracing(LogFormat::Human);
+            match runtime().and_then(|rt| rt.block_on(run_connect(host, via, ca_pem, listen))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("error: {err:#}");
@@ -178,6 +305,19 @@ fn run_ca(cmd: CaCommand) -> Result<()> {
                 dir.join(pki::CA_KEY_FILE).display()
             );
         }
+        CaCommand::IssueEdge {
+            ca_dir,
+            domain,
+            out,
+            force,
+        } => {
+            pki::issue_edge(&ca_dir, &domain, &out, force)?;
+            println!(
+                "wrote {} and {} for *.{domain}",
+                out.join(pki::EDGE_CERT_FILE).display(),
+                out.join(pki::EDGE_KEY_FILE).display()
+            );
+        }
         CaCommand::IssueNode {
             ca_dir,
             name,
@@ -194,6 +334,48 @@ fn run_ca(cmd: CaCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `specter connect`: one TLS connection per local connection (or stdio).
+async fn run_connect(
+    host: String,
+    via: String,
+    ca_pem: Vec<u8>,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    let Some(addr) = listen else {
+        let mut tls = specter::ingress::connect(&via, &host, &ca_pem).await?;
+        let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+        specter_tunnel::splice::splice(&mut stdio, &mut tls).await?;
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    println!(
+        "listening on {} for {host} via {via}",
+        listener.local_addr()?
+    );
+    let ca_pem = std::sync::Arc::new(ca_pem);
+    loop {
+        tokio::select! {
+            _ = wait_for_signal() => return Ok(()),
+            accepted = listener.accept() => {
+                let (mut local, _) = accepted?;
+                let (host, via, ca_pem) = (host.clone(), via.clone(), ca_pem.clone());
+                tokio::spawn(async move {
+                    match specter::ingress::connect(&via, &host, &ca_pem).await {
+                        Ok(mut tls) => {
+                            if let Err(err) = specter_tunnel::splice::splice(&mut local, &mut tls).await {
+                                tracing::debug!(%err, "connection ended with an error");
+                            }
+                        }
+                        Err(err) => tracing::warn!("{err:#}"),
+                    }
+                });
+            }
+        }
+    }
 }
 
 /// Prints the admin API's answer; returns whether it was a success.
@@ -264,12 +446,28 @@ async fn run_node(config: NodeConfig, tls: NodeTls) -> Result<()> {
         admin_addr = Some(listener.local_addr()?);
         tokio::spawn(admin::serve(listener, node.shared(), cancel.clone()));
     }
+    let mut https_addr = None;
+    if let Some(ingress) = &config.ingress {
+        let edge =
+            specter::ingress::Edge::load(&ingress.domain, &ingress.edge_cert, &ingress.edge_key)?;
+        let listener = tokio::net::TcpListener::bind(ingress.https)
+            .await
+            .with_context(|| format!("binding the ingress on {}", ingress.https))?;
+        https_addr = Some(listener.local_addr()?);
+        tokio::spawn(specter::ingress::serve(
+            listener,
+            std::sync::Arc::new(edge),
+            node.tunnels(),
+            cancel.clone(),
+        ));
+    }
     if let Some(path) = &config.ready_file {
         let ready = serde_json::json!({
             "id": node.id().to_string(),
             "quic": quic,
             "advertise": config.advertise,
             "admin": admin_addr,
+            "https": https_addr,
             "pid": std::process::id(),
         });
         let tmp = path.with_extension("tmp");

@@ -219,6 +219,53 @@ pub fn make_node_cert(ca: &CaPem, name: &str, ips: &[IpAddr]) -> Result<NodePem,
     })
 }
 
+/// File name of an edge (public ingress) certificate.
+pub const EDGE_CERT_FILE: &str = "edge.crt";
+/// File name of an edge private key.
+pub const EDGE_KEY_FILE: &str = "edge.key";
+
+/// `specter ca issue-edge`: a wildcard certificate for `*.domain` (and
+/// `domain`) signed by the cluster CA, for tests and demos; production
+/// operators use a publicly trusted one.
+pub fn issue_edge(ca_dir: &Path, domain: &str, out: &Path, force: bool) -> Result<(), PkiError> {
+    let read = |p: PathBuf| fs::read_to_string(&p).map_err(io_err(&p));
+    let ca = CaPem {
+        cert: read(ca_dir.join(CA_CERT_FILE))?,
+        key: read(ca_dir.join(CA_KEY_FILE))?,
+    };
+    fs::create_dir_all(out).map_err(io_err(out))?;
+    let (cert_path, key_path) = (out.join(EDGE_CERT_FILE), out.join(EDGE_KEY_FILE));
+    refuse_existing(&[&cert_path, &key_path], force)?;
+    let edge = make_edge_cert(&ca, domain)?;
+    write_file(&key_path, &edge.key, true, force)?;
+    write_file(&cert_path, &edge.cert, false, force)
+}
+
+/// A wildcard server certificate for `*.domain` and `domain`.
+pub fn make_edge_cert(ca: &CaPem, domain: &str) -> Result<CaPem, PkiError> {
+    let ca_key = KeyPair::from_pem(&ca.key).map_err(cert_err("reading the CA key"))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)
+        .map_err(cert_err("reading the CA certificate"))?;
+    let key = KeyPair::generate().map_err(cert_err("generating the edge key"))?;
+    let mut params = CertificateParams::new(vec![format!("*.{domain}"), domain.to_string()])
+        .map_err(cert_err(format!("domain {domain:?}")))?;
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("*.{domain}"));
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    validity(&mut params, NODE_VALIDITY_DAYS);
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(cert_err("signing the edge certificate"))?;
+    Ok(CaPem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
 /// `specter ca issue-node`: writes `node.crt` and `node.key` into `out`.
 pub fn issue_node(
     ca_dir: &Path,

@@ -233,6 +233,58 @@ impl NodeTls {
     }
 }
 
+/// QUIC keep-alive, client↔node: a dead attachment must be noticed within a
+/// few seconds so the client re-attaches elsewhere.
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// QUIC idle timeout, client↔node: three missed keep-alives.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Server name a client sends to a node (nodes are identified by the CA, not
+/// by name).
+pub const CLIENT_SERVER_NAME: &str = "node.specter.invalid";
+
+/// QUIC config for a tunnel client: trusts nodes whose certificate chains to
+/// the cluster CA in `ca_pem`, presents `cert` (self-signed) with `key`.
+pub fn client_quic_config(
+    ca_pem: &str,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let ca = ca.map_err(|e| TlsError::Pem(format!("CA file: {e}")))?;
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Pem(format!("CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Pem("CA file holds no certificate".into()));
+    }
+    let verifier = Arc::new(ClusterCaVerifier {
+        roots: Arc::new(roots),
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![cert], key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN_CLIENT.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(CLIENT_IDLE_TIMEOUT).expect("3 s fits a QUIC varint"),
+    ));
+    config.transport_config(Arc::new(t));
+    Ok(config)
+}
+
 /// Transport settings for node↔node connections.
 pub fn node_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();

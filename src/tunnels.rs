@@ -41,6 +41,8 @@ pub const PEER_SAMPLE: usize = 8;
 
 /// Close code for a refused client.
 pub const CLOSE_REFUSED: VarInt = VarInt::from_u32(0x30);
+/// Stream reset code: the client could not reach its target.
+pub const STREAM_TARGET_REFUSED: VarInt = VarInt::from_u32(0x32);
 /// Stream reset code: the tunnel is not attached here.
 pub const STREAM_NOT_HERE: VarInt = VarInt::from_u32(0x31);
 

@@ -85,12 +85,26 @@ impl Proc {
     pub fn quic(&self) -> String {
         self.ready["quic"].as_str().unwrap().to_string()
     }
+    pub fn https(&self) -> String {
+        self.ready["https"].as_str().unwrap().to_string()
+    }
     pub fn id(&self) -> String {
         self.ready["id"].as_str().unwrap().to_string()
     }
 }
 
 pub fn start_node(dir: &Path, node_dir: &Path, ip: &str, join: Option<&str>) -> Proc {
+    start_node_with(dir, node_dir, ip, join, &[])
+}
+
+/// [`start_node`] with extra flags.
+pub fn start_node_with(
+    dir: &Path,
+    node_dir: &Path,
+    ip: &str,
+    join: Option<&str>,
+    extra: &[&str],
+) -> Proc {
     let ready = node_dir.join(format!("ready-{:016x}", rand::random::<u64>()));
     let mut cmd = Command::new(BIN);
     cmd.args([
@@ -112,6 +126,7 @@ pub fn start_node(dir: &Path, node_dir: &Path, ip: &str, join: Option<&str>) -> 
     if let Some(seed) = join {
         cmd.args(["--join", seed]);
     }
+    cmd.args(extra);
     let mut child = cmd.spawn().expect("spawn node");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -1,0 +1,311 @@
+//! The client daemon (`specter tunnel`): keeps a key and a name in its state
+//! directory, attaches to `k` distinct nodes, and carries each visitor stream
+//! a node opens to the local target.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use quinn::Endpoint;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use specter_dht::Peer;
+use specter_gossip::NodeId;
+use specter_tunnel::protocol::{ClientMsg, NodeMsg, TUNNEL_PROTOCOL_VERSION, Visit};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::rpc::{read_frame, write_msg};
+
+/// Attachments a client keeps (k): two nodes can fail at once and the tunnel
+/// still has a path.
+pub const ATTACHMENTS: usize = 3;
+/// First and longest wait before replacing a lost attachment.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often the peer sample is refreshed.
+const PEERS_REFRESH: Duration = Duration::from_secs(30);
+/// A visitor stream must deliver its header this soon.
+const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// File names in the state directory.
+const KEY_FILE: &str = "client.key";
+const NAME_FILE: &str = "name";
+
+/// What the client serves and where it attaches.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Seeds (`host:port` of node QUIC endpoints).
+    pub via: Vec<String>,
+    /// The cluster CA (PEM).
+    pub ca_pem: String,
+    /// Where the key and name are kept.
+    pub state_dir: PathBuf,
+    /// Local service (`host:port`) visitors are carried to.
+    pub target: String,
+    /// Requested name; otherwise the saved one, or a new random one.
+    pub name: Option<String>,
+    /// How many nodes to attach to.
+    pub attachments: usize,
+}
+
+/// The client's key and name, created on first run.
+pub struct ClientState {
+    /// PEM of the private key.
+    pub key_pem: String,
+    /// The tunnel name.
+    pub name: String,
+}
+
+/// Loads or creates the key (mode 0600) and the name in `dir`.
+pub fn load_state(dir: &Path, requested: Option<&str>) -> Result<ClientState> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key_path = dir.join(KEY_FILE);
+    let key_pem = match std::fs::read_to_string(&key_path) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = rcgen::KeyPair::generate().context("generating the client key")?;
+            let pem = key.serialize_pem();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key_path)
+                .with_context(|| format!("writing {}", key_path.display()))?;
+            std::io::Write::write_all(&mut f, pem.as_bytes())?;
+            pem
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", key_path.display())),
+    };
+    let name_path = dir.join(NAME_FILE);
+    let name = match requested {
+        Some(n) => {
+            specter_tunnel::names::validate(n).map_err(|e| anyhow::anyhow!("--name {n:?}: {e}"))?;
+            n.to_string()
+        }
+        None => match std::fs::read_to_string(&name_path) {
+            Ok(n) => n.trim().to_string(),
+            Err(_) => specter_tunnel::names::random_name(&mut rand::rng()),
+        },
+    };
+    std::fs::write(&name_path, &name)
+        .with_context(|| format!("writing {}", name_path.display()))?;
+    Ok(ClientState { key_pem, name })
+}
+
+fn client_config(options: &ClientOptions, state: &ClientState) -> Result<quinn::ClientConfig> {
+    let key = rcgen::KeyPair::from_pem(&state.key_pem).context("reading the client key")?;
+    let mut params = rcgen::CertificateParams::new(vec!["specter-client.invalid".to_string()])?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let cert = params
+        .self_signed(&key)
+        .context("self-signing the client certificate")?;
+    let key_der = PrivateKeyDer::from_pem_slice(state.key_pem.as_bytes())
+        .context("reading the client key")?;
+    Ok(crate::tls::client_quic_config(
+        &options.ca_pem,
+        CertificateDer::from(cert.der().to_vec()),
+        key_der,
+    )?)
+}
+
+enum Update {
+    Attached(Peer),
+    Lost(Peer, String),
+    Peers(Vec<Peer>),
+    Refused(String),
+}
+
+/// Runs the client until `stop` fires or a node refuses it.
+pub async fn run(
+    options: ClientOptions,
+    endpoint: Endpoint,
+    stop: CancellationToken,
+) -> Result<()> {
+    let state = load_state(&options.state_dir, options.name.as_deref())?;
+    let config = client_config(&options, &state)?;
+    let name = state.name.clone();
+    println!(
+        "tunnel {name}: attaching to {} node(s) for {}",
+        options.attachments, options.target
+    );
+    let (tx, mut rx) = mpsc::channel::<Update>(64);
+    let mut attached: HashMap<NodeId, Peer> = HashMap::new();
+    let mut pending: HashSet<SocketAddr> = HashSet::new();
+    let mut candidates: Vec<Peer> = Vec::new();
+    let mut retry = RETRY_MIN;
+    let mut seeds = Vec::new();
+    for seed in &options.via {
+        seeds.extend(
+            tokio::net::lookup_host(seed.as_str())
+                .await
+                .with_context(|| format!("resolving {seed}"))?,
+        );
+    }
+    if seeds.is_empty() {
+        bail!("no seed to attach through (--via)");
+    }
+    let spawn = |addr: SocketAddr, pending: &mut HashSet<SocketAddr>| {
+        pending.insert(addr);
+        tokio::spawn(attachment(
+            endpoint.clone(),
+            config.clone(),
+            addr,
+            name.clone(),
+            options.target.clone(),
+            tx.clone(),
+            stop.clone(),
+        ));
+    };
+    spawn(seeds[0], &mut pending);
+    let mut tick = tokio::time::interval(RETRY_MIN);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ok(()),
+            Some(update) = rx.recv() => match update {
+                Update::Attached(peer) => {
+                    pending.remove(&peer.addr);
+                    attached.insert(peer.id, peer);
+                    retry = RETRY_MIN;
+                    println!("tunnel {name}: attached to node {} at {} ({}/{})", peer.id, peer.addr, attached.len(), options.attachments);
+                }
+                Update::Lost(peer, why) => {
+                    pending.remove(&peer.addr);
+                    if attached.remove(&peer.id).is_some() {
+                        println!("tunnel {name}: lost node {} ({why}); {}/{} attached", peer.id, attached.len(), options.attachments);
+                    } else {
+                        tracing::info!(addr = %peer.addr, %why, "attach attempt failed");
+                    }
+                    candidates.retain(|c| c.addr != peer.addr);
+                }
+                Update::Peers(nodes) => candidates = nodes,
+                Update::Refused(why) => bail!("tunnel {name}: refused: {why}"),
+            },
+            _ = tick.tick() => {
+                if attached.len() + pending.len() >= options.attachments {
+                    continue;
+                }
+                let attached_addrs: HashSet<SocketAddr> = attached.values().map(|p| p.addr).collect();
+                let next = candidates
+                    .iter()
+                    .map(|p| p.addr)
+                    .chain(seeds.iter().copied())
+                    .find(|a| !attached_addrs.contains(a) && !pending.contains(a));
+                if let Some(addr) = next {
+                    spawn(addr, &mut pending);
+                } else if attached.is_empty() && pending.is_empty() {
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(RETRY_MAX);
+                    spawn(seeds[rand::random_range(0..seeds.len())], &mut pending);
+                }
+            }
+        }
+    }
+}
+
+/// One attachment: connect, register, then carry visitors until it ends.
+async fn attachment(
+    endpoint: Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    name: String,
+    target: String,
+    updates: mpsc::Sender<Update>,
+    stop: CancellationToken,
+) {
+    let placeholder = Peer {
+        id: NodeId(0),
+        addr,
+    };
+    let result = async {
+        let conn = endpoint
+            .connect_with(config, addr, crate::tls::CLIENT_SERVER_NAME)?
+            .await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = ClientMsg::Hello {
+            version: TUNNEL_PROTOCOL_VERSION,
+            names: vec![name.clone()],
+            token: None,
+        };
+        write_msg(&mut send, &hello).await?;
+        match read_frame::<NodeMsg>(&mut recv).await? {
+            NodeMsg::Welcome { node } => Ok((conn, send, recv, node)),
+            NodeMsg::Refused { code, name } => {
+                let _ = updates
+                    .send(Update::Refused(format!(
+                        "{code}{}",
+                        name.map(|n| format!(" ({n})")).unwrap_or_default()
+                    )))
+                    .await;
+                anyhow::bail!("refused")
+            }
+            NodeMsg::Peers { .. } => anyhow::bail!("unexpected message"),
+        }
+    }
+    .await;
+    let (conn, mut send, mut recv, node) = match result {
+        Ok(x) => x,
+        Err(err) => {
+            let _ = updates
+                .send(Update::Lost(placeholder, err.to_string()))
+                .await;
+            return;
+        }
+    };
+    let _ = updates.send(Update::Attached(node)).await;
+    let _ = write_msg(&mut send, &ClientMsg::Peers).await;
+    let mut refresh = tokio::time::interval(PEERS_REFRESH);
+    let target: Arc<str> = target.into();
+    let why = loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => {
+                conn.close(0u32.into(), b"client stopping");
+                break "stopping".to_string();
+            }
+            stream = conn.accept_bi() => match stream {
+                Ok((s, r)) => {
+                    tokio::spawn(carry(s, r, target.clone()));
+                }
+                Err(e) => break e.to_string(),
+            },
+            msg = read_frame::<NodeMsg>(&mut recv) => match msg {
+                Ok(NodeMsg::Peers { nodes }) => {
+                    let _ = updates.send(Update::Peers(nodes)).await;
+                }
+                Ok(_) => {}
+                Err(e) => break e.to_string(),
+            },
+            _ = refresh.tick() => {
+                let _ = write_msg(&mut send, &ClientMsg::Peers).await;
+            }
+        }
+    };
+    let _ = updates.send(Update::Lost(node, why)).await;
+}
+
+/// Carries one visitor: reads the header, dials the target, splices.
+async fn carry(mut send: quinn::SendStream, mut recv: quinn::RecvStream, target: Arc<str>) {
+    let visit =
+        match tokio::time::timeout(VISIT_HEADER_TIMEOUT, read_frame::<Visit>(&mut recv)).await {
+            Ok(Ok(v)) => v,
+            _ => return,
+        };
+    let mut local = match tokio::net::TcpStream::connect(&*target).await {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(tunnel = %visit.name, visitor = %visit.visitor, %target, %err, "target refused the visitor");
+            let _ = send.reset(crate::tunnels::STREAM_TARGET_REFUSED);
+            return;
+        }
+    };
+    let _ = local.set_nodelay(true);
+    let mut stream = tokio::io::join(&mut recv, &mut send);
+    if let Err(err) = specter_tunnel::splice::splice(&mut stream, &mut local).await {
+        tracing::debug!(tunnel = %visit.name, %err, "visitor stream ended with an error");
+    }
+}

@@ -1,0 +1,180 @@
+//! Public ingress: TLS on the node's HTTPS port. A visitor that offers ALPN
+//! `specter-tcp` with SNI `<name>.<domain>` gets raw TCP to the tunnel's
+//! local target (`specter connect` is the visitor side). TLS is terminated
+//! with the operator's wildcard certificate for `*.<domain>`.
+//!
+//! HTTP(S) visitors (HTTP/1.1, HTTP/2, WebSocket) are not served yet: their
+//! handshakes are refused with a log line naming the reason.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use specter_tunnel::names::name_in_host;
+use specter_tunnel::protocol::{ALPN_TCP, Visit, VisitKind};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::tunnels::{OpenError, Tunnels};
+
+/// A visitor must finish its TLS handshake this soon; a stalled one costs a
+/// task for no longer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Visitor connections served at once; beyond this they wait in the kernel's
+/// accept queue.
+pub const MAX_VISITORS: usize = 4_096;
+
+/// The public TLS configuration of a node.
+pub struct Edge {
+    config: Arc<rustls::ServerConfig>,
+    domain: String,
+}
+
+impl Edge {
+    /// Loads the wildcard certificate and key for `*.domain`.
+    pub fn load(domain: &str, cert: &Path, key: &Path) -> Result<Edge> {
+        let cert_pem =
+            std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+        let key_pem = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("parsing {}", cert.display()))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .with_context(|| format!("parsing {}", key.display()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .context("the edge certificate and key do not match")?;
+        config.alpn_protocols = vec![ALPN_TCP.to_vec()];
+        Ok(Edge {
+            config: Arc::new(config),
+            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+        })
+    }
+}
+
+/// Serves visitors on `listener` until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    edge: Arc<Edge>,
+    tunnels: Arc<Tunnels>,
+    stop: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_VISITORS));
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (tcp, visitor) = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(%err, "ingress accept failed");
+                    continue;
+                }
+            },
+        };
+        let edge = edge.clone();
+        let tunnels = tunnels.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(reason) = visit(tcp, visitor, &edge, &tunnels).await {
+                tracing::info!(%visitor, %reason, "visitor refused");
+            }
+        });
+    }
+}
+
+async fn visit(
+    tcp: TcpStream,
+    visitor: SocketAddr,
+    edge: &Edge,
+    tunnels: &Tunnels,
+) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let start = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp),
+    )
+    .await
+    .map_err(|_| "no TLS client hello in time".to_string())?
+    .map_err(|e| format!("not a TLS client hello: {e}"))?;
+    let hello = start.client_hello();
+    let sni = hello.server_name().unwrap_or_default().to_string();
+    let tcp_alpn = hello.alpn().is_some_and(|mut a| a.any(|p| p == ALPN_TCP));
+    let Some(name) = name_in_host(&sni, &edge.domain) else {
+        return Err(format!(
+            "unknown host {sni:?} (not a tunnel under {})",
+            edge.domain
+        ));
+    };
+    if !tcp_alpn {
+        return Err(format!(
+            "tunnel {name}: HTTP(S) visitors are not served yet (use ALPN specter-tcp)"
+        ));
+    }
+    let header = Visit {
+        name: name.clone(),
+        visitor,
+        kind: VisitKind::Tcp,
+    };
+    let (mut send, mut recv) = match tunnels.open(&name, &header).await {
+        Ok(pair) => pair,
+        Err(OpenError::Unknown) => return Err(format!("tunnel {name} is not registered")),
+        Err(OpenError::Unreachable) => {
+            return Err(format!("tunnel {name} is registered but unreachable"));
+        }
+    };
+    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(edge.config.clone()))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let mut tunnel = tokio::io::join(&mut recv, &mut send);
+    specter_tunnel::splice::splice(&mut tls, &mut tunnel)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("tunnel {name}: stream ended: {e}"))
+}
+
+/// `specter connect`: a TLS connection to a node's ingress for one tunnel.
+pub async fn connect(
+    via: &str,
+    host: &str,
+    ca_pem: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(ca.context("parsing the CA file")?)
+            .context("adding the CA")?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_TCP.to_vec()];
+    let tcp = TcpStream::connect(via)
+        .await
+        .with_context(|| format!("connecting to {via}"))?;
+    let _ = tcp.set_nodelay(true);
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_string()).context("invalid host name")?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .with_context(|| format!("TLS with {via} for {host}"))
+}

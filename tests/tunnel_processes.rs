@@ -1,0 +1,262 @@
+//! Tunnels end to end with real processes: five nodes with TLS ingress on
+//! 127.0.0.2–127.0.0.6, a client attached to three of them, and visitors
+//! entering through every node with `specter connect --stdio` (so both the
+//! direct and the forwarded path), against a service that answers only after
+//! reading its request to EOF (half-close).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::procs::*;
+
+const DOMAIN: &str = "tun.test";
+
+/// Reads each connection to EOF, then answers `len=<n>;` followed by the
+/// request, and closes.
+fn eof_service() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut request = Vec::new();
+                if conn.read_to_end(&mut request).is_ok() {
+                    let _ = write!(conn, "len={};", request.len());
+                    let _ = conn.write_all(&request);
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Client(Child);
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_client(
+    dir: &Path,
+    state: &str,
+    name: &str,
+    target: std::net::SocketAddr,
+    seed: &str,
+) -> (Client, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args([
+            "tunnel",
+            "--to",
+            &format!("tcp://{target}"),
+            "--name",
+            name,
+            "--via",
+            seed,
+        ])
+        .args(["--ca", dir.join("ca/ca.crt").to_str().unwrap()])
+        .args(["--state-dir", dir.join(state).to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (Client(child), rx)
+}
+
+fn wait_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    deadline: Duration,
+) -> Option<String> {
+    let end = Instant::now() + deadline;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return Some(line),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Sends `data` through `specter connect --stdio`, closes its input, and
+/// returns everything that came back.
+fn visit(dir: &Path, via: &str, name: &str, data: &[u8]) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args([
+            "connect",
+            &format!("{name}.{DOMAIN}"),
+            "--via",
+            via,
+            "--stdio",
+        ])
+        .args(["--ca", dir.join("ca/ca.crt").to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+        // Dropping stdin half-closes the visitor's side.
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+#[test]
+fn visitors_reach_the_service_through_every_node_with_half_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let out = specter(&[
+        "ca",
+        "issue-edge",
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--domain",
+        DOMAIN,
+        "--out",
+        dir.path().join("edge").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ips: Vec<String> = (2..=6).map(|i| format!("127.0.0.{i}")).collect();
+    let dirs: Vec<PathBuf> = issue_all(dir.path(), &ca_dir, &ips);
+    let edge = |f: &str| {
+        dir.path()
+            .join("edge")
+            .join(f)
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let (cert, key) = (edge("edge.crt"), edge("edge.key"));
+    let start = |i: usize, seed: Option<&str>| {
+        let https = format!("{}:0", ips[i]);
+        start_node_with(
+            dir.path(),
+            &dirs[i],
+            &ips[i],
+            seed,
+            &[
+                "--https",
+                &https,
+                "--domain",
+                DOMAIN,
+                "--edge-cert",
+                &cert,
+                "--edge-key",
+                &key,
+            ],
+        )
+    };
+    let mut procs = vec![start(0, None)];
+    let seed = procs[0].quic();
+    for i in 1..5 {
+        procs.push(start(i, Some(&seed)));
+    }
+    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
+    assert!(
+        wait_for(Duration::from_secs(20), || procs
+            .iter()
+            .all(|p| ring(p) == 5))
+        .is_some()
+    );
+
+    let service = eof_service();
+    let (_client, lines) = start_client(dir.path(), "client-a", "half-close", service, &seed);
+    assert!(
+        wait_line(&lines, "(3/3)", Duration::from_secs(20)).is_some(),
+        "client did not attach to 3 nodes"
+    );
+
+    // The DHT lists three live attachments, so two nodes must forward.
+    let record = dht_get(&procs[0], "half-close");
+    let attached: Vec<String> = record["record"]["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["live"] == true)
+        .map(|a| a["node"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(attached.len(), 3, "{record}");
+    let forwarding = procs.iter().filter(|p| !attached.contains(&p.id())).count();
+    assert_eq!(forwarding, 2);
+
+    // Every node, attached or not, carries the visitor; the service only
+    // answers after the visitor half-closed.
+    for p in &procs {
+        let out = visit(dir.path(), &p.https(), "half-close", b"ping");
+        assert!(
+            out.status.success(),
+            "via {}: {}",
+            p.https(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, b"len=4;ping", "via {}", p.https());
+    }
+
+    // A few MB through every node arrive intact.
+    let data: Vec<u8> = (0..4_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    for p in &procs {
+        let out = visit(dir.path(), &p.https(), "half-close", &data);
+        assert!(out.status.success());
+        let prefix = format!("len={};", data.len());
+        assert_eq!(&out.stdout[..prefix.len()], prefix.as_bytes());
+        assert!(
+            out.stdout[prefix.len()..] == data[..],
+            "corrupted via {}",
+            p.https()
+        );
+    }
+
+    // Unknown names are refused on every node.
+    for p in &procs {
+        let out = visit(dir.path(), &p.https(), "no-such-tunnel", b"x");
+        assert!(!out.status.success() || out.stdout.is_empty());
+    }
+
+    // Another client (another key) cannot take the name.
+    let (mut thief, _) = start_client(dir.path(), "client-b", "half-close", service, &seed);
+    let status =
+        wait_exit(&mut thief.0, Duration::from_secs(20)).expect("the second client keeps running");
+    assert!(!status.success());
+}
+
+fn dht_get(p: &Proc, name: &str) -> serde_json::Value {
+    serde_json::from_str(&http_get(p.admin(), &format!("/dht/get?name={name}")).unwrap()).unwrap()
+}
+
+fn wait_exit(child: &mut Child, deadline: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
