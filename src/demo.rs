@@ -1,20 +1,30 @@
 //! `specter demo`: a local overlay in one process, with a throwaway CA, on
-//! loopback. The zero-setup way to see the cluster form.
+//! loopback: three nodes with TLS ingress, a sample HTTP service, a tunnel
+//! client attached to the nodes, and a visitor-side listener per node, so the
+//! printed URLs go visitor → TLS ingress → tunnel → client → service.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use specter_gossip::GossipConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::client::{ClientOptions, run as run_client};
+use crate::ingress::{Edge, connect_listener};
 use crate::node::{Node, NodeOptions};
-use crate::pki::{CaPem, make_ca, make_node_cert};
+use crate::pki::{CaPem, make_ca, make_edge_cert, make_node_cert};
 use crate::tls::NodeTls;
 use crate::{admin, bind_endpoint, generation_now};
 
-/// How long the demo waits for its nodes to see each other before printing.
-const CONVERGE_DEADLINE: Duration = Duration::from_secs(15);
+/// How long the demo waits for its nodes and client before giving up.
+const READY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The public domain of the demo's tunnels.
+pub const DEMO_DOMAIN: &str = "demo.specter.test";
 
 /// Starts a node on 127.0.0.1 (a port chosen by the OS) with a certificate
 /// from `ca`, joining through `seed` if given. Used by the demo, the
@@ -42,55 +52,157 @@ pub fn start_loopback_node(
     )?)
 }
 
-/// A running demo overlay.
+/// A running demo.
 pub struct Demo {
-    /// The nodes, first one is the seed.
+    /// The nodes; the first is the seed.
     pub nodes: Vec<Node>,
     /// Admin API address of each node.
     pub admin: Vec<SocketAddr>,
+    /// Public TLS ingress of each node.
+    pub ingress: Vec<SocketAddr>,
+    /// Visitor-side listener through each node's ingress.
+    pub urls: Vec<SocketAddr>,
+    /// The tunnel's name.
+    pub name: String,
+    /// Files the demo wrote (CA certificate, client state).
+    pub dir: PathBuf,
     cancel: CancellationToken,
 }
 
+/// A tiny HTTP service standing in for the user's application.
+async fn sample_service(listener: tokio::net::TcpListener, cancel: CancellationToken) {
+    let mut served = 0u64;
+    loop {
+        let (mut conn, _) = tokio::select! {
+            () = cancel.cancelled() => return,
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+        };
+        served += 1;
+        let n = served;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8 * 1024];
+            let mut len = 0;
+            while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
+                match conn.read(&mut buf[len..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => len += k,
+                }
+            }
+            let body = format!("Hello from behind the tunnel! (request {n})\n");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(response.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
 impl Demo {
-    /// Starts `n` nodes on 127.0.0.1 (ports chosen by the OS); all join the first.
+    /// Starts `n` nodes, the service, the client and the visitor listeners.
     pub async fn start(n: usize) -> Result<Demo> {
+        let dir = std::env::temp_dir().join(format!("specter-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let ca = make_ca("Specter demo CA")?;
+        std::fs::write(dir.join("ca.crt"), &ca.cert)?;
+        let edge_pem = make_edge_cert(&ca, DEMO_DOMAIN)?;
+        std::fs::write(dir.join("edge.crt"), &edge_pem.cert)?;
+        std::fs::write(dir.join("edge.key"), &edge_pem.key)?;
+        let edge = Arc::new(Edge::load(
+            DEMO_DOMAIN,
+            &dir.join("edge.crt"),
+            &dir.join("edge.key"),
+        )?);
         let cancel = CancellationToken::new();
-        let mut nodes = Vec::new();
-        let mut admins = Vec::new();
+        let (mut nodes, mut admins, mut ingress) = (Vec::new(), Vec::new(), Vec::new());
         let mut seed: Option<SocketAddr> = None;
         for i in 0..n {
             let node =
                 start_loopback_node(&ca, &format!("node{i}.demo.invalid"), seed, rand::random())?;
-            let advertise = node.status().addr;
-            seed.get_or_insert(advertise);
+            seed.get_or_insert(node.status().addr);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .context("binding the admin API")?;
             admins.push(listener.local_addr()?);
             tokio::spawn(admin::serve(listener, node.shared(), cancel.clone()));
+            let public = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .context("binding the ingress")?;
+            ingress.push(public.local_addr()?);
+            tokio::spawn(crate::ingress::serve(
+                public,
+                edge.clone(),
+                node.tunnels(),
+                cancel.clone(),
+            ));
             nodes.push(node);
+        }
+        let service = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let target = service.local_addr()?.to_string();
+        tokio::spawn(sample_service(service, cancel.clone()));
+        let name = specter_tunnel::names::random_name(&mut rand::rng());
+        let options = ClientOptions {
+            via: vec![seed.context("no nodes")?.to_string()],
+            ca_pem: ca.cert.clone(),
+            state_dir: dir.join("client"),
+            target,
+            name: Some(name.clone()),
+            attachments: n.min(crate::client::ATTACHMENTS),
+        };
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let client_stop = cancel.clone();
+        tokio::spawn(async move {
+            if let Err(err) = run_client(options, endpoint, client_stop).await {
+                eprintln!("demo client: {err:#}");
+            }
+        });
+        let ca_pem = Arc::new(ca.cert.clone().into_bytes());
+        let host = format!("{name}.{DEMO_DOMAIN}");
+        let mut urls = Vec::new();
+        for public in &ingress {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            urls.push(listener.local_addr()?);
+            tokio::spawn(connect_listener(
+                listener,
+                public.to_string(),
+                host.clone(),
+                ca_pem.clone(),
+                cancel.clone(),
+            ));
         }
         Ok(Demo {
             nodes,
             admin: admins,
+            ingress,
+            urls,
+            name,
+            dir,
             cancel,
         })
     }
 
-    /// Waits until every node sees every other one alive; false on timeout.
-    pub async fn converge(&self, deadline: Duration) -> bool {
+    /// Waits until every node sees every other one and the tunnel is attached
+    /// to as many nodes as it wants; false on timeout.
+    pub async fn ready(&self, deadline: Duration) -> bool {
         let start = Instant::now();
+        let want = self.nodes.len().min(crate::client::ATTACHMENTS);
         while start.elapsed() < deadline {
-            let all = self.nodes.iter().all(|n| {
-                n.status()
-                    .members
-                    .iter()
-                    .filter(|m| m.state == specter_gossip::MemberState::Alive)
-                    .count()
-                    == self.nodes.len() - 1
-            });
-            if all {
+            let ring = self
+                .nodes
+                .iter()
+                .all(|n| n.status().dht.ring_size == self.nodes.len());
+            let attached = self
+                .nodes
+                .iter()
+                .filter(|n| {
+                    n.tunnels()
+                        .attached_names()
+                        .iter()
+                        .any(|(t, _)| *t == self.name)
+                })
+                .count();
+            if ring && attached >= want {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -98,12 +210,13 @@ impl Demo {
         false
     }
 
-    /// Stops every node gracefully.
+    /// Stops everything; nodes leave gracefully.
     pub async fn shutdown(self) {
         self.cancel.cancel();
         for node in self.nodes {
             node.shutdown().await;
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -111,25 +224,40 @@ impl Demo {
 pub async fn run(n: usize) -> Result<()> {
     anyhow::ensure!(n >= 1, "--nodes must be at least 1");
     let demo = Demo::start(n).await?;
-    let converged = demo.converge(CONVERGE_DEADLINE).await;
+    let ready = demo.ready(READY_DEADLINE).await;
     println!();
-    println!("Specter demo: {n} nodes on loopback, one cluster CA made for this run.");
-    for (node, admin) in demo.nodes.iter().zip(&demo.admin) {
+    println!("Specter demo: {n} nodes on loopback, a sample HTTP service, and a tunnel client.");
+    for ((node, admin), public) in demo.nodes.iter().zip(&demo.admin).zip(&demo.ingress) {
         let s = node.status();
         println!(
-            "  node {}  quic {}  status http://{admin}/status",
-            s.id, s.addr
+            "  node {}  quic {}  ingress {}  status http://{admin}/status",
+            s.id, s.addr, public
         );
     }
-    if converged {
-        println!("All nodes see each other alive (SWIM over QUIC datagrams).");
-    } else {
-        println!("Warning: nodes did not converge within {CONVERGE_DEADLINE:?}; see the logs.");
+    if !ready {
+        println!("Warning: the overlay was not ready within {READY_DEADLINE:?}; see the logs.");
     }
     println!();
-    println!("See the membership from any node:");
-    println!("  curl -s http://{}/status", demo.admin[0]);
-    println!("Tunnels (client daemon and public ingress) are not part of this build yet.");
+    println!(
+        "Tunnel {}.{DEMO_DOMAIN} is attached. Visit it through any node:",
+        demo.name
+    );
+    for (url, public) in demo.urls.iter().zip(&demo.ingress) {
+        println!("  curl http://{url}/    (enters through the ingress at {public})");
+    }
+    println!();
+    println!("Each URL is a local `specter connect` listener: TLS to a node's ingress (SNI");
+    println!(
+        "{}.{DEMO_DOMAIN}, ALPN specter-tcp), then QUIC through the overlay to the client.",
+        demo.name
+    );
+    println!("The same from another terminal:");
+    println!(
+        "  specter connect {}.{DEMO_DOMAIN} --via {} --ca {} --listen 127.0.0.1:8080",
+        demo.name,
+        demo.ingress[0],
+        demo.dir.join("ca.crt").display()
+    );
     println!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c()
         .await

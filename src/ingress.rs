@@ -178,3 +178,38 @@ pub async fn connect(
         .await
         .with_context(|| format!("TLS with {via} for {host}"))
 }
+
+/// The visitor side of `specter connect --listen`: each local connection gets
+/// its own TLS connection to `via` for `host`, until `stop` fires.
+pub async fn connect_listener(
+    listener: TcpListener,
+    via: String,
+    host: String,
+    ca_pem: Arc<Vec<u8>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (mut local, _) = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let (via, host, ca_pem) = (via.clone(), host.clone(), ca_pem.clone());
+        tokio::spawn(async move {
+            match connect(&via, &host, &ca_pem).await {
+                Ok(mut tls) => {
+                    if let Err(err) = specter_tunnel::splice::splice(&mut local, &mut tls).await {
+                        tracing::debug!(%err, "connection ended with an error");
+                    }
+                }
+                Err(err) => tracing::warn!("{err:#}"),
+            }
+        });
+    }
+}

@@ -356,26 +356,18 @@ async fn run_connect(
         "listening on {} for {host} via {via}",
         listener.local_addr()?
     );
-    let ca_pem = std::sync::Arc::new(ca_pem);
-    loop {
-        tokio::select! {
-            _ = wait_for_signal() => return Ok(()),
-            accepted = listener.accept() => {
-                let (mut local, _) = accepted?;
-                let (host, via, ca_pem) = (host.clone(), via.clone(), ca_pem.clone());
-                tokio::spawn(async move {
-                    match specter::ingress::connect(&via, &host, &ca_pem).await {
-                        Ok(mut tls) => {
-                            if let Err(err) = specter_tunnel::splice::splice(&mut local, &mut tls).await {
-                                tracing::debug!(%err, "connection ended with an error");
-                            }
-                        }
-                        Err(err) => tracing::warn!("{err:#}"),
-                    }
-                });
-            }
-        }
-    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(specter::ingress::connect_listener(
+        listener,
+        via,
+        host,
+        std::sync::Arc::new(ca_pem),
+        stop.clone(),
+    ));
+    wait_for_signal().await?;
+    stop.cancel();
+    let _ = serving.await;
+    Ok(())
 }
 
 /// Prints the admin API's answer; returns whether it was a success.

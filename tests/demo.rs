@@ -1,0 +1,69 @@
+//! `specter demo` starts, its printed URLs answer through the tunnel, and
+//! Ctrl-C stops it cleanly.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn the_demo_serves_its_printed_urls_and_stops_on_ctrl_c() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_specter"))
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut urls = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else {
+            if urls.len() == 3 {
+                break;
+            }
+            continue;
+        };
+        assert!(!line.contains("Warning"), "{line}");
+        if let Some(rest) = line.trim().strip_prefix("curl http://") {
+            urls.push(rest.split('/').next().unwrap().to_string());
+        }
+        if line.contains("Press Ctrl-C") {
+            break;
+        }
+    }
+    assert_eq!(urls.len(), 3, "the demo printed {urls:?}");
+    for url in &urls {
+        let mut s = TcpStream::connect(url).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(body.contains("Hello from behind the tunnel!"), "{body}");
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < end, "the demo did not stop on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
