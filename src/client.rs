@@ -49,6 +49,8 @@ pub struct ClientOptions {
     pub name: Option<String>,
     /// How many nodes to attach to.
     pub attachments: usize,
+    /// Client token, for nodes that require one.
+    pub token: Option<String>,
 }
 
 /// The client's key and name, created on first run.
@@ -150,15 +152,16 @@ pub async fn run(
     }
     let spawn = |addr: SocketAddr, pending: &mut HashSet<SocketAddr>| {
         pending.insert(addr);
-        tokio::spawn(attachment(
-            endpoint.clone(),
-            config.clone(),
-            addr,
-            name.clone(),
-            options.target.clone(),
-            tx.clone(),
-            stop.clone(),
-        ));
+        let session = Session {
+            endpoint: endpoint.clone(),
+            config: config.clone(),
+            name: name.clone(),
+            token: options.token.clone(),
+            target: options.target.clone(),
+            updates: tx.clone(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(attachment(session, addr));
     };
     spawn(seeds[0], &mut pending);
     let mut tick = tokio::time::interval(RETRY_MIN);
@@ -208,15 +211,27 @@ pub async fn run(
 }
 
 /// One attachment: connect, register, then carry visitors until it ends.
-async fn attachment(
+/// What an attachment task needs.
+struct Session {
     endpoint: Endpoint,
     config: quinn::ClientConfig,
-    addr: SocketAddr,
     name: String,
+    token: Option<String>,
     target: String,
     updates: mpsc::Sender<Update>,
     stop: CancellationToken,
-) {
+}
+
+async fn attachment(session: Session, addr: SocketAddr) {
+    let Session {
+        endpoint,
+        config,
+        name,
+        token,
+        target,
+        updates,
+        stop,
+    } = session;
     let placeholder = Peer {
         id: NodeId(0),
         addr,
@@ -229,7 +244,7 @@ async fn attachment(
         let hello = ClientMsg::Hello {
             version: TUNNEL_PROTOCOL_VERSION,
             names: vec![name.clone()],
-            token: None,
+            token,
         };
         write_msg(&mut send, &hello).await?;
         match read_frame::<NodeMsg>(&mut recv).await? {

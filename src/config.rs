@@ -58,6 +58,10 @@ pub struct NodeSettings {
     /// Its private key (PEM).
     #[arg(long)]
     pub edge_key: Option<PathBuf>,
+    /// Who may register tunnels: `open`, or `token` (clients need a token
+    /// from `specter ca issue-client-token`).
+    #[arg(long, value_enum)]
+    pub client_auth: Option<crate::node::ClientAuth>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -86,6 +90,8 @@ pub struct NodeConfig {
     pub log_format: LogFormat,
     /// Public ingress, when enabled.
     pub ingress: Option<IngressConfig>,
+    /// See [`NodeSettings::client_auth`].
+    pub client_auth: crate::node::ClientAuth,
 }
 
 /// Where and how the node serves visitors.
@@ -166,6 +172,7 @@ impl NodeSettings {
             https: self.https.or(file.https),
             edge_cert: self.edge_cert.or(file.edge_cert),
             edge_key: self.edge_key.or(file.edge_key),
+            client_auth: self.client_auth.or(file.client_auth),
         }
     }
 
@@ -192,6 +199,7 @@ impl NodeSettings {
             }),
         };
         Ok(NodeConfig {
+            client_auth: self.client_auth.unwrap_or_default(),
             ingress,
             listen,
             advertise,

@@ -48,6 +48,7 @@ pub fn start_loopback_node(
             gossip: GossipConfig::default(),
             generation: generation_now(),
             rng_seed,
+            client_auth: crate::node::ClientAuth::Open,
         },
     )?)
 }
@@ -149,6 +150,7 @@ impl Demo {
             target,
             name: Some(name.clone()),
             attachments: n.min(crate::client::ATTACHMENTS),
+            token: None,
         };
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         let client_stop = cancel.clone();

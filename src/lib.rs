@@ -5,6 +5,7 @@
 //! crate binds sockets, loads files, and runs the tasks that drive them:
 //!
 //! - [`pki`]: the cluster CA and node certificates (`specter ca …`).
+//! - [`token`]: client tokens signed by the cluster CA.
 //! - [`tls`]: mutual TLS against the cluster CA, cert-derived node ids.
 //! - [`transport`]: the node's QUIC endpoint and its connection pool.
 //! - [`membership`]: the task that owns the SWIM state machine.
@@ -31,6 +32,7 @@ pub mod node;
 pub mod pki;
 pub mod rpc;
 pub mod tls;
+pub mod token;
 pub mod transport;
 pub mod tunnels;
 

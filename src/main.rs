@@ -60,6 +60,9 @@ enum Command {
         /// Number of nodes to attach to.
         #[arg(long, default_value_t = specter::client::ATTACHMENTS)]
         attachments: usize,
+        /// File holding a client token (for nodes run with --client-auth token).
+        #[arg(long)]
+        token: Option<PathBuf>,
     },
     /// Reach a tunnel's TCP service through a node's ingress.
     Connect {
@@ -119,6 +122,21 @@ enum CaCommand {
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
+    },
+    /// Issue a client token signed by the CA key (for --client-auth token).
+    IssueClientToken {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Names the holder may register must start with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Days until the token expires.
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        /// File to write the token to (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Issue a wildcard ingress certificate for *.DOMAIN (edge.crt, edge.key)
     /// signed by the cluster CA, for tests and demos.
@@ -186,7 +204,13 @@ fn main() -> ExitCode {
             ca,
             state_dir,
             attachments,
+            token,
         } => {
+            let token = match token.map(|t| std::fs::read_to_string(&t).map_err(|e| (t, e))) {
+                None => None,
+                Some(Ok(t)) => Some(t.trim().to_string()),
+                Some(Err((t, e))) => return usage_error(&anyhow::anyhow!("{}: {e}", t.display())),
+            };
             let target = match to
                 .strip_prefix("tcp://")
                 .or_else(|| to.strip_prefix("http://"))
@@ -210,6 +234,7 @@ fn main() -> ExitCode {
                 target,
                 name,
                 attachments: attachments.max(1),
+                token,
             };
             let run = async move {
                 let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
@@ -304,6 +329,37 @@ fn run_ca(cmd: CaCommand) -> Result<()> {
                 dir.join(pki::CA_CERT_FILE).display(),
                 dir.join(pki::CA_KEY_FILE).display()
             );
+        }
+        CaCommand::IssueClientToken {
+            ca_dir,
+            prefix,
+            days,
+            out,
+        } => {
+            let read = |f: &str| {
+                std::fs::read_to_string(ca_dir.join(f))
+                    .with_context(|| format!("reading {}", ca_dir.join(f).display()))
+            };
+            let ca = pki::CaPem {
+                cert: read(pki::CA_CERT_FILE)?,
+                key: read(pki::CA_KEY_FILE)?,
+            };
+            let expires_at = specter::dht::now_ms() / 1_000 + days * 86_400;
+            let claims = specter::token::TokenClaims {
+                expires_at,
+                prefix,
+                nonce: rand::random(),
+            };
+            let token = specter::token::issue(&ca, &claims)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("writing {} (it must not exist yet)", out.display()))?;
+            std::io::Write::write_all(&mut f, token.as_bytes())?;
+            println!("wrote {} (expires in {days} days)", out.display());
         }
         CaCommand::IssueEdge {
             ca_dir,
@@ -430,6 +486,7 @@ async fn run_node(config: NodeConfig, tls: NodeTls) -> Result<()> {
             gossip: GossipConfig::default(),
             generation: generation_now(),
             rng_seed: rand::random(),
+            client_auth: config.client_auth,
         },
     )?;
     let cancel = CancellationToken::new();

@@ -34,6 +34,19 @@ pub struct NodeOptions {
     pub generation: u64,
     /// Seed of the membership's RNG.
     pub rng_seed: u64,
+    /// Whether tunnel clients need a token signed by the cluster CA.
+    pub client_auth: ClientAuth,
+}
+
+/// Who may register tunnels at a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Any client (names are still owned by the first key that claims them).
+    #[default]
+    Open,
+    /// Only clients holding a token from `specter ca issue-client-token`.
+    Token,
 }
 
 /// Why a node did not start; nothing is left running.
@@ -110,6 +123,32 @@ impl NodeShared {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.dht.try_send(command(tx)).ok()?;
         rx.await.ok()
+    }
+}
+
+/// Drops cached routes through nodes as soon as gossip declares them dead.
+async fn forget_dead_routes(
+    mut live: tokio::sync::watch::Receiver<Vec<specter_dht::Peer>>,
+    tunnels: Arc<Tunnels>,
+    stop: CancellationToken,
+) {
+    let mut known: std::collections::BTreeSet<NodeId> = std::collections::BTreeSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            changed = live.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now: std::collections::BTreeSet<NodeId> =
+                    live.borrow_and_update().iter().map(|p| p.id).collect();
+                for gone in known.difference(&now) {
+                    tunnels.node_down(*gone);
+                }
+                known = now;
+            }
+        }
     }
 }
 
@@ -192,7 +231,7 @@ impl Node {
             transport: transport.clone(),
             served: served_rx,
             commands: cmd_rx,
-            members: live_rx,
+            members: live_rx.clone(),
             status: dht_status.clone(),
             stop: stop.clone(),
         };
@@ -214,7 +253,11 @@ impl Node {
             dht_status,
             dht: cmd_tx,
         });
-        let tunnels = Tunnels::new(shared.clone());
+        let token_cas = match options.client_auth {
+            ClientAuth::Open => None,
+            ClientAuth::Token => Some(tls.ca_certs().iter().map(|c| c.to_vec()).collect()),
+        };
+        let tunnels = Tunnels::new(shared.clone(), token_cas);
         let (forward_tx, forward_rx) =
             tokio::sync::mpsc::channel(crate::transport::STREAM_INBOX_CAPACITY);
         let tasks = vec![
@@ -233,6 +276,7 @@ impl Node {
                 tunnels.clone(),
                 stop.clone(),
             )),
+            tokio::spawn(forget_dead_routes(live_rx, tunnels.clone(), stop.clone())),
         ];
         tracing::info!(id = %tls.id, advertise = %options.advertise, generation = options.generation, "node started");
         Ok(Node {

@@ -75,6 +75,7 @@ pub struct NodeTls {
     /// The id this node's certificate proves.
     pub id: NodeId,
     roots: Arc<RootCertStore>,
+    ca_certs: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     provider: Arc<CryptoProvider>,
@@ -121,15 +122,15 @@ impl NodeTls {
     pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let provider = provider();
         let mut roots = RootCertStore::empty();
-        let mut ca_count = 0;
+        let mut ca_certs = Vec::new();
         for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             let ca = ca.map_err(|e| TlsError::Pem(format!("CA file: {e}")))?;
+            ca_certs.push(ca.clone());
             roots
                 .add(ca)
                 .map_err(|e| TlsError::Pem(format!("CA certificate: {e}")))?;
-            ca_count += 1;
         }
-        if ca_count == 0 {
+        if ca_certs.is_empty() {
             return Err(TlsError::Pem("CA file holds no certificate".into()));
         }
         let chain: Vec<CertificateDer<'static>> =
@@ -162,10 +163,16 @@ impl NodeTls {
         Ok(NodeTls {
             id: pki::node_id_of_spki(&spki),
             roots: Arc::new(roots),
+            ca_certs,
             chain,
             key: Arc::new(key),
             provider,
         })
+    }
+
+    /// The cluster CA certificates (DER), for verifying client tokens.
+    pub fn ca_certs(&self) -> &[CertificateDer<'static>] {
+        &self.ca_certs
     }
 
     fn cluster_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {

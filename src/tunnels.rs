@@ -68,15 +68,20 @@ pub enum OpenError {
 /// Local attachments and the route cache.
 pub struct Tunnels {
     node: Arc<NodeShared>,
+    /// CA certificates (DER) client tokens must be signed by; `None` when
+    /// clients need no token.
+    token_cas: Option<Vec<Vec<u8>>>,
     attached: Mutex<HashMap<String, Vec<Connection>>>,
     routes: RouteCache<Vec<Peer>>,
 }
 
 impl Tunnels {
-    /// Tunnels served by `node`.
-    pub fn new(node: Arc<NodeShared>) -> Arc<Self> {
+    /// Tunnels served by `node`; with `token_cas`, clients must hold a token
+    /// signed by one of those CAs.
+    pub fn new(node: Arc<NodeShared>, token_cas: Option<Vec<Vec<u8>>>) -> Arc<Self> {
         Arc::new(Tunnels {
             node,
+            token_cas,
             attached: Mutex::new(HashMap::new()),
             routes: RouteCache::new(),
         })
@@ -384,7 +389,12 @@ impl Tunnels {
         client: ClientId,
         hello: ClientMsg,
     ) -> Result<Vec<String>, (RefuseCode, Option<String>)> {
-        let ClientMsg::Hello { version, names, .. } = hello else {
+        let ClientMsg::Hello {
+            version,
+            names,
+            token,
+        } = hello
+        else {
             return Err((RefuseCode::Version, None));
         };
         if version != TUNNEL_PROTOCOL_VERSION {
@@ -400,6 +410,16 @@ impl Tunnels {
         }
         for n in &names {
             names::validate(n).map_err(|_| (RefuseCode::InvalidName, Some(n.clone())))?;
+        }
+        if let Some(cas) = &self.token_cas {
+            let now = now_ms() / 1_000;
+            let token = token.ok_or((RefuseCode::Unauthorized, None))?;
+            let valid = cas
+                .iter()
+                .any(|ca| crate::token::verify(ca, &token, now, &names).is_ok());
+            if !valid {
+                return Err((RefuseCode::Unauthorized, None));
+            }
         }
         for n in &names {
             self.attach(client, n)

@@ -260,3 +260,83 @@ fn wait_exit(child: &mut Child, deadline: Duration) -> Option<std::process::Exit
     }
     None
 }
+
+#[test]
+fn under_token_auth_a_client_needs_a_valid_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips = vec!["127.0.0.7".to_string()];
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    let node = start_node_with(
+        dir.path(),
+        &dirs[0],
+        &ips[0],
+        None,
+        &["--client-auth", "token"],
+    );
+    let service = eof_service();
+    let run = |extra: &[&str], name: &str, state: &str| {
+        let mut child = Command::new(BIN)
+            .args([
+                "tunnel",
+                "--to",
+                &format!("tcp://{service}"),
+                "--name",
+                name,
+                "--via",
+                &node.quic(),
+            ])
+            .args(["--ca", dir.path().join("ca/ca.crt").to_str().unwrap()])
+            .args(["--state-dir", dir.path().join(state).to_str().unwrap()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = wait_exit(&mut child, Duration::from_secs(10));
+        if status.is_none() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            status,
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // No token: refused with a clear error.
+    let (status, _, stderr) = run(&[], "team-web", "s1");
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
+    assert!(stderr.contains("client token"), "{stderr}");
+
+    // A token for another prefix: refused. The right one: attached.
+    let token_for = |prefix: &str, file: &str| {
+        let path = dir.path().join(file);
+        let out = specter(&[
+            "ca",
+            "issue-client-token",
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--prefix",
+            prefix,
+            "--out",
+            path.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path.to_str().unwrap().to_string()
+    };
+    let other = token_for("other-", "t1");
+    let (status, _, stderr) = run(&["--token", &other], "team-web", "s2");
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
+    let good = token_for("team-", "t2");
+    let (status, stdout, stderr) = run(&["--token", &good], "team-web", "s3");
+    assert!(
+        status.is_none(),
+        "the client with a valid token exited: {stderr}"
+    );
+    assert!(stdout.contains("attached to node"), "{stdout}");
+}
