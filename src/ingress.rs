@@ -3,8 +3,7 @@
 //! local target (`specter connect` is the visitor side). TLS is terminated
 //! with the operator's wildcard certificate for `*.<domain>`.
 //!
-//! HTTP(S) visitors (HTTP/1.1, HTTP/2, WebSocket) are not served yet: their
-//! handshakes are refused with a log line naming the reason.
+//! Any other ALPN (`h2`, `http/1.1`, or none) is HTTPS: see `http_ingress`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -33,7 +32,8 @@ pub const MAX_VISITORS: usize = 4_096;
 
 /// The public TLS configuration of a node.
 pub struct Edge {
-    config: Arc<rustls::ServerConfig>,
+    tcp: Arc<rustls::ServerConfig>,
+    http: Arc<rustls::ServerConfig>,
     domain: String,
 }
 
@@ -48,15 +48,18 @@ impl Edge {
             .with_context(|| format!("parsing {}", cert.display()))?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .with_context(|| format!("parsing {}", key.display()))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        let mut tcp = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .context("the edge certificate and key do not match")?;
-        config.alpn_protocols = vec![ALPN_TCP.to_vec()];
+        let mut http = tcp.clone();
+        tcp.alpn_protocols = vec![ALPN_TCP.to_vec()];
+        http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Edge {
-            config: Arc::new(config),
+            tcp: Arc::new(tcp),
+            http: Arc::new(http),
             domain: domain.trim_end_matches('.').to_ascii_lowercase(),
         })
     }
@@ -102,7 +105,7 @@ async fn visit(
     tcp: TcpStream,
     visitor: SocketAddr,
     edge: &Edge,
-    tunnels: &Tunnels,
+    tunnels: &Arc<Tunnels>,
 ) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
     let start = tokio::time::timeout(
@@ -122,9 +125,12 @@ async fn visit(
         ));
     };
     if !tcp_alpn {
-        return Err(format!(
-            "tunnel {name}: HTTP(S) visitors are not served yet (use ALPN specter-tcp)"
-        ));
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(edge.http.clone()))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        crate::http_ingress::serve(tls, name, visitor, tunnels.clone(), "https").await;
+        return Ok(());
     }
     let header = Visit {
         name: name.clone(),
@@ -138,7 +144,7 @@ async fn visit(
             return Err(format!("tunnel {name} is registered but unreachable"));
         }
     };
-    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(edge.config.clone()))
+    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(edge.tcp.clone()))
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;

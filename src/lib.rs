@@ -26,6 +26,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod dht;
+pub mod http_ingress;
 pub mod ingress;
 pub mod membership;
 pub mod node;

@@ -7,6 +7,8 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
+
+use rustls::pki_types::pem::PemObject;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -339,4 +341,272 @@ fn under_token_auth_a_client_needs_a_valid_token() {
         "the client with a valid token exited: {stderr}"
     );
     assert!(stdout.contains("attached to node"), "{stdout}");
+}
+
+/// An HTTP/1.1 service: answers `path=<path> xff=<X-Forwarded-For>
+/// proto=<X-Forwarded-Proto>`; a request with `Upgrade` gets `101` and then
+/// every byte echoed back.
+fn http_service() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if conn.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let header = |name: &str| {
+                    head.lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                        })
+                        .unwrap_or_default()
+                };
+                if !header("upgrade").is_empty() {
+                    let _ = conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n");
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    return;
+                }
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                let body = format!(
+                    "path={path} xff={} proto={}",
+                    header("x-forwarded-for"),
+                    header("x-forwarded-proto")
+                );
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+fn curl(dir: &Path, https: &str, host: &str, path: &str, http2: bool) -> (String, String) {
+    let (ip, port) = https.rsplit_once(':').unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-m", "10", "-w", "\n%{http_version} %{http_code}"])
+        .arg(if http2 { "--http2" } else { "--http1.1" })
+        .args(["--cacert", dir.join("ca/ca.crt").to_str().unwrap()])
+        .args(["--resolve", &format!("{host}:{port}:{ip}")])
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", ""));
+    (body.to_string(), status.to_string())
+}
+
+#[test]
+fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let out = specter(&[
+        "ca",
+        "issue-edge",
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--domain",
+        DOMAIN,
+        "--out",
+        dir.path().join("edge").to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let ips: Vec<String> = (8..=10).map(|i| format!("127.0.0.{i}")).collect();
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    let edge = |f: &str| {
+        dir.path()
+            .join("edge")
+            .join(f)
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let (cert, key) = (edge("edge.crt"), edge("edge.key"));
+    let start = |i: usize, seed: Option<&str>| {
+        let https = format!("{}:0", ips[i]);
+        start_node_with(
+            dir.path(),
+            &dirs[i],
+            &ips[i],
+            seed,
+            &[
+                "--https",
+                &https,
+                "--domain",
+                DOMAIN,
+                "--edge-cert",
+                &cert,
+                "--edge-key",
+                &key,
+            ],
+        )
+    };
+    let mut procs = vec![start(0, None)];
+    let seed = procs[0].quic();
+    for i in 1..3 {
+        procs.push(start(i, Some(&seed)));
+    }
+    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
+    assert!(
+        wait_for(Duration::from_secs(20), || procs
+            .iter()
+            .all(|p| ring(p) == 3))
+        .is_some()
+    );
+    let service = http_service();
+    // One attachment only, so two of the three nodes forward.
+    let mut child = Command::new(BIN)
+        .args([
+            "tunnel",
+            "--to",
+            &format!("http://{service}"),
+            "--name",
+            "web",
+            "--via",
+            &seed,
+            "--attachments",
+            "1",
+        ])
+        .args(["--ca", dir.path().join("ca/ca.crt").to_str().unwrap()])
+        .args(["--state-dir", dir.path().join("web").to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().contains("(1/1)")));
+    let _client = Client(child);
+    let host = format!("web.{DOMAIN}");
+    for p in &procs {
+        for http2 in [false, true] {
+            let (body, status) = curl(dir.path(), &p.https(), &host, "/a/b?c=d", http2);
+            assert_eq!(
+                status,
+                if http2 { "2 200" } else { "1.1 200" },
+                "via {}: {body}",
+                p.https()
+            );
+            assert!(
+                body.starts_with("path=/a/b?c=d xff=127.0.0.1 proto=https"),
+                "{body}"
+            );
+        }
+        let (body, status) = curl(
+            dir.path(),
+            &p.https(),
+            &format!("nope.{DOMAIN}"),
+            "/",
+            false,
+        );
+        assert_eq!(status, "1.1 404", "{body}");
+        assert!(body.contains("nope"));
+    }
+    // A tunnel whose target refuses connections: 502 naming the cause.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut down = Command::new(BIN)
+        .args([
+            "tunnel",
+            "--to",
+            &format!("http://{closed}"),
+            "--name",
+            "down",
+            "--via",
+            &seed,
+            "--attachments",
+            "1",
+        ])
+        .args(["--ca", dir.path().join("ca/ca.crt").to_str().unwrap()])
+        .args(["--state-dir", dir.path().join("down").to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut down_lines = BufReader::new(down.stdout.take().unwrap()).lines();
+    assert!(down_lines.any(|l| l.unwrap().contains("(1/1)")));
+    let _down = Client(down);
+    let (body, status) = curl(
+        dir.path(),
+        &procs[1].https(),
+        &format!("down.{DOMAIN}"),
+        "/",
+        false,
+    );
+    assert_eq!(status, "1.1 502", "{body}");
+    assert!(body.contains("could not reach its target"), "{body}");
+
+    // An upgrade carries raw bytes both ways afterwards.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for p in &procs {
+        rt.block_on(upgrade_echo(dir.path(), &p.https(), &host));
+    }
+}
+
+async fn upgrade_echo(dir: &Path, https: &str, host: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = std::fs::read(dir.join("ca/ca.crt")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(specter::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(
+        format!("GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tls.read(&mut byte).await.unwrap(),
+            1,
+            "closed during the upgrade"
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    for msg in [&b"ping"[..], &b"pong pong"[..]] {
+        tls.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tls.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
 }

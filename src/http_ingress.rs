@@ -1,0 +1,171 @@
+//! HTTPS visitors: TLS is terminated at the entry node, requests (HTTP/1.1 or
+//! HTTP/2 from the visitor) are sent to the tunnel's target as HTTP/1.1 over a
+//! tunnel stream per request, with `X-Forwarded-For`, `X-Forwarded-Proto` and
+//! `X-Forwarded-Host`. Bodies stream both ways and are never buffered whole;
+//! WebSocket (and other) upgrades are carried as raw bytes once both sides
+//! switched protocols. Unknown names get a 404 page, unreachable tunnels and
+//! failing targets a 502 page naming the cause.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HOST, HeaderValue};
+use hyper::{Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use specter_tunnel::protocol::{Visit, VisitKind};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::tunnels::{OpenError, Tunnels};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Serves one visitor connection (already TLS-terminated) for tunnel `name`.
+pub async fn serve<IO>(
+    io: IO,
+    name: String,
+    visitor: SocketAddr,
+    tunnels: Arc<Tunnels>,
+    proto: &'static str,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let (name, tunnels) = (name.clone(), tunnels.clone());
+        async move { Ok::<_, Infallible>(forward(req, name, visitor, tunnels, proto).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(err) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!(%visitor, %err, "visitor connection ended with an error");
+    }
+}
+
+/// A small HTML page for errors a visitor sees.
+pub fn page(status: StatusCode, message: &str) -> Response<Body> {
+    let title = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let html = format!(
+        "<!doctype html><html><head><title>{title}</title></head><body><h1>{title}</h1><p>{}</p><hr><p>specter</p></body></html>\n",
+        message.replace('&', "&amp;").replace('<', "&lt;")
+    );
+    let mut r = Response::new(
+        Full::new(Bytes::from(html))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    name: String,
+    visitor: SocketAddr,
+    tunnels: Arc<Tunnels>,
+    proto: &'static str,
+) -> Response<Body> {
+    let visit = Visit {
+        name: name.clone(),
+        visitor,
+        kind: VisitKind::Tcp,
+    };
+    let (send, recv) = match tunnels.open(&name, &visit).await {
+        Ok(pair) => pair,
+        Err(OpenError::Unknown) => {
+            tracing::info!(%visitor, tunnel = %name, "404: unknown tunnel");
+            return page(
+                StatusCode::NOT_FOUND,
+                &format!("No tunnel named {name:?} is registered."),
+            );
+        }
+        Err(OpenError::Unreachable) => {
+            tracing::info!(%visitor, tunnel = %name, "502: tunnel unreachable");
+            return page(
+                StatusCode::BAD_GATEWAY,
+                &format!("Tunnel {name:?} is registered but none of its attachments answered."),
+            );
+        }
+    };
+    let io = TokioIo::new(tokio::io::join(recv, send));
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake::<_, Incoming>(io).await {
+        Ok(x) => x,
+        Err(err) => return page(StatusCode::BAD_GATEWAY, &format!("Tunnel {name:?}: {err}")),
+    };
+    tokio::spawn(async move {
+        if let Err(err) = conn.with_upgrades().await {
+            tracing::debug!(%err, "tunnel HTTP connection ended with an error");
+        }
+    });
+
+    // The target speaks HTTP/1.1: carry the authority of HTTP/2 requests as Host.
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    if let Some(host) = &host {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            req.headers_mut().insert(HOST, v.clone());
+            req.headers_mut().insert("x-forwarded-host", v);
+        }
+    }
+    *req.version_mut() = Version::HTTP_11;
+    if let Some(pq) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = pq.as_str().parse().unwrap_or_default();
+    }
+    let xff = match req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {}", visitor.ip()),
+        None => visitor.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        req.headers_mut().insert("x-forwarded-for", v);
+    }
+    req.headers_mut()
+        .insert("x-forwarded-proto", HeaderValue::from_static(proto));
+
+    let wants_upgrade = req.headers().contains_key(hyper::header::UPGRADE);
+    let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let mut resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::info!(%visitor, tunnel = %name, %err, "502: target did not answer");
+            return page(
+                StatusCode::BAD_GATEWAY,
+                &format!(
+                    "Tunnel {name:?}: the client could not reach its target, or the target did not answer ({err})."
+                ),
+            );
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(visitor_upgrade) = visitor_upgrade
+    {
+        let target_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(v), Ok(t)) = tokio::join!(visitor_upgrade, target_upgrade) {
+                let (mut v, mut t) = (TokioIo::new(v), TokioIo::new(t));
+                let _ = specter_tunnel::splice::splice(&mut v, &mut t).await;
+            }
+        });
+    }
+    resp.map(BodyExt::boxed)
+}
