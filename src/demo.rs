@@ -1,7 +1,8 @@
 //! `specter demo`: a local overlay in one process, with a throwaway CA, on
 //! loopback: three nodes with TLS ingress, a sample HTTP service, a tunnel
 //! client attached to the nodes, and a visitor-side listener per node, so the
-//! printed URLs go visitor → TLS ingress → tunnel → client → service.
+//! printed URLs go visitor → TLS ingress → tunnel → client → service. It also
+//! prints ready-to-paste `curl --resolve --cacert` lines for HTTPS.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -248,7 +249,19 @@ pub async fn run(n: usize) -> Result<()> {
         println!("  curl http://{url}/    (enters through the ingress at {public})");
     }
     println!();
-    println!("Each URL is a local `specter connect` listener: TLS to a node's ingress (SNI");
+    println!("Or over HTTPS straight to a node's ingress (HTTP/1.1 or HTTP/2):");
+    for public in &demo.ingress {
+        println!(
+            "  curl --cacert {ca} --resolve {name}.{DEMO_DOMAIN}:{port}:127.0.0.1 https://{name}.{DEMO_DOMAIN}:{port}/",
+            ca = demo.dir.join("ca.crt").display(),
+            name = demo.name,
+            port = public.port()
+        );
+    }
+    println!();
+    println!(
+        "Each http:// URL is a local `specter connect` listener: TLS to a node's ingress (SNI"
+    );
     println!(
         "{}.{DEMO_DOMAIN}, ALPN specter-tcp), then QUIC through the overlay to the client.",
         demo.name

@@ -22,6 +22,7 @@ fn the_demo_serves_its_printed_urls_and_stops_on_ctrl_c() {
         }
     });
     let mut urls = Vec::new();
+    let mut https = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else {
@@ -33,6 +34,9 @@ fn the_demo_serves_its_printed_urls_and_stops_on_ctrl_c() {
         assert!(!line.contains("Warning"), "{line}");
         if let Some(rest) = line.trim().strip_prefix("curl http://") {
             urls.push(rest.split('/').next().unwrap().to_string());
+        }
+        if line.trim().starts_with("curl --cacert") {
+            https.push(line.trim().to_string());
         }
         if line.contains("Press Ctrl-C") {
             break;
@@ -51,6 +55,21 @@ fn the_demo_serves_its_printed_urls_and_stops_on_ctrl_c() {
         s.read_to_string(&mut body).unwrap();
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         assert!(body.contains("Hello from behind the tunnel!"), "{body}");
+    }
+    // The printed HTTPS lines work as pasted.
+    assert_eq!(https.len(), 3, "{https:?}");
+    for line in &https {
+        let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let out = Command::new("curl")
+            .args(["-s", "-m", "10"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            body.contains("Hello from behind the tunnel!"),
+            "{line}: {body}"
+        );
     }
     let kill = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
