@@ -16,13 +16,21 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HOST, HeaderValue};
 use hyper::{Request, Response, StatusCode, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use specter_tunnel::protocol::{Visit, VisitKind};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::tunnels::{OpenError, Tunnels};
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A visitor must send a complete request head within this; one that stalls
+/// mid-header is cut off (its connection and task freed).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Largest request head accepted (HTTP/1.1 buffer, HTTP/2 header list); a
+/// larger one is refused with bounded memory.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves one visitor connection (already TLS-terminated) for tunnel `name`.
 pub async fn serve<IO>(
@@ -38,7 +46,16 @@ pub async fn serve<IO>(
         let (name, tunnels) = (name.clone(), tunnels.clone());
         async move { Ok::<_, Infallible>(forward(req, name, visitor, tunnels, proto).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
     if let Err(err) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await

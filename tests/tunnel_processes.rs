@@ -610,3 +610,216 @@ async fn upgrade_echo(dir: &Path, https: &str, host: &str) {
         assert_eq!(back, msg);
     }
 }
+
+async fn tls_to(
+    dir: &Path,
+    https: &str,
+    host: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let ca = std::fs::read(dir.join("ca/ca.crt")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(specter::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+async fn https_get(dir: &Path, https: &str, host: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_to(dir, https, host).await;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn a_thousand_concurrent_visitors_and_abusive_ones_leave_nothing_behind() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let out = specter(&[
+        "ca",
+        "issue-edge",
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--domain",
+        DOMAIN,
+        "--out",
+        dir.path().join("edge").to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let ips: Vec<String> = (11..=12).map(|i| format!("127.0.0.{i}")).collect();
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    let edge = |f: &str| {
+        dir.path()
+            .join("edge")
+            .join(f)
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let (cert, key) = (edge("edge.crt"), edge("edge.key"));
+    let start = |i: usize, seed: Option<&str>| {
+        let https = format!("{}:0", ips[i]);
+        start_node_with(
+            dir.path(),
+            &dirs[i],
+            &ips[i],
+            seed,
+            &[
+                "--https",
+                &https,
+                "--domain",
+                DOMAIN,
+                "--edge-cert",
+                &cert,
+                "--edge-key",
+                &key,
+            ],
+        )
+    };
+    let first = start(0, None);
+    let seed = first.quic();
+    let procs = vec![first, start(1, Some(&seed))];
+    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
+    assert!(
+        wait_for(Duration::from_secs(20), || procs
+            .iter()
+            .all(|p| ring(p) == 2))
+        .is_some()
+    );
+    let service = http_service();
+    let mut child = Command::new(BIN)
+        .args([
+            "tunnel",
+            "--to",
+            &format!("http://{service}"),
+            "--name",
+            "busy",
+            "--via",
+            &seed,
+            "--attachments",
+            "1",
+        ])
+        .args(["--ca", dir.path().join("ca/ca.crt").to_str().unwrap()])
+        .args(["--state-dir", dir.path().join("busy").to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().contains("(1/1)")));
+    let client = Client(child);
+    let host = format!("busy.{DOMAIN}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Warm up both paths, then take the baseline.
+    for p in &procs {
+        assert!(
+            rt.block_on(https_get(dir.path(), &p.https(), &host, "/warm"))
+                .starts_with("HTTP/1.1 200")
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let pids: Vec<u32> = procs
+        .iter()
+        .map(|p| p.child.id())
+        .chain([client.0.id()])
+        .collect();
+    let baseline: Vec<usize> = pids.iter().map(|&p| open_fds(p)).collect();
+
+    // 1,000 concurrent visitors through the forwarding node.
+    let entry = procs[1].https();
+    let results = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..1_000 {
+            let (dir, entry, host) = (dir.path().to_path_buf(), entry.clone(), host.clone());
+            tasks.push(tokio::spawn(async move {
+                https_get(&dir, &entry, &host, &format!("/n{i}")).await
+            }));
+        }
+        let mut ok = 0;
+        for (i, t) in tasks.into_iter().enumerate() {
+            let body = t.await.unwrap();
+            if body.starts_with("HTTP/1.1 200") && body.contains(&format!("path=/n{i} ")) {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    assert_eq!(results, 1_000, "every concurrent visitor is served");
+
+    // Abusive visitors, while a normal one is still served.
+    rt.block_on(async {
+        let began = Instant::now();
+        // Garbage instead of a TLS hello: cut off at once.
+        let mut raw = tokio::net::TcpStream::connect(&entry).await.unwrap();
+        raw.write_all(&[0x42; 4096]).await.unwrap();
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "garbage was not cut off");
+        // A 1 MB request head: refused with bounded memory.
+        let mut big = tls_to(dir.path(), &entry, &host).await;
+        let head = format!(
+            "GET / HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(1 << 20)
+        );
+        let _ = big.write_all(head.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), big.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            !answer.starts_with("HTTP/1.1 200"),
+            "a 1 MB head was accepted: {answer:.100}"
+        );
+        // A visitor that stalls mid-header...
+        let mut stall = tls_to(dir.path(), &entry, &host).await;
+        stall
+            .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n").as_bytes())
+            .await
+            .unwrap();
+        // ...does not hold up others.
+        let body = https_get(dir.path(), &entry, &host, "/meanwhile").await;
+        assert!(body.contains("path=/meanwhile"), "{body}");
+        // ...and is cut off after the header timeout.
+        let mut rest = Vec::new();
+        let cut = tokio::time::timeout(Duration::from_secs(20), stall.read_to_end(&mut rest)).await;
+        assert!(cut.is_ok(), "a stalled visitor was never cut off");
+        assert!(began.elapsed() < Duration::from_secs(25));
+    });
+
+    // Nothing is left behind: descriptors return to the baseline.
+    let settled = wait_for(Duration::from_secs(20), || {
+        pids.iter()
+            .zip(&baseline)
+            .all(|(&p, &b)| open_fds(p) <= b + 2)
+    });
+    let now: Vec<usize> = pids.iter().map(|&p| open_fds(p)).collect();
+    assert!(
+        settled.is_some(),
+        "descriptors before {baseline:?}, after {now:?}"
+    );
+}
