@@ -52,6 +52,12 @@ pub struct NodeSettings {
     /// TCP address of the public TLS ingress.
     #[arg(long)]
     pub https: Option<SocketAddr>,
+    /// TCP address of the plain-HTTP ingress (Host names the tunnel).
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// What the plain-HTTP port does: `redirect` to HTTPS, or `proxy`.
+    #[arg(long, value_enum)]
+    pub http_mode: Option<crate::http_ingress::HttpMode>,
     /// Wildcard certificate for `*.<domain>` (PEM).
     #[arg(long)]
     pub edge_cert: Option<PathBuf>,
@@ -92,6 +98,8 @@ pub struct NodeConfig {
     pub ingress: Option<IngressConfig>,
     /// See [`NodeSettings::client_auth`].
     pub client_auth: crate::node::ClientAuth,
+    /// Plain-HTTP ingress address, mode and domain.
+    pub http: Option<(SocketAddr, crate::http_ingress::HttpMode, String)>,
 }
 
 /// Where and how the node serves visitors.
@@ -173,6 +181,8 @@ impl NodeSettings {
             edge_cert: self.edge_cert.or(file.edge_cert),
             edge_key: self.edge_key.or(file.edge_key),
             client_auth: self.client_auth.or(file.client_auth),
+            http: self.http.or(file.http),
+            http_mode: self.http_mode.or(file.http_mode),
         }
     }
 
@@ -189,16 +199,26 @@ impl NodeSettings {
         {
             return Err(ConfigError::AdminNotLoopback(admin));
         }
+        let domain = self.domain;
         let ingress = match self.https {
             None => None,
             Some(https) => Some(IngressConfig {
-                domain: self.domain.ok_or(ConfigError::Missing("domain"))?,
+                domain: domain.clone().ok_or(ConfigError::Missing("domain"))?,
                 https,
                 edge_cert: self.edge_cert.ok_or(ConfigError::Missing("edge-cert"))?,
                 edge_key: self.edge_key.ok_or(ConfigError::Missing("edge-key"))?,
             }),
         };
+        let http = match self.http {
+            None => None,
+            Some(addr) => Some((
+                addr,
+                self.http_mode.unwrap_or_default(),
+                domain.ok_or(ConfigError::Missing("domain"))?,
+            )),
+        };
         Ok(NodeConfig {
+            http,
             client_auth: self.client_auth.unwrap_or_default(),
             ingress,
             listen,

@@ -64,6 +64,81 @@ pub async fn serve<IO>(
     }
 }
 
+/// What the plain-HTTP port does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpMode {
+    /// Answer with a redirect to HTTPS (every visitor hop stays encrypted).
+    #[default]
+    Redirect,
+    /// Carry the request like HTTPS does (for operators behind their own TLS
+    /// terminator, and for benchmarks).
+    Proxy,
+}
+
+/// Serves one plain-HTTP visitor connection: `Host` names the tunnel.
+pub async fn serve_plain<IO>(
+    io: IO,
+    visitor: SocketAddr,
+    domain: Arc<str>,
+    mode: HttpMode,
+    https_port: Option<u16>,
+    tunnels: Arc<Tunnels>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (domain, tunnels) = (domain.clone(), tunnels.clone());
+        async move {
+            let host = req
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let Some(name) = specter_tunnel::names::name_in_host(&host, &domain) else {
+                tracing::info!(%visitor, %host, "404: unknown host");
+                return Ok::<_, Infallible>(page(
+                    StatusCode::NOT_FOUND,
+                    &format!("{host:?} is not a tunnel under {domain}."),
+                ));
+            };
+            match mode {
+                HttpMode::Proxy => Ok(forward(req, name, visitor, tunnels, "http").await),
+                HttpMode::Redirect => {
+                    let bare = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+                    let port = https_port
+                        .filter(|p| *p != 443)
+                        .map(|p| format!(":{p}"))
+                        .unwrap_or_default();
+                    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+                    let location = format!("https://{bare}{port}{path}");
+                    let mut r = page(
+                        StatusCode::PERMANENT_REDIRECT,
+                        &format!("Moved to {location}"),
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&location) {
+                        r.headers_mut().insert(hyper::header::LOCATION, v);
+                    }
+                    Ok(r)
+                }
+            }
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    if let Err(err) = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await
+    {
+        tracing::debug!(%visitor, %err, "plain-HTTP visitor connection ended with an error");
+    }
+}
+
 /// A small HTML page for errors a visitor sees.
 pub fn page(status: StatusCode, message: &str) -> Response<Body> {
     let title = format!(

@@ -219,3 +219,40 @@ pub async fn connect_listener(
         });
     }
 }
+
+/// Serves plain-HTTP visitors on `listener` until `stop` fires.
+pub async fn serve_plain(
+    listener: TcpListener,
+    domain: String,
+    mode: crate::http_ingress::HttpMode,
+    https_port: Option<u16>,
+    tunnels: Arc<Tunnels>,
+    stop: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_VISITORS));
+    let domain: Arc<str> = domain.trim_end_matches('.').to_ascii_lowercase().into();
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (tcp, visitor) = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(%err, "plain-HTTP accept failed");
+                    continue;
+                }
+            },
+        };
+        let (domain, tunnels) = (domain.clone(), tunnels.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tcp.set_nodelay(true);
+            crate::http_ingress::serve_plain(tcp, visitor, domain, mode, https_port, tunnels).await;
+        });
+    }
+}

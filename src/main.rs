@@ -510,6 +510,21 @@ async fn run_node(config: NodeConfig, tls: NodeTls) -> Result<()> {
             cancel.clone(),
         ));
     }
+    let mut http_addr = None;
+    if let Some((addr, mode, domain)) = &config.http {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the plain-HTTP ingress on {addr}"))?;
+        http_addr = Some(listener.local_addr()?);
+        tokio::spawn(specter::ingress::serve_plain(
+            listener,
+            domain.clone(),
+            *mode,
+            https_addr.map(|a| a.port()),
+            node.tunnels(),
+            cancel.clone(),
+        ));
+    }
     if let Some(path) = &config.ready_file {
         let ready = serde_json::json!({
             "id": node.id().to_string(),
@@ -517,6 +532,7 @@ async fn run_node(config: NodeConfig, tls: NodeTls) -> Result<()> {
             "advertise": config.advertise,
             "admin": admin_addr,
             "https": https_addr,
+            "http": http_addr,
             "pid": std::process::id(),
         });
         let tmp = path.with_extension("tmp");

@@ -440,6 +440,9 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
     let (cert, key) = (edge("edge.crt"), edge("edge.key"));
     let start = |i: usize, seed: Option<&str>| {
         let https = format!("{}:0", ips[i]);
+        let http = format!("{}:0", ips[i]);
+        // Node 2's plain-HTTP port redirects; the others proxy.
+        let mode = if i == 2 { "redirect" } else { "proxy" };
         start_node_with(
             dir.path(),
             &dirs[i],
@@ -448,6 +451,10 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
             &[
                 "--https",
                 &https,
+                "--http",
+                &http,
+                "--http-mode",
+                mode,
                 "--domain",
                 DOMAIN,
                 "--edge-cert",
@@ -517,6 +524,43 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
         assert_eq!(status, "1.1 404", "{body}");
         assert!(body.contains("nope"));
     }
+    // Plain HTTP: Host names the tunnel; proxied, or redirected to HTTPS.
+    for (i, p) in procs.iter().enumerate() {
+        let (ip, port) = p
+            .http()
+            .rsplit_once(':')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap();
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "10",
+                "-D",
+                "-",
+                "--resolve",
+                &format!("{host}:{port}:{ip}"),
+            ])
+            .arg(format!("http://{host}:{port}/plain?x=1"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if i == 2 {
+            let https_port = p.https().rsplit_once(':').unwrap().1.to_string();
+            assert!(text.starts_with("HTTP/1.1 308"), "{text}");
+            assert!(
+                text.contains(&format!("location: https://{host}:{https_port}/plain?x=1")),
+                "{text}"
+            );
+        } else {
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            assert!(
+                text.contains("path=/plain?x=1 xff=127.0.0.1 proto=http"),
+                "{text}"
+            );
+        }
+    }
+
     // A tunnel whose target refuses connections: 502 naming the cause.
     let closed = TcpListener::bind("127.0.0.1:0")
         .unwrap()

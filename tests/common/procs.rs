@@ -85,6 +85,9 @@ impl Proc {
     pub fn quic(&self) -> String {
         self.ready["quic"].as_str().unwrap().to_string()
     }
+    pub fn http(&self) -> String {
+        self.ready["http"].as_str().unwrap().to_string()
+    }
     pub fn https(&self) -> String {
         self.ready["https"].as_str().unwrap().to_string()
     }
