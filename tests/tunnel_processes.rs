@@ -235,6 +235,23 @@ fn visitors_reach_the_service_through_every_node_with_half_close() {
         );
     }
 
+    // 100 MB up and the same 100 MB back down through a node the client is
+    // not attached to (the forwarded path), compared by SHA-256.
+    let forwarder = procs.iter().find(|p| !attached.contains(&p.id())).unwrap();
+    let big: Vec<u8> = (0..100_000_000u32)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 13) as u8)
+        .collect();
+    let out = visit(dir.path(), &forwarder.https(), "half-close", &big);
+    assert!(out.status.success());
+    let prefix = format!("len={};", big.len());
+    assert_eq!(&out.stdout[..prefix.len()], prefix.as_bytes());
+    use sha2::Digest;
+    assert_eq!(
+        sha2::Sha256::digest(&out.stdout[prefix.len()..]),
+        sha2::Sha256::digest(&big),
+        "100 MB corrupted through the forwarded path"
+    );
+
     // Unknown names are refused on every node.
     for p in &procs {
         let out = visit(dir.path(), &p.https(), "no-such-tunnel", b"x");
