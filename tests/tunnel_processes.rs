@@ -239,7 +239,7 @@ fn visitors_reach_the_service_through_every_node_with_half_close() {
     // not attached to (the forwarded path), compared by SHA-256.
     let forwarder = procs.iter().find(|p| !attached.contains(&p.id())).unwrap();
     let big: Vec<u8> = (0..100_000_000u32)
-        .map(|i| (i.wrapping_mul(2_246_822_519) >> 13) as u8)
+        .map(|i| i.wrapping_mul(2_246_822_519).to_be_bytes()[1])
         .collect();
     let out = visit(dir.path(), &forwarder.https(), "half-close", &big);
     assert!(out.status.success());
