@@ -13,7 +13,7 @@ use quinn::Endpoint;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use specter_dht::Peer;
 use specter_gossip::NodeId;
-use specter_tunnel::protocol::{ClientMsg, NodeMsg, TUNNEL_PROTOCOL_VERSION, Visit};
+use specter_tunnel::protocol::{ClientMsg, NodeMsg, TUNNEL_PROTOCOL_VERSION, Visit, VisitReply};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -314,10 +314,13 @@ async fn carry(mut send: quinn::SendStream, mut recv: quinn::RecvStream, target:
         Ok(s) => s,
         Err(err) => {
             tracing::warn!(tunnel = %visit.name, visitor = %visit.visitor, %target, %err, "target refused the visitor");
-            let _ = send.reset(crate::tunnels::STREAM_TARGET_REFUSED);
+            let _ = crate::rpc::write_frame(&mut send, &VisitReply::TargetRefused).await;
             return;
         }
     };
+    if write_msg(&mut send, &VisitReply::Ready).await.is_err() {
+        return;
+    }
     let _ = local.set_nodelay(true);
     let mut stream = tokio::io::join(&mut recv, &mut send);
     if let Err(err) = specter_tunnel::splice::splice(&mut stream, &mut local).await {

@@ -184,6 +184,15 @@ async fn forward(
                 &format!("No tunnel named {name:?} is registered."),
             );
         }
+        Err(OpenError::TargetRefused) => {
+            tracing::info!(%visitor, tunnel = %name, "502: target refused");
+            return page(
+                StatusCode::BAD_GATEWAY,
+                &format!(
+                    "Tunnel {name:?}: the client could not reach its target (connection refused)."
+                ),
+            );
+        }
         Err(OpenError::Unreachable) => {
             tracing::info!(%visitor, tunnel = %name, "502: tunnel unreachable");
             return page(

@@ -140,6 +140,11 @@ async fn visit(
     let (mut send, mut recv) = match tunnels.open(&name, &header).await {
         Ok(pair) => pair,
         Err(OpenError::Unknown) => return Err(format!("tunnel {name} is not registered")),
+        Err(OpenError::TargetRefused) => {
+            return Err(format!(
+                "tunnel {name}: the client could not reach its target"
+            ));
+        }
         Err(OpenError::Unreachable) => {
             return Err(format!("tunnel {name} is registered but unreachable"));
         }

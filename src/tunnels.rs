@@ -15,7 +15,7 @@ use specter_dht::{ClientId, Outcome, Peer, WriteOp};
 use specter_tunnel::names;
 use specter_tunnel::protocol::{
     ClientMsg, MAX_NAMES_PER_CLIENT, NodeMsg, RefuseCode, STREAM_FORWARD, TUNNEL_PROTOCOL_VERSION,
-    Visit,
+    Visit, VisitReply,
 };
 use specter_tunnel::route_cache::{Cached, RouteCache};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,10 @@ pub const PEER_SAMPLE: usize = 8;
 
 /// Close code for a refused client.
 pub const CLOSE_REFUSED: VarInt = VarInt::from_u32(0x30);
+/// Close code: the client connection did not answer a visit.
+pub const CLOSE_STALE: VarInt = VarInt::from_u32(0x34);
+/// Close code: the same client connected again; this connection is stale.
+pub const CLOSE_REPLACED: VarInt = VarInt::from_u32(0x33);
 /// Stream reset code: the client could not reach its target.
 pub const STREAM_TARGET_REFUSED: VarInt = VarInt::from_u32(0x32);
 /// Stream reset code: the tunnel is not attached here.
@@ -63,6 +67,23 @@ pub enum OpenError {
     /// Registered, but no attachment answered.
     #[error("tunnel registered but unreachable")]
     Unreachable,
+    /// The client answered but its target refused the connection.
+    #[error("the tunnel's client could not reach its target")]
+    TargetRefused,
+}
+
+/// How long a client has to answer a visit (connect to its target and say
+/// so) before the node gives up on that attachment and tries the next. A
+/// live client on a LAN answers in a millisecond or two; a dead one never.
+pub const VISIT_READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Waits for the client's (or the attached node's) answer to a visit.
+async fn await_ready(recv: &mut RecvStream, within: Duration) -> Result<(), OpenError> {
+    match tokio::time::timeout(within, read_frame::<VisitReply>(recv)).await {
+        Ok(Ok(VisitReply::Ready)) => Ok(()),
+        Ok(Ok(VisitReply::TargetRefused)) => Err(OpenError::TargetRefused),
+        _ => Err(OpenError::Unreachable),
+    }
 }
 
 /// Local attachments and the route cache.
@@ -118,10 +139,10 @@ impl Tunnels {
         name: &str,
         visit: &Visit,
     ) -> Result<(SendStream, RecvStream), OpenError> {
-        for conn in self.local(name) {
-            if let Ok(pair) = open_to_client(&conn, visit).await {
-                return Ok(pair);
-            }
+        match self.open_local(name, visit).await {
+            Ok(pair) => return Ok(pair),
+            Err(OpenError::TargetRefused) => return Err(OpenError::TargetRefused),
+            Err(_) => {}
         }
         let now = std::time::Instant::now();
         let route = match self.routes.get(name, now) {
@@ -165,6 +186,7 @@ impl Tunnels {
         for peer in route.iter().filter(|p| p.id != self.node.id) {
             match self.forward_via(*peer, visit).await {
                 Ok(pair) => return Ok(pair),
+                Err(OpenError::TargetRefused) => return Err(OpenError::TargetRefused),
                 Err(err) => {
                     tracing::info!(tunnel = name, via = %peer.id, %err, "attachment failed, trying the next")
                 }
@@ -178,16 +200,48 @@ impl Tunnels {
         &self,
         peer: Peer,
         visit: &Visit,
-    ) -> anyhow::Result<(SendStream, RecvStream)> {
-        let (_, conn) = self
-            .node
-            .transport
-            .connect(peer.addr, Some(peer.id))
-            .await?;
-        let (mut send, recv) = conn.open_bi().await?;
-        send.write_all(&[STREAM_FORWARD]).await?;
-        write_msg(&mut send, visit).await?;
+    ) -> Result<(SendStream, RecvStream), OpenError> {
+        let opened = async {
+            let (_, conn) = self
+                .node
+                .transport
+                .connect(peer.addr, Some(peer.id))
+                .await
+                .ok()?;
+            let (mut send, recv) = conn.open_bi().await.ok()?;
+            send.write_all(&[STREAM_FORWARD]).await.ok()?;
+            write_msg(&mut send, visit).await.ok()?;
+            Some((send, recv))
+        }
+        .await;
+        let (send, mut recv) = opened.ok_or(OpenError::Unreachable)?;
+        // The attached node waits up to VISIT_READY_TIMEOUT for its client.
+        await_ready(&mut recv, VISIT_READY_TIMEOUT + Duration::from_secs(1)).await?;
         Ok((send, recv))
+    }
+
+    /// Opens a visitor stream to a client attached here and waits for it to
+    /// be ready. A connection that does not answer is stale: it is closed and
+    /// the next one tried.
+    async fn open_local(
+        &self,
+        name: &str,
+        visit: &Visit,
+    ) -> Result<(SendStream, RecvStream), OpenError> {
+        for conn in self.local(name) {
+            let Ok((send, mut recv)) = open_to_client(&conn, visit).await else {
+                continue;
+            };
+            match await_ready(&mut recv, VISIT_READY_TIMEOUT).await {
+                Ok(()) => return Ok((send, recv)),
+                Err(OpenError::TargetRefused) => return Err(OpenError::TargetRefused),
+                Err(_) => {
+                    tracing::info!(tunnel = name, remote = %conn.remote_address(), "client connection did not answer a visit; closing it as stale");
+                    conn.close(CLOSE_STALE, b"did not answer a visit");
+                }
+            }
+        }
+        Err(OpenError::Unreachable)
     }
 
     /// Serves a forwarded visitor that another node sent here.
@@ -204,19 +258,22 @@ impl Tunnels {
                 return;
             }
         };
-        let mut opened = None;
-        for conn in self.local(&visit.name) {
-            if let Ok(pair) = open_to_client(&conn, &visit).await {
-                opened = Some(pair);
-                break;
+        let (mut c_send, mut c_recv) = match self.open_local(&visit.name, &visit).await {
+            Ok(pair) => pair,
+            Err(OpenError::TargetRefused) => {
+                let _ = crate::rpc::write_frame(&mut send, &VisitReply::TargetRefused).await;
+                return;
             }
-        }
-        let Some((mut c_send, mut c_recv)) = opened else {
-            tracing::info!(from = %peer, tunnel = %visit.name, "forwarded visitor for a tunnel not attached here");
-            let _ = send.reset(STREAM_NOT_HERE);
-            let _ = recv.stop(STREAM_NOT_HERE);
-            return;
+            Err(_) => {
+                tracing::info!(from = %peer, tunnel = %visit.name, "forwarded visitor for a tunnel not attached here");
+                let _ = send.reset(STREAM_NOT_HERE);
+                let _ = recv.stop(STREAM_NOT_HERE);
+                return;
+            }
         };
+        if write_msg(&mut send, &VisitReply::Ready).await.is_err() {
+            return;
+        }
         let mut entry = tokio::io::join(recv, send);
         let mut client = tokio::io::join(&mut c_recv, &mut c_send);
         if let Err(err) = specter_tunnel::splice::splice(&mut entry, &mut client).await {
@@ -256,7 +313,18 @@ impl Tunnels {
         {
             let mut attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
             for n in &names {
-                attached.entry(n.clone()).or_default().push(conn.clone());
+                let conns = attached.entry(n.clone()).or_default();
+                // The owner reconnected: its earlier connection here is stale
+                // (the client restarted or lost its network); drop it now
+                // rather than waiting for its idle timeout.
+                for old in conns.iter().filter(|c| client_id(c) == Some(client)) {
+                    old.close(
+                        CLOSE_REPLACED,
+                        b"replaced by a newer connection of the same client",
+                    );
+                }
+                conns.retain(|c| client_id(c) != Some(client) && c.close_reason().is_none());
+                conns.push(conn.clone());
             }
         }
         tracing::info!(%remote, %client, ?names, "client attached");
@@ -271,6 +339,9 @@ impl Tunnels {
             self.session(&conn, client, &names, &mut send, &mut recv, &stop)
                 .await;
         }
+        // Detach only names no other connection of the client holds here
+        // (a reconnect may already have replaced this one).
+        let mut gone = Vec::new();
         {
             let mut attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
             for n in &names {
@@ -278,12 +349,15 @@ impl Tunnels {
                     conns.retain(|c| c.stable_id() != conn.stable_id());
                     if conns.is_empty() {
                         attached.remove(n);
+                        gone.push(n.clone());
                     }
+                } else {
+                    gone.push(n.clone());
                 }
             }
         }
         tracing::info!(%remote, %client, ?names, "client detached");
-        for n in &names {
+        for n in &gone {
             let op = WriteOp::Detach {
                 client,
                 node: self.node.id,

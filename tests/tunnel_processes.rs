@@ -187,7 +187,7 @@ fn visitors_reach_the_service_through_every_node_with_half_close() {
     );
 
     let service = eof_service();
-    let (_client, lines) = start_client(dir.path(), "client-a", "half-close", service, &seed);
+    let (client, lines) = start_client(dir.path(), "client-a", "half-close", service, &seed);
     assert!(
         wait_line(&lines, "(3/3)", Duration::from_secs(20)).is_some(),
         "client did not attach to 3 nodes"
@@ -263,6 +263,31 @@ fn visitors_reach_the_service_through_every_node_with_half_close() {
     let status =
         wait_exit(&mut thief.0, Duration::from_secs(20)).expect("the second client keeps running");
     assert!(!status.success());
+
+    // The owner crashes and comes straight back with the same key: it gets
+    // its name at once, its new connections replace the stale ones, and
+    // visitors are served through every node without waiting for timeouts.
+    drop(client); // SIGKILL
+    let (_client, lines) = start_client(dir.path(), "client-a", "half-close", service, &seed);
+    assert!(
+        wait_line(&lines, "(3/3)", Duration::from_secs(20)).is_some(),
+        "the owner did not get its name back"
+    );
+    let began = Instant::now();
+    for p in &procs {
+        let out = visit(dir.path(), &p.https(), "half-close", b"again");
+        assert_eq!(
+            out.stdout,
+            b"len=5;again",
+            "via {} after the owner restarted",
+            p.https()
+        );
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "visits waited for stale attachments: {:?}",
+        began.elapsed()
+    );
 }
 
 fn dht_get(p: &Proc, name: &str) -> serde_json::Value {

@@ -115,6 +115,18 @@ pub struct Visit {
     pub kind: VisitKind,
 }
 
+/// The client's answer to a [`Visit`] header, sent once it tried the target.
+/// The node only starts carrying the visitor's bytes after `Ready`, so a dead
+/// attachment (no answer) costs latency, never an error: the node tries the
+/// next one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VisitReply {
+    /// Connected to the target; raw bytes follow.
+    Ready,
+    /// The target refused the connection.
+    TargetRefused,
+}
+
 /// Names one client may serve over one connection.
 pub const MAX_NAMES_PER_CLIENT: usize = 16;
 
