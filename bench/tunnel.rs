@@ -180,6 +180,7 @@ async fn run(quick: bool) {
         name: Some("bench".into()),
         attachments: 1,
         token: None,
+        extra: Vec::new(),
     };
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     tokio::spawn(specter::client::run(options, endpoint, stop.clone()));

@@ -51,6 +51,8 @@ pub struct ClientOptions {
     pub attachments: usize,
     /// Client token, for nodes that require one.
     pub token: Option<String>,
+    /// More tunnels served by the same client: `(name, target)`.
+    pub extra: Vec<(String, String)>,
 }
 
 /// The client's key and name, created on first run.
@@ -115,7 +117,7 @@ fn client_config(options: &ClientOptions, state: &ClientState) -> Result<quinn::
 }
 
 enum Update {
-    Attached(Peer),
+    Attached(Peer, Option<specter_tunnel::protocol::Ingress>),
     Lost(Peer, String),
     Peers(Vec<Peer>),
     Refused(String),
@@ -130,10 +132,26 @@ pub async fn run(
     let state = load_state(&options.state_dir, options.name.as_deref())?;
     let config = client_config(&options, &state)?;
     let name = state.name.clone();
-    println!(
-        "tunnel {name}: attaching to {} node(s) for {}",
-        options.attachments, options.target
-    );
+    let mut targets: HashMap<String, String> = HashMap::new();
+    targets.insert(name.clone(), options.target.clone());
+    for (extra, target) in &options.extra {
+        specter_tunnel::names::validate(extra)
+            .map_err(|e| anyhow::anyhow!("tunnel name {extra:?}: {e}"))?;
+        if targets.insert(extra.clone(), target.clone()).is_some() {
+            bail!("tunnel name {extra:?} is listed twice");
+        }
+    }
+    let mut names: Vec<String> = targets.keys().cloned().collect();
+    names.sort();
+    let targets = Arc::new(targets);
+    for (n, t) in targets.iter() {
+        println!(
+            "tunnel {n}: attaching to {} node(s) for {t}",
+            options.attachments
+        );
+    }
+    let name = names.join(",");
+    let mut printed_urls = false;
     let (tx, mut rx) = mpsc::channel::<Update>(64);
     let mut attached: HashMap<NodeId, Peer> = HashMap::new();
     let mut pending: HashSet<SocketAddr> = HashSet::new();
@@ -155,9 +173,9 @@ pub async fn run(
         let session = Session {
             endpoint: endpoint.clone(),
             config: config.clone(),
-            name: name.clone(),
+            names: names.clone(),
             token: options.token.clone(),
-            target: options.target.clone(),
+            targets: targets.clone(),
             updates: tx.clone(),
             stop: stop.clone(),
         };
@@ -170,7 +188,13 @@ pub async fn run(
             biased;
             () = stop.cancelled() => return Ok(()),
             Some(update) = rx.recv() => match update {
-                Update::Attached(peer) => {
+                Update::Attached(peer, ingress) => {
+                    if let Some(ingress) = ingress.filter(|_| !printed_urls) {
+                        printed_urls = true;
+                        for n in &names {
+                            println!("tunnel {n}: {}", ingress.url(n));
+                        }
+                    }
                     pending.remove(&peer.addr);
                     attached.insert(peer.id, peer);
                     retry = RETRY_MIN;
@@ -215,9 +239,9 @@ pub async fn run(
 struct Session {
     endpoint: Endpoint,
     config: quinn::ClientConfig,
-    name: String,
+    names: Vec<String>,
     token: Option<String>,
-    target: String,
+    targets: Arc<HashMap<String, String>>,
     updates: mpsc::Sender<Update>,
     stop: CancellationToken,
 }
@@ -226,9 +250,9 @@ async fn attachment(session: Session, addr: SocketAddr) {
     let Session {
         endpoint,
         config,
-        name,
+        names,
         token,
-        target,
+        targets,
         updates,
         stop,
     } = session;
@@ -243,12 +267,12 @@ async fn attachment(session: Session, addr: SocketAddr) {
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = ClientMsg::Hello {
             version: TUNNEL_PROTOCOL_VERSION,
-            names: vec![name.clone()],
+            names,
             token,
         };
         write_msg(&mut send, &hello).await?;
         match read_frame::<NodeMsg>(&mut recv).await? {
-            NodeMsg::Welcome { node } => Ok((conn, send, recv, node)),
+            NodeMsg::Welcome { node, ingress } => Ok((conn, send, recv, node, ingress)),
             NodeMsg::Refused { code, name } => {
                 let _ = updates
                     .send(Update::Refused(format!(
@@ -262,7 +286,7 @@ async fn attachment(session: Session, addr: SocketAddr) {
         }
     }
     .await;
-    let (conn, mut send, mut recv, node) = match result {
+    let (conn, mut send, mut recv, node, ingress) = match result {
         Ok(x) => x,
         Err(err) => {
             let _ = updates
@@ -271,10 +295,9 @@ async fn attachment(session: Session, addr: SocketAddr) {
             return;
         }
     };
-    let _ = updates.send(Update::Attached(node)).await;
+    let _ = updates.send(Update::Attached(node, ingress)).await;
     let _ = write_msg(&mut send, &ClientMsg::Peers).await;
     let mut refresh = tokio::time::interval(PEERS_REFRESH);
-    let target: Arc<str> = target.into();
     let why = loop {
         tokio::select! {
             biased;
@@ -284,7 +307,7 @@ async fn attachment(session: Session, addr: SocketAddr) {
             }
             stream = conn.accept_bi() => match stream {
                 Ok((s, r)) => {
-                    tokio::spawn(carry(s, r, target.clone()));
+                    tokio::spawn(carry(s, r, targets.clone()));
                 }
                 Err(e) => break e.to_string(),
             },
@@ -304,13 +327,22 @@ async fn attachment(session: Session, addr: SocketAddr) {
 }
 
 /// Carries one visitor: reads the header, dials the target, splices.
-async fn carry(mut send: quinn::SendStream, mut recv: quinn::RecvStream, target: Arc<str>) {
+async fn carry(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    targets: Arc<HashMap<String, String>>,
+) {
     let visit =
         match tokio::time::timeout(VISIT_HEADER_TIMEOUT, read_frame::<Visit>(&mut recv)).await {
             Ok(Ok(v)) => v,
             _ => return,
         };
-    let mut local = match tokio::net::TcpStream::connect(&*target).await {
+    let Some(target) = targets.get(&visit.name) else {
+        tracing::warn!(tunnel = %visit.name, "visit for a tunnel this client does not serve");
+        let _ = crate::rpc::write_frame(&mut send, &VisitReply::TargetRefused).await;
+        return;
+    };
+    let mut local = match tokio::net::TcpStream::connect(target.as_str()).await {
         Ok(s) => s,
         Err(err) => {
             tracing::warn!(tunnel = %visit.name, visitor = %visit.visitor, %target, %err, "target refused the visitor");

@@ -283,3 +283,119 @@ mod tests {
         ));
     }
 }
+
+/// One tunnel in `client.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelEntry {
+    /// The name (optional for the first tunnel: saved or random).
+    pub name: Option<String>,
+    /// Local target: `tcp://HOST:PORT` or `http://HOST:PORT`.
+    pub to: String,
+}
+
+/// `specter tunnel` settings from flags and `client.toml`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSettings {
+    /// Seeds.
+    #[serde(default)]
+    pub via: Vec<String>,
+    /// Cluster CA certificate.
+    pub ca: Option<PathBuf>,
+    /// State directory.
+    pub state_dir: Option<PathBuf>,
+    /// Attachments to keep.
+    pub attachments: Option<usize>,
+    /// Token file.
+    pub token: Option<PathBuf>,
+    /// The tunnels (`[[tunnels]]` in the file).
+    #[serde(default)]
+    pub tunnels: Vec<TunnelEntry>,
+}
+
+fn target_of(to: &str) -> anyhow::Result<String> {
+    to.strip_prefix("tcp://")
+        .or_else(|| to.strip_prefix("http://"))
+        .map(|t| t.trim_end_matches('/').to_string())
+        .ok_or_else(|| anyhow::anyhow!("--to {to:?} must be tcp://HOST:PORT or http://HOST:PORT"))
+}
+
+impl TunnelSettings {
+    /// Reads `client.toml` (or nothing).
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// `self` (flags) over `file`.
+    pub fn over(self, file: TunnelSettings) -> TunnelSettings {
+        TunnelSettings {
+            via: if self.via.is_empty() {
+                file.via
+            } else {
+                self.via
+            },
+            ca: self.ca.or(file.ca),
+            state_dir: self.state_dir.or(file.state_dir),
+            attachments: self.attachments.or(file.attachments),
+            token: self.token.or(file.token),
+            tunnels: if self.tunnels.is_empty() {
+                file.tunnels
+            } else {
+                self.tunnels
+            },
+        }
+    }
+
+    /// Checks the settings and reads the CA and token files.
+    pub fn resolve(self) -> anyhow::Result<crate::client::ClientOptions> {
+        let ca = self
+            .ca
+            .ok_or_else(|| anyhow::anyhow!("missing --ca (or `ca` in the config file)"))?;
+        let ca_pem =
+            std::fs::read_to_string(&ca).map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
+        if self.via.is_empty() {
+            anyhow::bail!("missing --via (or `via` in the config file)");
+        }
+        let mut tunnels = self.tunnels.into_iter();
+        let first = tunnels.next().ok_or_else(|| {
+            anyhow::anyhow!("missing --to (or a [[tunnels]] entry in the config file)")
+        })?;
+        let mut extra = Vec::new();
+        for t in tunnels {
+            let name = t.name.ok_or_else(|| {
+                anyhow::anyhow!("every tunnel after the first needs a name ({})", t.to)
+            })?;
+            extra.push((name, target_of(&t.to)?));
+        }
+        let token = match self.token {
+            None => None,
+            Some(p) => Some(
+                std::fs::read_to_string(&p)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+        };
+        Ok(crate::client::ClientOptions {
+            via: self.via,
+            ca_pem,
+            state_dir: self
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(".specter-client")),
+            target: target_of(&first.to)?,
+            name: first.name,
+            attachments: self
+                .attachments
+                .unwrap_or(crate::client::ATTACHMENTS)
+                .max(1),
+            token,
+            extra,
+        })
+    }
+}

@@ -132,6 +132,8 @@ impl Demo {
                 .await
                 .context("binding the ingress")?;
             ingress.push(public.local_addr()?);
+            node.tunnels()
+                .set_public(DEMO_DOMAIN, public.local_addr()?.port());
             tokio::spawn(crate::ingress::serve(
                 public,
                 edge.clone(),
@@ -152,6 +154,7 @@ impl Demo {
             name: Some(name.clone()),
             attachments: n.min(crate::client::ATTACHMENTS),
             token: None,
+            extra: Vec::new(),
         };
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         let client_stop = cancel.clone();

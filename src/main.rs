@@ -42,24 +42,27 @@ enum Command {
     },
     /// Expose a local service through the overlay (the client daemon).
     Tunnel {
+        /// Read settings, and several tunnels, from this TOML file.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Local target: tcp://HOST:PORT or http://HOST:PORT.
         #[arg(long)]
-        to: String,
+        to: Option<String>,
         /// Tunnel name (default: the saved one, or three random words).
         #[arg(long)]
         name: Option<String>,
         /// Seed nodes' QUIC addresses, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',')]
         via: Vec<String>,
         /// Cluster CA certificate (PEM).
         #[arg(long)]
-        ca: PathBuf,
-        /// Where the client key and name are kept.
-        #[arg(long, default_value = ".specter-client")]
-        state_dir: PathBuf,
-        /// Number of nodes to attach to.
-        #[arg(long, default_value_t = specter::client::ATTACHMENTS)]
-        attachments: usize,
+        ca: Option<PathBuf>,
+        /// Where the client key and name are kept (default .specter-client).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Number of nodes to attach to (default 3).
+        #[arg(long)]
+        attachments: Option<usize>,
         /// File holding a client token (for nodes run with --client-auth token).
         #[arg(long)]
         token: Option<PathBuf>,
@@ -198,6 +201,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Tunnel {
+            config,
             to,
             name,
             via,
@@ -206,36 +210,23 @@ fn main() -> ExitCode {
             attachments,
             token,
         } => {
-            let token = match token.map(|t| std::fs::read_to_string(&t).map_err(|e| (t, e))) {
-                None => None,
-                Some(Ok(t)) => Some(t.trim().to_string()),
-                Some(Err((t, e))) => return usage_error(&anyhow::anyhow!("{}: {e}", t.display())),
+            let flags = specter::config::TunnelSettings {
+                via,
+                ca,
+                state_dir,
+                attachments,
+                token,
+                tunnels: to
+                    .map(|to| vec![specter::config::TunnelEntry { name, to }])
+                    .unwrap_or_default(),
             };
-            let target = match to
-                .strip_prefix("tcp://")
-                .or_else(|| to.strip_prefix("http://"))
+            let options = match specter::config::TunnelSettings::load(config.as_deref())
+                .and_then(|file| flags.over(file).resolve())
             {
-                Some(t) => t.trim_end_matches('/').to_string(),
-                None => {
-                    return usage_error(&anyhow::anyhow!(
-                        "--to must be tcp://HOST:PORT or http://HOST:PORT"
-                    ));
-                }
-            };
-            let ca_pem = match std::fs::read_to_string(&ca) {
-                Ok(p) => p,
-                Err(e) => return usage_error(&anyhow::anyhow!("{}: {e}", ca.display())),
+                Ok(o) => o,
+                Err(err) => return usage_error(&err),
             };
             init_tracing(LogFormat::Human);
-            let options = specter::client::ClientOptions {
-                via,
-                ca_pem,
-                state_dir,
-                target,
-                name,
-                attachments: attachments.max(1),
-                token,
-            };
             let run = async move {
                 let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
                 let stop = tokio_util::sync::CancellationToken::new();
@@ -503,6 +494,8 @@ async fn run_node(config: NodeConfig, tls: NodeTls) -> Result<()> {
             .await
             .with_context(|| format!("binding the ingress on {}", ingress.https))?;
         https_addr = Some(listener.local_addr()?);
+        node.tunnels()
+            .set_public(&ingress.domain, listener.local_addr()?.port());
         tokio::spawn(specter::ingress::serve(
             listener,
             std::sync::Arc::new(edge),

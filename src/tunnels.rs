@@ -94,6 +94,7 @@ pub struct Tunnels {
     token_cas: Option<Vec<Vec<u8>>>,
     attached: Mutex<HashMap<String, Vec<Connection>>>,
     routes: RouteCache<Vec<Peer>>,
+    public: std::sync::OnceLock<specter_tunnel::protocol::Ingress>,
 }
 
 impl Tunnels {
@@ -105,6 +106,7 @@ impl Tunnels {
             token_cas,
             attached: Mutex::new(HashMap::new()),
             routes: RouteCache::new(),
+            public: std::sync::OnceLock::new(),
         })
     }
 
@@ -115,6 +117,15 @@ impl Tunnels {
             return conns.clone();
         }
         Vec::new()
+    }
+
+    /// Records where this node serves visitors, so clients can print their
+    /// public URLs.
+    pub fn set_public(&self, domain: &str, https_port: u16) {
+        let _ = self.public.set(specter_tunnel::protocol::Ingress {
+            domain: domain.trim_end_matches('.').to_string(),
+            https_port,
+        });
     }
 
     /// Names attached here, with their client connection counts.
@@ -332,9 +343,15 @@ impl Tunnels {
             id: self.node.id,
             addr: self.node.advertise,
         };
-        if write_msg(&mut send, &NodeMsg::Welcome { node: me })
-            .await
-            .is_ok()
+        if write_msg(
+            &mut send,
+            &NodeMsg::Welcome {
+                node: me,
+                ingress: self.public.get().cloned(),
+            },
+        )
+        .await
+        .is_ok()
         {
             self.session(&conn, client, &names, &mut send, &mut recv, &stop)
                 .await;

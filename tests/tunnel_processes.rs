@@ -519,28 +519,51 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
         .is_some()
     );
     let service = http_service();
-    // One attachment only, so two of the three nodes forward.
+    let raw = eof_service();
+    // Two tunnels from one client, configured in client.toml; one attachment
+    // only, so two of the three nodes forward.
+    let config = dir.path().join("client.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "via = [\"{seed}\"]\nca = \"{ca}\"\nstate_dir = \"{state}\"\nattachments = 1\n\n\
+             [[tunnels]]\nname = \"web\"\nto = \"http://{service}\"\n\n\
+             [[tunnels]]\nname = \"raw\"\nto = \"tcp://{raw}\"\n",
+            ca = dir.path().join("ca/ca.crt").display(),
+            state = dir.path().join("web").display(),
+        ),
+    )
+    .unwrap();
     let mut child = Command::new(BIN)
-        .args([
-            "tunnel",
-            "--to",
-            &format!("http://{service}"),
-            "--name",
-            "web",
-            "--via",
-            &seed,
-            "--attachments",
-            "1",
-        ])
-        .args(["--ca", dir.path().join("ca/ca.crt").to_str().unwrap()])
-        .args(["--state-dir", dir.path().join("web").to_str().unwrap()])
+        .args(["tunnel", "--config", config.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.any(|l| l.unwrap().contains("(1/1)")));
+    let mut url = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(u) = line.strip_prefix("tunnel web: https://") {
+            url = Some(u.to_string());
+        }
+        if line.contains("(1/1)") {
+            break;
+        }
+    }
+    // The client prints its public URL (from the node it attached to).
+    let attached_https = procs[0].https();
+    let port = attached_https.rsplit_once(':').unwrap().1;
+    assert_eq!(
+        url.as_deref(),
+        Some(format!("web.{DOMAIN}:{port}/").as_str())
+    );
     let _client = Client(child);
+    // The second tunnel of the same client carries raw TCP.
+    for p in &procs {
+        let out = visit(dir.path(), &p.https(), "raw", b"second tunnel");
+        assert_eq!(out.stdout, b"len=13;second tunnel", "via {}", p.https());
+    }
     let host = format!("web.{DOMAIN}");
     for p in &procs {
         for http2 in [false, true] {

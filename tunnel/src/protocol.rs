@@ -56,6 +56,9 @@ pub enum NodeMsg {
     Welcome {
         /// This node's id and address.
         node: Peer,
+        /// The node's public ingress, if it serves one: visitors reach a
+        /// tunnel at `https://<name>.<domain>[:port]/`.
+        ingress: Option<Ingress>,
     },
     /// The hello was refused; nothing was registered.
     Refused {
@@ -69,6 +72,26 @@ pub enum NodeMsg {
         /// Nodes (id and QUIC address).
         nodes: Vec<Peer>,
     },
+}
+
+/// Where a node serves visitors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ingress {
+    /// Tunnels are `<name>.<domain>`.
+    pub domain: String,
+    /// The HTTPS port.
+    pub https_port: u16,
+}
+
+impl Ingress {
+    /// The public URL of tunnel `name`.
+    pub fn url(&self, name: &str) -> String {
+        if self.https_port == 443 {
+            format!("https://{name}.{}/", self.domain)
+        } else {
+            format!("https://{name}.{}:{}/", self.domain, self.https_port)
+        }
+    }
 }
 
 /// Typed reasons for refusing a client.
@@ -159,7 +182,18 @@ mod tests {
                 id: NodeId(7),
                 addr: "127.0.0.1:1".parse().unwrap(),
             },
+            ingress: Some(Ingress {
+                domain: "example.net".into(),
+                https_port: 8443,
+            }),
         };
+        let NodeMsg::Welcome {
+            ingress: Some(i), ..
+        } = &welcome
+        else {
+            unreachable!()
+        };
+        assert_eq!(i.url("a"), "https://a.example.net:8443/");
         assert_eq!(
             decode_frame::<NodeMsg>(&encode(&welcome).unwrap()).unwrap(),
             welcome
