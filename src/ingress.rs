@@ -108,7 +108,7 @@ async fn visit(
     tunnels: &Arc<Tunnels>,
 ) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
-    let start = tokio::time::timeout(
+    let mut start = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp),
     )
@@ -119,6 +119,7 @@ async fn visit(
     let sni = hello.server_name().unwrap_or_default().to_string();
     let tcp_alpn = hello.alpn().is_some_and(|mut a| a.any(|p| p == ALPN_TCP));
     let Some(name) = name_in_host(&sni, &edge.domain) else {
+        unrecognized_name(&mut start.io).await;
         return Err(format!(
             "unknown host {sni:?} (not a tunnel under {})",
             edge.domain
@@ -139,7 +140,10 @@ async fn visit(
     };
     let (mut send, mut recv) = match tunnels.open(&name, &header).await {
         Ok(pair) => pair,
-        Err(OpenError::Unknown) => return Err(format!("tunnel {name} is not registered")),
+        Err(OpenError::Unknown) => {
+            unrecognized_name(&mut start.io).await;
+            return Err(format!("tunnel {name} is not registered"));
+        }
         Err(OpenError::TargetRefused) => {
             return Err(format!(
                 "tunnel {name}: the client could not reach its target"
@@ -158,6 +162,17 @@ async fn visit(
         .await
         .map(|_| ())
         .map_err(|e| format!("tunnel {name}: stream ended: {e}"))
+}
+
+/// Answers a ClientHello with a fatal `unrecognized_name` alert (sent in the
+/// clear, as alerts before the handshake are) and closes.
+async fn unrecognized_name(io: &mut TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    // TLS record: alert (21), legacy version 3.3, length 2; fatal (2),
+    // unrecognized_name (112).
+    const ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
+    let _ = io.write_all(&ALERT).await;
+    let _ = io.shutdown().await;
 }
 
 /// `specter connect`: a TLS connection to a node's ingress for one tunnel.
