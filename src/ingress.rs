@@ -72,6 +72,24 @@ pub async fn serve(
     tunnels: Arc<Tunnels>,
     stop: CancellationToken,
 ) {
+    accept_loop(listener, stop, move |tcp, visitor| {
+        let (edge, tunnels) = (edge.clone(), tunnels.clone());
+        async move {
+            if let Err(reason) = visit(tcp, visitor, &edge, &tunnels).await {
+                tracing::info!(%visitor, %reason, "visitor refused");
+            }
+        }
+    })
+    .await;
+}
+
+/// Accepts visitors until `stop` fires, at most [`MAX_VISITORS`] served at
+/// once (more wait in the kernel's accept queue), each in its own task.
+async fn accept_loop<F, Fut>(listener: TcpListener, stop: CancellationToken, serve: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let limit = Arc::new(Semaphore::new(MAX_VISITORS));
     loop {
         let permit = tokio::select! {
@@ -90,13 +108,11 @@ pub async fn serve(
                 }
             },
         };
-        let edge = edge.clone();
-        let tunnels = tunnels.clone();
+        let _ = tcp.set_nodelay(true);
+        let task = serve(tcp, visitor);
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(reason) = visit(tcp, visitor, &edge, &tunnels).await {
-                tracing::info!(%visitor, %reason, "visitor refused");
-            }
+            task.await;
         });
     }
 }
@@ -249,30 +265,10 @@ pub async fn serve_plain(
     tunnels: Arc<Tunnels>,
     stop: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_VISITORS));
     let domain: Arc<str> = domain.trim_end_matches('.').to_ascii_lowercase().into();
-    loop {
-        let permit = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let (tcp, visitor) = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(err) => {
-                    tracing::warn!(%err, "plain-HTTP accept failed");
-                    continue;
-                }
-            },
-        };
+    accept_loop(listener, stop, move |tcp, visitor| {
         let (domain, tunnels) = (domain.clone(), tunnels.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = tcp.set_nodelay(true);
-            crate::http_ingress::serve_plain(tcp, visitor, domain, mode, https_port, tunnels).await;
-        });
-    }
+        crate::http_ingress::serve_plain(tcp, visitor, domain, mode, https_port, tunnels)
+    })
+    .await;
 }

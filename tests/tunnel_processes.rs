@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 
 use rustls::pki_types::pem::PemObject;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -124,10 +124,15 @@ fn visit(dir: &Path, via: &str, name: &str, data: &[u8]) -> std::process::Output
     out
 }
 
-#[test]
-fn visitors_reach_the_service_through_every_node_with_half_close() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = ca(dir.path());
+/// Starts one node per IP with TLS ingress for `DOMAIN` (edge certificate
+/// from the test CA) plus `extra(i)` flags, the first as the seed of the
+/// others, and waits until the ring holds them all.
+fn ingress_cluster(
+    dir: &Path,
+    ca_dir: &Path,
+    ips: &[String],
+    extra: impl Fn(usize) -> Vec<String>,
+) -> Vec<Proc> {
     let out = specter(&[
         "ca",
         "issue-edge",
@@ -136,55 +141,52 @@ fn visitors_reach_the_service_through_every_node_with_half_close() {
         "--domain",
         DOMAIN,
         "--out",
-        dir.path().join("edge").to_str().unwrap(),
+        dir.join("edge").to_str().unwrap(),
     ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ips: Vec<String> = (2..=6).map(|i| format!("127.0.0.{i}")).collect();
-    let dirs: Vec<PathBuf> = issue_all(dir.path(), &ca_dir, &ips);
-    let edge = |f: &str| {
-        dir.path()
-            .join("edge")
-            .join(f)
-            .to_str()
-            .unwrap()
-            .to_string()
-    };
+    let dirs = issue_all(dir, ca_dir, ips);
+    let edge = |f: &str| dir.join("edge").join(f).to_str().unwrap().to_string();
     let (cert, key) = (edge("edge.crt"), edge("edge.key"));
     let start = |i: usize, seed: Option<&str>| {
-        let https = format!("{}:0", ips[i]);
-        start_node_with(
-            dir.path(),
-            &dirs[i],
-            &ips[i],
-            seed,
-            &[
-                "--https",
-                &https,
-                "--domain",
-                DOMAIN,
-                "--edge-cert",
-                &cert,
-                "--edge-key",
-                &key,
-            ],
-        )
+        let mut flags = vec![
+            "--https".to_string(),
+            format!("{}:0", ips[i]),
+            "--domain".into(),
+            DOMAIN.into(),
+            "--edge-cert".into(),
+            cert.clone(),
+            "--edge-key".into(),
+            key.clone(),
+        ];
+        flags.extend(extra(i));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        start_node_with(dir, &dirs[i], &ips[i], seed, &flags)
     };
     let mut procs = vec![start(0, None)];
     let seed = procs[0].quic();
-    for i in 1..5 {
+    for i in 1..ips.len() {
         procs.push(start(i, Some(&seed)));
     }
     let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
-    assert!(
-        wait_for(Duration::from_secs(20), || procs
-            .iter()
-            .all(|p| ring(p) == 5))
-        .is_some()
-    );
+    let n = u64::try_from(ips.len()).unwrap();
+    let formed = wait_for(Duration::from_secs(20), || {
+        procs.iter().all(|p| ring(p) == n)
+    });
+    assert!(formed.is_some(), "the ring did not form");
+    procs
+}
+
+#[test]
+fn visitors_reach_the_service_through_every_node_with_half_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = (2..=6).map(|i| format!("127.0.0.{i}")).collect();
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
+    let seed = procs[0].quic();
 
     let service = eof_service();
     let (client, lines) = start_client(dir.path(), "client-a", "half-close", service, &seed);
@@ -463,66 +465,18 @@ fn curl(dir: &Path, https: &str, host: &str, path: &str, http2: bool) -> (String
 fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = ca(dir.path());
-    let out = specter(&[
-        "ca",
-        "issue-edge",
-        "--ca-dir",
-        ca_dir.to_str().unwrap(),
-        "--domain",
-        DOMAIN,
-        "--out",
-        dir.path().join("edge").to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
     let ips: Vec<String> = (8..=10).map(|i| format!("127.0.0.{i}")).collect();
-    let dirs = issue_all(dir.path(), &ca_dir, &ips);
-    let edge = |f: &str| {
-        dir.path()
-            .join("edge")
-            .join(f)
-            .to_str()
-            .unwrap()
-            .to_string()
-    };
-    let (cert, key) = (edge("edge.crt"), edge("edge.key"));
-    let start = |i: usize, seed: Option<&str>| {
-        let https = format!("{}:0", ips[i]);
-        let http = format!("{}:0", ips[i]);
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |i| {
         // Node 2's plain-HTTP port redirects; the others proxy.
         let mode = if i == 2 { "redirect" } else { "proxy" };
-        start_node_with(
-            dir.path(),
-            &dirs[i],
-            &ips[i],
-            seed,
-            &[
-                "--https",
-                &https,
-                "--http",
-                &http,
-                "--http-mode",
-                mode,
-                "--domain",
-                DOMAIN,
-                "--edge-cert",
-                &cert,
-                "--edge-key",
-                &key,
-            ],
-        )
-    };
-    let mut procs = vec![start(0, None)];
+        vec![
+            "--http".into(),
+            format!("{}:0", ips[i]),
+            "--http-mode".into(),
+            mode.into(),
+        ]
+    });
     let seed = procs[0].quic();
-    for i in 1..3 {
-        procs.push(start(i, Some(&seed)));
-    }
-    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
-    assert!(
-        wait_for(Duration::from_secs(20), || procs
-            .iter()
-            .all(|p| ring(p) == 3))
-        .is_some()
-    );
     let service = http_service();
     let raw = eof_service();
     // Two tunnels from one client, configured in client.toml; one attachment
@@ -771,57 +725,9 @@ fn a_thousand_concurrent_visitors_and_abusive_ones_leave_nothing_behind() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = ca(dir.path());
-    let out = specter(&[
-        "ca",
-        "issue-edge",
-        "--ca-dir",
-        ca_dir.to_str().unwrap(),
-        "--domain",
-        DOMAIN,
-        "--out",
-        dir.path().join("edge").to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
     let ips: Vec<String> = (11..=12).map(|i| format!("127.0.0.{i}")).collect();
-    let dirs = issue_all(dir.path(), &ca_dir, &ips);
-    let edge = |f: &str| {
-        dir.path()
-            .join("edge")
-            .join(f)
-            .to_str()
-            .unwrap()
-            .to_string()
-    };
-    let (cert, key) = (edge("edge.crt"), edge("edge.key"));
-    let start = |i: usize, seed: Option<&str>| {
-        let https = format!("{}:0", ips[i]);
-        start_node_with(
-            dir.path(),
-            &dirs[i],
-            &ips[i],
-            seed,
-            &[
-                "--https",
-                &https,
-                "--domain",
-                DOMAIN,
-                "--edge-cert",
-                &cert,
-                "--edge-key",
-                &key,
-            ],
-        )
-    };
-    let first = start(0, None);
-    let seed = first.quic();
-    let procs = vec![first, start(1, Some(&seed))];
-    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
-    assert!(
-        wait_for(Duration::from_secs(20), || procs
-            .iter()
-            .all(|p| ring(p) == 2))
-        .is_some()
-    );
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
+    let seed = procs[0].quic();
     let service = http_service();
     let mut child = Command::new(BIN)
         .args([
