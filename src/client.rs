@@ -13,7 +13,9 @@ use quinn::Endpoint;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use specter_dht::Peer;
 use specter_gossip::NodeId;
-use specter_tunnel::protocol::{ClientMsg, NodeMsg, TUNNEL_PROTOCOL_VERSION, Visit, VisitReply};
+use specter_tunnel::protocol::{
+    ClientMsg, NodeMsg, RefuseCode, TUNNEL_PROTOCOL_VERSION, Visit, VisitReply,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +31,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const PEERS_REFRESH: Duration = Duration::from_secs(30);
 /// A visitor stream must deliver its header this soon.
 const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A target that has not accepted a connection by then is reported as
+/// refused; below the node's 2 s wait for the client's answer.
+const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_millis(1_500);
 
 /// File names in the state directory.
 const KEY_FILE: &str = "client.key";
@@ -116,9 +122,13 @@ fn client_config(options: &ClientOptions, state: &ClientState) -> Result<quinn::
     )?)
 }
 
+/// Reports from attachment tasks. Each carries the address that task dialed,
+/// which can differ from the address the node advertises (a seed given by
+/// host name, or behind NAT).
 enum Update {
-    Attached(Peer, Option<specter_tunnel::protocol::Ingress>),
-    Lost(Peer, String),
+    Attached(SocketAddr, Peer, Option<specter_tunnel::protocol::Ingress>),
+    /// The attachment ended (`Some(node)`) or never came up (`None`).
+    Lost(SocketAddr, Option<Peer>, String),
     Peers(Vec<Peer>),
     Refused(String),
 }
@@ -153,7 +163,7 @@ pub async fn run(
     let name = names.join(",");
     let mut printed_urls = false;
     let (tx, mut rx) = mpsc::channel::<Update>(64);
-    let mut attached: HashMap<NodeId, Peer> = HashMap::new();
+    let mut attached: HashMap<NodeId, (Peer, SocketAddr)> = HashMap::new();
     let mut pending: HashSet<SocketAddr> = HashSet::new();
     let mut candidates: Vec<Peer> = Vec::new();
     let mut retry = RETRY_MIN;
@@ -188,26 +198,27 @@ pub async fn run(
             biased;
             () = stop.cancelled() => return Ok(()),
             Some(update) = rx.recv() => match update {
-                Update::Attached(peer, ingress) => {
+                Update::Attached(dialed, peer, ingress) => {
                     if let Some(ingress) = ingress.filter(|_| !printed_urls) {
                         printed_urls = true;
                         for n in &names {
                             println!("tunnel {n}: {}", ingress.url(n));
                         }
                     }
-                    pending.remove(&peer.addr);
-                    attached.insert(peer.id, peer);
+                    pending.remove(&dialed);
+                    attached.insert(peer.id, (peer, dialed));
                     retry = RETRY_MIN;
                     println!("tunnel {name}: attached to node {} at {} ({}/{})", peer.id, peer.addr, attached.len(), options.attachments);
                 }
-                Update::Lost(peer, why) => {
-                    pending.remove(&peer.addr);
-                    if attached.remove(&peer.id).is_some() {
-                        println!("tunnel {name}: lost node {} ({why}); {}/{} attached", peer.id, attached.len(), options.attachments);
-                    } else {
-                        tracing::info!(addr = %peer.addr, %why, "attach attempt failed");
+                Update::Lost(dialed, peer, why) => {
+                    pending.remove(&dialed);
+                    match peer {
+                        Some(peer) if attached.remove(&peer.id).is_some() => {
+                            println!("tunnel {name}: lost node {} ({why}); {}/{} attached", peer.id, attached.len(), options.attachments);
+                        }
+                        _ => tracing::info!(addr = %dialed, %why, "attach attempt failed"),
                     }
-                    candidates.retain(|c| c.addr != peer.addr);
+                    candidates.retain(|c| c.addr != dialed);
                 }
                 Update::Peers(nodes) => candidates = nodes,
                 Update::Refused(why) => bail!("tunnel {name}: refused: {why}"),
@@ -216,9 +227,13 @@ pub async fn run(
                 if attached.len() + pending.len() >= options.attachments {
                     continue;
                 }
-                let attached_addrs: HashSet<SocketAddr> = attached.values().map(|p| p.addr).collect();
+                // Skip nodes already attached, by the address we dialed and by
+                // the one they advertise.
+                let attached_addrs: HashSet<SocketAddr> =
+                    attached.values().flat_map(|(p, dialed)| [p.addr, *dialed]).collect();
                 let next = candidates
                     .iter()
+                    .filter(|p| !attached.contains_key(&p.id))
                     .map(|p| p.addr)
                     .chain(seeds.iter().copied())
                     .find(|a| !attached_addrs.contains(a) && !pending.contains(a));
@@ -234,7 +249,6 @@ pub async fn run(
     }
 }
 
-/// One attachment: connect, register, then carry visitors until it ends.
 /// What an attachment task needs.
 struct Session {
     endpoint: Endpoint,
@@ -246,6 +260,7 @@ struct Session {
     stop: CancellationToken,
 }
 
+/// One attachment: connect, register, then carry visitors until it ends.
 async fn attachment(session: Session, addr: SocketAddr) {
     let Session {
         endpoint,
@@ -256,10 +271,6 @@ async fn attachment(session: Session, addr: SocketAddr) {
         updates,
         stop,
     } = session;
-    let placeholder = Peer {
-        id: NodeId(0),
-        addr,
-    };
     let result = async {
         let conn = endpoint
             .connect_with(config, addr, crate::tls::CLIENT_SERVER_NAME)?
@@ -274,13 +285,15 @@ async fn attachment(session: Session, addr: SocketAddr) {
         match read_frame::<NodeMsg>(&mut recv).await? {
             NodeMsg::Welcome { node, ingress } => Ok((conn, send, recv, node, ingress)),
             NodeMsg::Refused { code, name } => {
-                let _ = updates
-                    .send(Update::Refused(format!(
-                        "{code}{}",
-                        name.map(|n| format!(" ({n})")).unwrap_or_default()
-                    )))
-                    .await;
-                anyhow::bail!("refused")
+                let why = format!(
+                    "{code}{}",
+                    name.map(|n| format!(" ({n})")).unwrap_or_default()
+                );
+                // Only this node could not store the registration: try others.
+                if code != RefuseCode::Unavailable {
+                    let _ = updates.send(Update::Refused(why.clone())).await;
+                }
+                anyhow::bail!("refused: {why}")
             }
             NodeMsg::Peers { .. } => anyhow::bail!("unexpected message"),
         }
@@ -290,12 +303,12 @@ async fn attachment(session: Session, addr: SocketAddr) {
         Ok(x) => x,
         Err(err) => {
             let _ = updates
-                .send(Update::Lost(placeholder, err.to_string()))
+                .send(Update::Lost(addr, None, err.to_string()))
                 .await;
             return;
         }
     };
-    let _ = updates.send(Update::Attached(node, ingress)).await;
+    let _ = updates.send(Update::Attached(addr, node, ingress)).await;
     let _ = write_msg(&mut send, &ClientMsg::Peers).await;
     let mut refresh = tokio::time::interval(PEERS_REFRESH);
     let why = loop {
@@ -323,7 +336,7 @@ async fn attachment(session: Session, addr: SocketAddr) {
             }
         }
     };
-    let _ = updates.send(Update::Lost(node, why)).await;
+    let _ = updates.send(Update::Lost(addr, Some(node), why)).await;
 }
 
 /// Carries one visitor: reads the header, dials the target, splices.
@@ -342,7 +355,17 @@ async fn carry(
         let _ = crate::rpc::write_frame(&mut send, &VisitReply::TargetRefused).await;
         return;
     };
-    let mut local = match tokio::net::TcpStream::connect(target.as_str()).await {
+    // Answer well inside the node's wait for `Ready`, so a target that drops
+    // connection attempts is reported as refused instead of making the node
+    // give up on this whole attachment.
+    let connecting = tokio::time::timeout(
+        TARGET_CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(target.as_str()),
+    );
+    let mut local = match connecting
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    {
         Ok(s) => s,
         Err(err) => {
             tracing::warn!(tunnel = %visit.name, visitor = %visit.visitor, %target, %err, "target refused the visitor");

@@ -4,7 +4,6 @@
 //! through a node it is attached to.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -45,8 +44,6 @@ pub const CLOSE_REFUSED: VarInt = VarInt::from_u32(0x30);
 pub const CLOSE_STALE: VarInt = VarInt::from_u32(0x34);
 /// Close code: the same client connected again; this connection is stale.
 pub const CLOSE_REPLACED: VarInt = VarInt::from_u32(0x33);
-/// Stream reset code: the client could not reach its target.
-pub const STREAM_TARGET_REFUSED: VarInt = VarInt::from_u32(0x32);
 /// Stream reset code: the tunnel is not attached here.
 pub const STREAM_NOT_HERE: VarInt = VarInt::from_u32(0x31);
 
@@ -180,7 +177,11 @@ impl Tunnels {
                             .live_attachments(t)
                             .map(|(id, a)| Peer { id, addr: a.addr })
                             .collect();
-                        self.routes.found(name, route.clone(), now);
+                        // A registered name with no live attachment is not a
+                        // route worth remembering: look again next time.
+                        if !route.is_empty() {
+                            self.routes.found(name, route.clone(), now);
+                        }
                         route
                     }
                     Some((Outcome::Got { item: None, .. }, _)) => {
@@ -368,13 +369,16 @@ impl Tunnels {
                         attached.remove(n);
                         gone.push(n.clone());
                     }
-                } else {
-                    gone.push(n.clone());
                 }
             }
         }
         tracing::info!(%remote, %client, ?names, "client detached");
         for n in &gone {
+            // The client may have reconnected here while we waited on the DHT:
+            // a detach now would tombstone its fresh attachment.
+            if !self.local(n).is_empty() {
+                continue;
+            }
             let op = WriteOp::Detach {
                 client,
                 node: self.node.id,
@@ -529,9 +533,4 @@ async fn open_to_client(
     let (mut send, recv) = conn.open_bi().await?;
     write_msg(&mut send, visit).await?;
     Ok((send, recv))
-}
-
-/// The visitor address placeholder for streams whose visitor is unknown.
-pub fn unknown_visitor() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
 }
