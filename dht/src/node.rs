@@ -140,7 +140,7 @@ pub struct DhtStats {
     pub redirects: u64,
     /// Items merged from replication or anti-entropy that changed something.
     pub repaired: u64,
-    /// Records handed off to new holders.
+    /// Records dropped here after their owner acknowledged them.
     pub handed_off: u64,
     /// Stabilize answers that disagreed with our view.
     pub stabilize_mismatches: u64,
@@ -170,7 +170,8 @@ struct Coordination {
 enum Pending {
     Op(OpId),
     Replicate(Option<u64>),
-    Handoff(Vec<Key>),
+    /// Records sent to their owner, with the digest of what was sent.
+    Handoff(Vec<(Key, u64)>),
     Sync(Peer),
     Neighbours(Peer),
 }
@@ -279,29 +280,24 @@ impl DhtNode {
         for item in self.store.iter() {
             let holders = self.replica_set(item.key);
             let mine = holders.iter().any(|p| p.id == me);
-            for p in holders.iter().filter(|p| p.id != me) {
-                batches
+            for (i, p) in holders.iter().enumerate().filter(|(_, p)| p.id != me) {
+                // A record we no longer hold goes to its owner in a batch
+                // whose acknowledgement lets us drop our copy.
+                let batch = if !mine && i == 0 {
+                    &mut leaving
+                } else {
+                    &mut batches
+                };
+                batch
                     .entry(p.id)
                     .or_insert((*p, Vec::new()))
                     .1
                     .push(item.clone());
             }
-            if !mine {
-                let owner = holders[0];
-                leaving
-                    .entry(owner.id)
-                    .or_insert((owner, Vec::new()))
-                    .1
-                    .push(item.clone());
-            }
         }
         for (_, (peer, items)) in leaving {
-            // Sent to the owner in the batch below as well; this one tracks
-            // the acknowledgement that lets us drop our copies.
-            self.stats.handed_off += items.len() as u64;
-            let keys = items.iter().map(|i| i.key).collect();
-            self.send(peer, Request::Replicate { items }, Pending::Handoff(keys));
-            batches.remove(&peer.id);
+            let sent = items.iter().map(|i| (i.key, i.record.digest())).collect();
+            self.send(peer, Request::Replicate { items }, Pending::Handoff(sent));
         }
         for (_, (peer, items)) in batches {
             self.send(peer, Request::Replicate { items }, Pending::Replicate(None));
@@ -588,11 +584,18 @@ impl DhtNode {
                     self.finish(c.origin, Ok(c.record));
                 }
             }
-            Pending::Handoff(keys) => {
+            Pending::Handoff(sent) => {
                 if let Ok(Response::Ack) = result {
-                    for key in keys {
-                        if !self.is_replica(key) {
+                    for (key, digest) in sent {
+                        // Keep a copy that changed since it was sent, or that
+                        // this node should hold again.
+                        let unchanged = self
+                            .store
+                            .get(key)
+                            .is_some_and(|i| i.record.digest() == digest);
+                        if unchanged && !self.is_replica(key) {
                             self.store.remove(key);
+                            self.stats.handed_off += 1;
                         }
                     }
                 }
