@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use specter::client::ClientOptions;
 use specter::demo::start_loopback_node;
-use specter::ingress::Edge;
+use specter::ingress::{Edge, Visitor};
 use specter::pki::{make_ca, make_edge_cert};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -95,52 +95,43 @@ async fn requests<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, until: Instant) -
 #[derive(Clone)]
 enum Path {
     Direct(SocketAddr),
-    Specter {
-        via: String,
-        host: String,
-        ca: Arc<Vec<u8>>,
-    },
+    Specter(Arc<Visitor>),
 }
 
+/// A connection of either kind.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
 impl Path {
-    async fn bulk(&self, bytes: u64) -> f64 {
+    async fn open(&self) -> Box<dyn Conn> {
         match self {
-            Path::Direct(a) => bulk(tokio::net::TcpStream::connect(a).await.unwrap(), bytes).await,
-            Path::Specter { via, host, ca } => {
-                bulk(
-                    specter::ingress::connect(via, host, ca).await.unwrap(),
-                    bytes,
-                )
-                .await
-            }
+            Path::Direct(a) => Box::new(tokio::net::TcpStream::connect(a).await.unwrap()),
+            Path::Specter(v) => Box::new(v.connect().await.unwrap()),
         }
     }
 
+    async fn bulk(&self, bytes: u64) -> f64 {
+        bulk(self.open().await, bytes).await
+    }
+
+    /// Requests per second over `conns` keep-alive connections, timed only
+    /// once every connection is open (handshakes excluded).
     async fn rps(&self, conns: usize, secs: f64) -> f64 {
-        let until = Instant::now() + Duration::from_secs_f64(secs);
-        let mut tasks = Vec::new();
+        let mut open = Vec::new();
         for _ in 0..conns {
-            let p = self.clone();
-            tasks.push(tokio::spawn(async move {
-                match p {
-                    Path::Direct(a) => {
-                        requests(tokio::net::TcpStream::connect(a).await.unwrap(), until).await
-                    }
-                    Path::Specter { via, host, ca } => {
-                        requests(
-                            specter::ingress::connect(&via, &host, &ca).await.unwrap(),
-                            until,
-                        )
-                        .await
-                    }
-                }
-            }));
+            open.push(self.open().await);
         }
+        let start = Instant::now();
+        let until = start + Duration::from_secs_f64(secs);
+        let tasks: Vec<_> = open
+            .into_iter()
+            .map(|c| tokio::spawn(requests(c, until)))
+            .collect();
         let mut total = 0;
         for t in tasks {
             total += t.await.unwrap();
         }
-        total as f64 / secs
+        total as f64 / start.elapsed().as_secs_f64()
     }
 }
 
@@ -192,25 +183,21 @@ async fn run(quick: bool) {
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let ca_pem = Arc::new(ca.cert.clone().into_bytes());
+    let ca_pem = ca.cert.clone().into_bytes();
     let host = format!("bench.{DOMAIN}");
     let paths = [
         ("direct loopback TCP", Path::Direct(target_addr)),
         (
             "Specter, direct path (entry = attached node)",
-            Path::Specter {
-                via: ingress[0].to_string(),
-                host: host.clone(),
-                ca: ca_pem.clone(),
-            },
+            Path::Specter(Arc::new(
+                Visitor::new(&ingress[0].to_string(), &host, &ca_pem).unwrap(),
+            )),
         ),
         (
             "Specter, forwarded path (entry ≠ attached)",
-            Path::Specter {
-                via: ingress[1].to_string(),
-                host,
-                ca: ca_pem,
-            },
+            Path::Specter(Arc::new(
+                Visitor::new(&ingress[1].to_string(), &host, &ca_pem).unwrap(),
+            )),
         ),
     ];
     let bytes: u64 = if quick { 64 << 20 } else { 512 << 20 };

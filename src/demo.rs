@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ClientOptions, run as run_client};
-use crate::ingress::{Edge, connect_listener};
+use crate::ingress::{Edge, Visitor, connect_listener};
 use crate::node::{Node, NodeOptions};
 use crate::pki::{CaPem, make_ca, make_edge_cert, make_node_cert};
 use crate::tls::NodeTls;
@@ -163,19 +163,14 @@ impl Demo {
                 eprintln!("demo client: {err:#}");
             }
         });
-        let ca_pem = Arc::new(ca.cert.clone().into_bytes());
+        let ca_pem = ca.cert.clone().into_bytes();
         let host = format!("{name}.{DEMO_DOMAIN}");
         let mut urls = Vec::new();
         for public in &ingress {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             urls.push(listener.local_addr()?);
-            tokio::spawn(connect_listener(
-                listener,
-                public.to_string(),
-                host.clone(),
-                ca_pem.clone(),
-                cancel.clone(),
-            ));
+            let visitor = Arc::new(Visitor::new(&public.to_string(), &host, &ca_pem)?);
+            tokio::spawn(connect_listener(listener, visitor, cancel.clone()));
         }
         Ok(Demo {
             nodes,

@@ -123,7 +123,6 @@ async fn visit(
     edge: &Edge,
     tunnels: &Arc<Tunnels>,
 ) -> Result<(), String> {
-    let _ = tcp.set_nodelay(true);
     let mut start = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp),
@@ -191,43 +190,57 @@ async fn unrecognized_name(io: &mut TcpStream) {
     let _ = io.shutdown().await;
 }
 
-/// `specter connect`: a TLS connection to a node's ingress for one tunnel.
-pub async fn connect(
-    via: &str,
-    host: &str,
-    ca_pem: &[u8],
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(ca_pem) {
-        roots
-            .add(ca.context("parsing the CA file")?)
-            .context("adding the CA")?;
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .context("TLS versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_TCP.to_vec()];
-    let tcp = TcpStream::connect(via)
-        .await
-        .with_context(|| format!("connecting to {via}"))?;
-    let _ = tcp.set_nodelay(true);
-    let name =
-        rustls::pki_types::ServerName::try_from(host.to_string()).context("invalid host name")?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .with_context(|| format!("TLS with {via} for {host}"))
+/// The visitor side of `specter connect`: TLS to one node's ingress for one
+/// tunnel, configured once and used for every connection.
+pub struct Visitor {
+    connector: tokio_rustls::TlsConnector,
+    host: rustls::pki_types::ServerName<'static>,
+    via: String,
 }
 
-/// The visitor side of `specter connect --listen`: each local connection gets
-/// its own TLS connection to `via` for `host`, until `stop` fires.
+impl Visitor {
+    /// Trusts the CA certificates in `ca_pem` for the ingress of `via`, and
+    /// asks for tunnel `host` (`NAME.DOMAIN`).
+    pub fn new(via: &str, host: &str, ca_pem: &[u8]) -> Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(ca_pem) {
+            roots
+                .add(ca.context("parsing the CA file")?)
+                .context("adding the CA")?;
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![ALPN_TCP.to_vec()];
+        Ok(Visitor {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            host: rustls::pki_types::ServerName::try_from(host.to_string())
+                .context("invalid host name")?,
+            via: via.to_string(),
+        })
+    }
+
+    /// Opens one TLS connection through the ingress.
+    pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let via = &self.via;
+        let tcp = TcpStream::connect(via)
+            .await
+            .with_context(|| format!("connecting to {via}"))?;
+        let _ = tcp.set_nodelay(true);
+        self.connector
+            .connect(self.host.clone(), tcp)
+            .await
+            .with_context(|| format!("TLS with {via} for {}", self.host.to_str()))
+    }
+}
+
+/// `specter connect --listen`: each local connection gets its own TLS
+/// connection through `visitor`, until `stop` fires.
 pub async fn connect_listener(
     listener: TcpListener,
-    via: String,
-    host: String,
-    ca_pem: Arc<Vec<u8>>,
+    visitor: Arc<Visitor>,
     stop: CancellationToken,
 ) {
     loop {
@@ -242,9 +255,9 @@ pub async fn connect_listener(
                 }
             },
         };
-        let (via, host, ca_pem) = (via.clone(), host.clone(), ca_pem.clone());
+        let visitor = visitor.clone();
         tokio::spawn(async move {
-            match connect(&via, &host, &ca_pem).await {
+            match visitor.connect().await {
                 Ok(mut tls) => {
                     if let Err(err) = specter_tunnel::splice::splice(&mut local, &mut tls).await {
                         tracing::debug!(%err, "connection ended with an error");

@@ -390,8 +390,9 @@ async fn run_connect(
     ca_pem: Vec<u8>,
     listen: Option<std::net::SocketAddr>,
 ) -> Result<()> {
+    let visitor = specter::ingress::Visitor::new(&via, &host, &ca_pem)?;
     let Some(addr) = listen else {
-        let mut tls = specter::ingress::connect(&via, &host, &ca_pem).await?;
+        let mut tls = visitor.connect().await?;
         let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
         specter_tunnel::splice::splice(&mut stdio, &mut tls).await?;
         return Ok(());
@@ -406,9 +407,7 @@ async fn run_connect(
     let stop = tokio_util::sync::CancellationToken::new();
     let serving = tokio::spawn(specter::ingress::connect_listener(
         listener,
-        via,
-        host,
-        std::sync::Arc::new(ca_pem),
+        std::sync::Arc::new(visitor),
         stop.clone(),
     ));
     wait_for_signal().await?;
