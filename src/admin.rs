@@ -108,11 +108,8 @@ fn route(head: &[u8], node: &NodeShared) -> (&'static str, &'static str, String)
     }
 }
 
-/// Longest tunnel name (a DNS label).
-const MAX_NAME_LEN: usize = 63;
-
 /// `GET /dht/get?name=N` or `POST /dht/put?name=N`: `Some(Ok((is_write, name)))`.
-fn dht_route(head: &[u8]) -> Option<Result<(bool, String), &'static str>> {
+fn dht_route(head: &[u8]) -> Option<Result<(bool, String), String>> {
     let line = std::str::from_utf8(head.split(|&b| b == b'\r').next()?).ok()?;
     let mut parts = line.split(' ');
     let (method, target) = (parts.next()?, parts.next()?);
@@ -126,21 +123,11 @@ fn dht_route(head: &[u8]) -> Option<Result<(bool, String), &'static str>> {
         .split('&')
         .find_map(|kv| kv.strip_prefix("name="))
         .unwrap_or_default();
-    Some(if valid_name(name) {
-        Ok((write, name.to_string()))
-    } else {
-        Err("name must be 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'")
-    })
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    Some(
+        specter_tunnel::names::validate(name)
+            .map(|()| (write, name.to_string()))
+            .map_err(|e| e.to_string()),
+    )
 }
 
 /// Runs a DHT read (or an operator test registration) through this node.

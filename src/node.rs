@@ -308,11 +308,6 @@ impl Node {
         self.shared.status()
     }
 
-    /// A token that fires when the node stops.
-    pub fn stopped(&self) -> CancellationToken {
-        self.stop.clone()
-    }
-
     /// Leaves the cluster gracefully (members see it down at once), then closes.
     pub async fn shutdown(mut self) {
         self.leave.cancel();

@@ -633,23 +633,7 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
 
 async fn upgrade_echo(dir: &Path, https: &str, host: &str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ca = std::fs::read(dir.join("ca/ca.crt")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(specter::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut tls = tls_to(dir, https, host).await;
     tls.write_all(
         format!("GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
             .as_bytes(),

@@ -108,4 +108,10 @@ fn converged_views_take_one_hop_and_partial_views_few() {
         "mean {} > ½·log2 N = {bound}",
         partial.mean
     );
+    // Only a node that is itself missing the owner can answer wrongly.
+    assert!(
+        partial.correct >= 0.98,
+        "{:.3} answered by the true owner",
+        partial.correct
+    );
 }

@@ -478,16 +478,6 @@ impl Membership {
             .collect()
     }
 
-    /// Ids of the active (alive or suspect) members, not including this node.
-    pub fn live_ids(&self) -> Vec<NodeId> {
-        self.foca.iter_members().map(|m| m.id().id).collect()
-    }
-
-    /// This node's own published metadata.
-    pub fn own_meta(&self) -> &NodeMeta {
-        &self.own_meta
-    }
-
     /// Counters since start.
     pub fn stats(&self) -> GossipStats {
         self.stats
