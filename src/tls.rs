@@ -285,6 +285,9 @@ pub fn client_quic_config(
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
+    // Nodes open one stream per visitor to the client.
+    t.max_concurrent_bidi_streams(crate::transport::MAX_STREAMS_PER_PEER.into());
+    t.receive_window(crate::transport::CONNECTION_RECEIVE_WINDOW.into());
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(CLIENT_IDLE_TIMEOUT).expect("3 s fits a QUIC varint"),
     ));
@@ -298,6 +301,7 @@ pub fn node_transport() -> quinn::TransportConfig {
     t.keep_alive_interval(Some(NODE_KEEP_ALIVE));
     t.max_concurrent_bidi_streams(crate::transport::MAX_STREAMS_PER_PEER.into());
     t.max_concurrent_uni_streams(0u32.into());
+    t.receive_window(crate::transport::CONNECTION_RECEIVE_WINDOW.into());
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(NODE_IDLE_TIMEOUT).expect("10 s fits a QUIC varint"),
     ));

@@ -104,10 +104,16 @@ pub struct Inboxes {
 /// [`STREAM_BUSY`] rather than queued without bound.
 pub const STREAM_INBOX_CAPACITY: usize = 256;
 
-/// Bi-streams one node may have open to us at once (QUIC flow control
-/// enforces it): enough for replication, lookups and anti-entropy in parallel,
-/// small enough that one peer cannot tie up the RPC server.
-pub const MAX_STREAMS_PER_PEER: u32 = 64;
+/// Bi-streams a peer may have open to us at once (QUIC enforces it). Each
+/// forwarded visitor holds one for its whole life, so this bounds concurrent
+/// visitors per pair of nodes (and per client attachment); 64 stalled the
+/// 65th visitor. Memory stays bounded by [`CONNECTION_RECEIVE_WINDOW`], not
+/// by the stream count.
+pub const MAX_STREAMS_PER_PEER: u32 = 4_096;
+
+/// Bytes a peer may have in flight to us across all streams of a connection,
+/// so many open streams cannot make us buffer without bound.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 
 /// Stream reset code: the RPC server is overloaded.
 pub const STREAM_BUSY: VarInt = VarInt::from_u32(0x20);

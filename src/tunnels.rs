@@ -220,7 +220,11 @@ impl Tunnels {
                 .connect(peer.addr, Some(peer.id))
                 .await
                 .ok()?;
-            let (mut send, recv) = conn.open_bi().await.ok()?;
+            // A peer at its stream limit must not stall the visitor forever.
+            let (mut send, recv) = tokio::time::timeout(VISIT_READY_TIMEOUT, conn.open_bi())
+                .await
+                .ok()?
+                .ok()?;
             send.write_all(&[STREAM_FORWARD]).await.ok()?;
             write_msg(&mut send, visit).await.ok()?;
             Some((send, recv))
@@ -530,7 +534,7 @@ async fn open_to_client(
     conn: &Connection,
     visit: &Visit,
 ) -> anyhow::Result<(SendStream, RecvStream)> {
-    let (mut send, recv) = conn.open_bi().await?;
+    let (mut send, recv) = tokio::time::timeout(VISIT_READY_TIMEOUT, conn.open_bi()).await??;
     write_msg(&mut send, visit).await?;
     Ok((send, recv))
 }
