@@ -121,7 +121,9 @@ impl NodeShared {
         ) -> Command,
     ) -> Option<(specter_dht::Outcome, std::time::Duration)> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.dht.try_send(command(tx)).ok()?;
+        // A burst waits for room rather than failing: the driver drains
+        // commands quickly and each one is bounded by its RPC timeouts.
+        self.dht.send(command(tx)).await.ok()?;
         rx.await.ok()
     }
 }

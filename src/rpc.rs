@@ -140,11 +140,7 @@ pub async fn serve(
             match (got, kind[0]) {
                 (Ok(Ok(())), STREAM_RPC) => serve_one(stream, dht).await,
                 (Ok(Ok(())), STREAM_FORWARD) => {
-                    if let Err(
-                        mpsc::error::TrySendError::Full(mut s)
-                        | mpsc::error::TrySendError::Closed(mut s),
-                    ) = forwards.try_send(stream)
-                    {
+                    if let Err(mpsc::error::SendError(mut s)) = forwards.send(stream).await {
                         let _ = s.send.reset(crate::transport::STREAM_BUSY);
                         let _ = s.recv.stop(crate::transport::STREAM_BUSY);
                     }

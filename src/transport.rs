@@ -100,8 +100,9 @@ pub struct Inboxes {
     pub clients: ClientInbox,
 }
 
-/// Streams waiting for the RPC server. When full, new streams are reset with
-/// [`STREAM_BUSY`] rather than queued without bound.
+/// Streams waiting for the RPC server. When full, the connection that has a
+/// new stream waits (backpressure) rather than queueing without bound or
+/// refusing a visitor that a burst brought.
 pub const STREAM_INBOX_CAPACITY: usize = 256;
 
 /// Bi-streams a peer may have open to us at once (QUIC enforces it). Each
@@ -115,7 +116,7 @@ pub const MAX_STREAMS_PER_PEER: u32 = 4_096;
 /// so many open streams cannot make us buffer without bound.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 
-/// Stream reset code: the RPC server is overloaded.
+/// Stream reset code: the node is shutting down and serves no more streams.
 pub const STREAM_BUSY: VarInt = VarInt::from_u32(0x20);
 
 /// Why a dial failed. The pool is unchanged.
@@ -434,16 +435,16 @@ impl Transport {
 
     /// Hands every bi-stream the peer opens to the RPC server.
     async fn accept_streams(self: Arc<Self>, conn: Connection, peer: NodeId) {
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let incoming = IncomingStream { peer, send, recv };
-            if let Err(
-                mpsc::error::TrySendError::Full(rejected)
-                | mpsc::error::TrySendError::Closed(rejected),
-            ) = self.streams.try_send(incoming)
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            // Waiting here when the inbox is full holds back only this peer,
+            // and QUIC's stream limit then bounds what it can open.
+            if self
+                .streams
+                .send(IncomingStream { peer, send, recv })
+                .await
+                .is_err()
             {
-                (send, recv) = (rejected.send, rejected.recv);
-                let _ = send.reset(STREAM_BUSY);
-                let _ = recv.stop(STREAM_BUSY);
+                return;
             }
         }
     }

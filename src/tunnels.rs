@@ -40,8 +40,6 @@ pub const PEER_SAMPLE: usize = 8;
 
 /// Close code for a refused client.
 pub const CLOSE_REFUSED: VarInt = VarInt::from_u32(0x30);
-/// Close code: the client connection did not answer a visit.
-pub const CLOSE_STALE: VarInt = VarInt::from_u32(0x34);
 /// Close code: the same client connected again; this connection is stale.
 pub const CLOSE_REPLACED: VarInt = VarInt::from_u32(0x33);
 /// Stream reset code: the tunnel is not attached here.
@@ -69,18 +67,85 @@ pub enum OpenError {
     TargetRefused,
 }
 
-/// How long a client has to answer a visit (connect to its target and say
-/// so) before the node gives up on that attachment and tries the next. A
-/// live client on a LAN answers in a millisecond or two; a dead one never.
-pub const VISIT_READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one attachment may take to answer a visit before the next one
+/// is tried as well. The slow attempt is not abandoned: under a burst a live
+/// client can take longer than this, and a dead one (killed, its connection
+/// not yet timed out) never answers, so racing the next attachment serves
+/// both without failing either kind of visitor.
+pub const VISIT_HEDGE_AFTER: Duration = Duration::from_secs(2);
+/// A visit that no attachment answered within this long fails (502).
+pub const VISIT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Waits for the client's (or the attached node's) answer to a visit.
-async fn await_ready(recv: &mut RecvStream, within: Duration) -> Result<(), OpenError> {
-    match tokio::time::timeout(within, read_frame::<VisitReply>(recv)).await {
-        Ok(Ok(VisitReply::Ready)) => Ok(()),
-        Ok(Ok(VisitReply::TargetRefused)) => Err(OpenError::TargetRefused),
-        _ => Err(OpenError::Unreachable),
+async fn await_ready(recv: &mut RecvStream) -> Result<(), OpenError> {
+    match read_frame::<VisitReply>(recv).await {
+        Ok(VisitReply::Ready) => Ok(()),
+        Ok(VisitReply::TargetRefused) => Err(OpenError::TargetRefused),
+        Err(_) => Err(OpenError::Unreachable),
     }
+}
+
+/// One way to a tunnel's client.
+#[derive(Clone)]
+enum Path {
+    /// The client is attached to this node over this connection.
+    Local(Connection),
+    /// The client is attached to this other node.
+    Via(Peer),
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Local(conn) => write!(f, "client at {}", conn.remote_address()),
+            Path::Via(peer) => write!(f, "node {}", peer.id),
+        }
+    }
+}
+
+type Pair = (SendStream, RecvStream);
+
+/// Opens a visitor stream along `path` and waits until the far end is ready.
+async fn attempt(node: Arc<NodeShared>, path: Path, visit: Visit) -> Result<Pair, OpenError> {
+    let (mut send, mut recv) = match &path {
+        Path::Local(conn) => {
+            let (mut send, recv) = conn.open_bi().await.map_err(|_| OpenError::Unreachable)?;
+            write_msg(&mut send, &visit)
+                .await
+                .map_err(|_| OpenError::Unreachable)?;
+            (send, recv)
+        }
+        Path::Via(peer) => {
+            let (_, conn) = node
+                .transport
+                .connect(peer.addr, Some(peer.id))
+                .await
+                .map_err(|_| OpenError::Unreachable)?;
+            let (mut send, recv) = conn.open_bi().await.map_err(|_| OpenError::Unreachable)?;
+            send.write_all(&[STREAM_FORWARD])
+                .await
+                .map_err(|_| OpenError::Unreachable)?;
+            write_msg(&mut send, &visit)
+                .await
+                .map_err(|_| OpenError::Unreachable)?;
+            (send, recv)
+        }
+    };
+    match await_ready(&mut recv).await {
+        Ok(()) => Ok((send, recv)),
+        Err(err) => {
+            let _ = send.reset(STREAM_NOT_HERE);
+            let _ = recv.stop(STREAM_NOT_HERE);
+            Err(err)
+        }
+    }
+}
+
+/// Where the next paths to try come from.
+struct Paths {
+    queue: std::collections::VecDeque<Path>,
+    /// Still to ask the route cache or the DHT for remote attachments.
+    route_pending: bool,
 }
 
 /// Local attachments and the route cache.
@@ -141,17 +206,27 @@ impl Tunnels {
 
     /// Opens a stream to the client of `name` for a visitor: directly when it
     /// is attached here, else through a node it is attached to (route cache,
-    /// then DHT). Attachments that fail are skipped.
-    pub async fn open(
-        &self,
-        name: &str,
-        visit: &Visit,
-    ) -> Result<(SendStream, RecvStream), OpenError> {
-        match self.open_local(name, visit).await {
-            Ok(pair) => return Ok(pair),
-            Err(OpenError::TargetRefused) => return Err(OpenError::TargetRefused),
-            Err(_) => {}
+    /// then DHT). Attachments that fail are skipped, and one that is slow to
+    /// answer is raced against the next (see [`VISIT_HEDGE_AFTER`]).
+    pub async fn open(&self, name: &str, visit: &Visit) -> Result<Pair, OpenError> {
+        let mut paths = Paths {
+            queue: self.local(name).into_iter().map(Path::Local).collect(),
+            route_pending: true,
+        };
+        if paths.queue.is_empty() {
+            // Not attached here: the route decides whether the name exists.
+            paths.queue.extend(self.route(name).await?);
+            paths.route_pending = false;
         }
+        let opened = self.race(name, visit, paths).await;
+        if matches!(opened, Err(OpenError::Unreachable)) {
+            self.routes.invalidate(name);
+        }
+        opened
+    }
+
+    /// Remote attachments of `name`: from the route cache, else the DHT.
+    async fn route(&self, name: &str) -> Result<Vec<Path>, OpenError> {
         let now = std::time::Instant::now();
         let route = match self.routes.get(name, now) {
             Cached::Found(route) => route,
@@ -192,72 +267,70 @@ impl Tunnels {
                 }
             }
         };
-        if route.is_empty() {
+        let remote: Vec<Path> = route
+            .into_iter()
+            .filter(|p| p.id != self.node.id)
+            .map(Path::Via)
+            .collect();
+        if remote.is_empty() {
             return Err(OpenError::Unreachable);
         }
-        for peer in route.iter().filter(|p| p.id != self.node.id) {
-            match self.forward_via(*peer, visit).await {
-                Ok(pair) => return Ok(pair),
-                Err(OpenError::TargetRefused) => return Err(OpenError::TargetRefused),
-                Err(err) => {
-                    tracing::info!(tunnel = name, via = %peer.id, %err, "attachment failed, trying the next")
+        Ok(remote)
+    }
+
+    /// The next path to try: local connections first, then (looked up only
+    /// when needed) the nodes the client is attached to.
+    async fn next_path(&self, name: &str, paths: &mut Paths) -> Option<Path> {
+        if paths.queue.is_empty() && paths.route_pending {
+            paths.route_pending = false;
+            if let Ok(remote) = self.route(name).await {
+                paths.queue.extend(remote);
+            }
+        }
+        paths.queue.pop_front()
+    }
+
+    /// Tries `paths` in order until one is ready: the next starts when the
+    /// previous fails, or alongside it once it has been silent for
+    /// [`VISIT_HEDGE_AFTER`]. Gives up after [`VISIT_DEADLINE`].
+    async fn race(&self, name: &str, visit: &Visit, mut paths: Paths) -> Result<Pair, OpenError> {
+        let began = tokio::time::Instant::now();
+        let deadline = began + VISIT_DEADLINE;
+        let mut running = tokio::task::JoinSet::new();
+        let mut hedge_at = deadline;
+        loop {
+            if running.is_empty() || tokio::time::Instant::now() >= hedge_at {
+                match self.next_path(name, &mut paths).await {
+                    Some(path) => {
+                        if !running.is_empty() {
+                            tracing::info!(tunnel = name, next = %path, waited_ms = began.elapsed().as_millis() as u64, "no attachment answered yet; trying the next as well");
+                        }
+                        let node = self.node.clone();
+                        let visit = visit.clone();
+                        let label = path.to_string();
+                        running.spawn(async move { (label, attempt(node, path, visit).await) });
+                        hedge_at = tokio::time::Instant::now() + VISIT_HEDGE_AFTER;
+                    }
+                    None if running.is_empty() => return Err(OpenError::Unreachable),
+                    None => hedge_at = deadline,
+                }
+            }
+            tokio::select! {
+                Some(joined) = running.join_next() => match joined {
+                    Ok((_, Ok(pair))) => return Ok(pair),
+                    Ok((_, Err(OpenError::TargetRefused))) => return Err(OpenError::TargetRefused),
+                    Ok((path, Err(err))) => {
+                        tracing::info!(tunnel = name, via = %path, %err, "attachment failed, trying the next");
+                    }
+                    Err(err) => tracing::warn!(tunnel = name, %err, "visit attempt panicked"),
+                },
+                () = tokio::time::sleep_until(hedge_at) => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(tunnel = name, "no attachment answered within {VISIT_DEADLINE:?}");
+                    return Err(OpenError::Unreachable);
                 }
             }
         }
-        self.routes.invalidate(name);
-        Err(OpenError::Unreachable)
-    }
-
-    async fn forward_via(
-        &self,
-        peer: Peer,
-        visit: &Visit,
-    ) -> Result<(SendStream, RecvStream), OpenError> {
-        let opened = async {
-            let (_, conn) = self
-                .node
-                .transport
-                .connect(peer.addr, Some(peer.id))
-                .await
-                .ok()?;
-            // A peer at its stream limit must not stall the visitor forever.
-            let (mut send, recv) = tokio::time::timeout(VISIT_READY_TIMEOUT, conn.open_bi())
-                .await
-                .ok()?
-                .ok()?;
-            send.write_all(&[STREAM_FORWARD]).await.ok()?;
-            write_msg(&mut send, visit).await.ok()?;
-            Some((send, recv))
-        }
-        .await;
-        let (send, mut recv) = opened.ok_or(OpenError::Unreachable)?;
-        // The attached node waits up to VISIT_READY_TIMEOUT for its client.
-        await_ready(&mut recv, VISIT_READY_TIMEOUT + Duration::from_secs(1)).await?;
-        Ok((send, recv))
-    }
-
-    /// Opens a visitor stream to a client attached here and waits for it to
-    /// be ready. A connection that does not answer is stale: it is closed and
-    /// the next one tried.
-    async fn open_local(
-        &self,
-        name: &str,
-        visit: &Visit,
-    ) -> Result<(SendStream, RecvStream), OpenError> {
-        for conn in self.local(name) {
-            let Ok((send, mut recv)) = open_to_client(&conn, visit).await else {
-                continue;
-            };
-            match await_ready(&mut recv, VISIT_READY_TIMEOUT).await {
-                Ok(()) => return Ok((send, recv)),
-                Err(OpenError::TargetRefused) => return Err(OpenError::TargetRefused),
-                Err(_) => {
-                    tracing::info!(tunnel = name, remote = %conn.remote_address(), "client connection did not answer a visit; closing it as stale");
-                    conn.close(CLOSE_STALE, b"did not answer a visit");
-                }
-            }
-        }
-        Err(OpenError::Unreachable)
     }
 
     /// Serves a forwarded visitor that another node sent here.
@@ -274,7 +347,15 @@ impl Tunnels {
                 return;
             }
         };
-        let (mut c_send, mut c_recv) = match self.open_local(&visit.name, &visit).await {
+        let paths = Paths {
+            queue: self
+                .local(&visit.name)
+                .into_iter()
+                .map(Path::Local)
+                .collect(),
+            route_pending: false,
+        };
+        let (mut c_send, mut c_recv) = match self.race(&visit.name, &visit, paths).await {
             Ok(pair) => pair,
             Err(OpenError::TargetRefused) => {
                 let _ = crate::rpc::write_frame(&mut send, &VisitReply::TargetRefused).await;
@@ -527,14 +608,4 @@ impl Tunnels {
         }
         Ok(names)
     }
-}
-
-/// Opens a visitor stream to a client and sends the header.
-async fn open_to_client(
-    conn: &Connection,
-    visit: &Visit,
-) -> anyhow::Result<(SendStream, RecvStream)> {
-    let (mut send, recv) = tokio::time::timeout(VISIT_READY_TIMEOUT, conn.open_bi()).await??;
-    write_msg(&mut send, visit).await?;
-    Ok((send, recv))
 }
