@@ -303,7 +303,7 @@ impl Tunnels {
                 match self.next_path(name, &mut paths).await {
                     Some(path) => {
                         if !running.is_empty() {
-                            tracing::info!(tunnel = name, next = %path, waited_ms = began.elapsed().as_millis() as u64, "no attachment answered yet; trying the next as well");
+                            tracing::info!(tunnel = name, next = %path, waited = ?began.elapsed(), "no attachment answered yet; trying the next as well");
                         }
                         let node = self.node.clone();
                         let visit = visit.clone();
