@@ -6,13 +6,14 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use quinn::Endpoint;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use specter_dht::Peer;
 use specter_gossip::NodeId;
+use specter_tunnel::dialer::Dialer;
 use specter_tunnel::protocol::{
     ClientMsg, NodeMsg, RefuseCode, TUNNEL_PROTOCOL_VERSION, Visit, VisitReply,
 };
@@ -24,8 +25,11 @@ use crate::rpc::{read_frame, write_msg};
 /// Attachments a client keeps (k): two nodes can fail at once and the tunnel
 /// still has a path.
 pub const ATTACHMENTS: usize = 3;
-/// First and longest wait before replacing a lost attachment.
+/// Backoff of one node's address after it failed, from this (jittered,
+/// doubling per failure)...
 const RETRY_MIN: Duration = Duration::from_millis(200);
+/// ...up to this, forever: a client whose network is gone comes back within
+/// this long of its return.
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often the peer sample is refreshed.
 const PEERS_REFRESH: Duration = Duration::from_secs(30);
@@ -131,9 +135,34 @@ enum Update {
     Attached(SocketAddr, Peer, Option<specter_tunnel::protocol::Ingress>),
     /// The attachment ended (`Some(node)`) or never came up (`None`).
     Lost(SocketAddr, Option<Peer>, String),
+    /// The node has been silent for [`CLIENT_SILENCE`] (`true`), or is heard
+    /// again (`false`).
+    Silent(NodeId, bool),
     Peers(Vec<Peer>),
+    /// Gossip (through one of our nodes) declared these nodes dead.
+    Down(Vec<NodeId>),
     Refused(String),
 }
+
+/// An attachment the client holds.
+struct Held {
+    peer: Peer,
+    dialed: SocketAddr,
+    /// Silent for a while: it does not count toward k until heard again.
+    silent: bool,
+    /// Cancelled to drop the attachment.
+    drop: CancellationToken,
+}
+
+/// How often an attachment checks that its node is still heard.
+const SILENCE_CHECK: Duration = Duration::from_millis(100);
+
+/// An attachment whose node has sent nothing for this long (three missed
+/// keep-alive answers, see [`crate::tls::CLIENT_KEEP_ALIVE`]) no longer
+/// counts toward k: a replacement is attached at once, while the silent
+/// connection is kept until QUIC's idle timeout decides. A node that was only
+/// slow thus costs a spare attachment, never a dropped visitor.
+pub const CLIENT_SILENCE: Duration = Duration::from_millis(600);
 
 /// Runs the client until `stop` fires or a node refuses it.
 pub async fn run(
@@ -163,12 +192,11 @@ pub async fn run(
         );
     }
     let name = names.join(",");
+    let k = options.attachments;
     let mut printed_urls = false;
     let (tx, mut rx) = mpsc::channel::<Update>(64);
-    let mut attached: HashMap<NodeId, (Peer, SocketAddr)> = HashMap::new();
-    let mut pending: HashSet<SocketAddr> = HashSet::new();
-    let mut candidates: Vec<Peer> = Vec::new();
-    let mut retry = RETRY_MIN;
+    let mut held: HashMap<NodeId, Held> = HashMap::new();
+    let mut pending: HashMap<SocketAddr, CancellationToken> = HashMap::new();
     let mut seeds = Vec::new();
     for seed in &options.via {
         seeds.extend(
@@ -180,22 +208,33 @@ pub async fn run(
     if seeds.is_empty() {
         bail!("no seed to attach through (--via)");
     }
-    let spawn = |addr: SocketAddr, pending: &mut HashSet<SocketAddr>| {
-        pending.insert(addr);
-        let session = Session {
-            endpoint: endpoint.clone(),
-            config: config.clone(),
-            names: names.clone(),
-            token: options.token.clone(),
-            targets: targets.clone(),
-            updates: tx.clone(),
-            stop: stop.clone(),
-        };
-        tokio::spawn(attachment(session, addr));
-    };
-    spawn(seeds[0], &mut pending);
-    let mut tick = tokio::time::interval(RETRY_MIN);
+    let mut dialer = Dialer::new(seeds, RETRY_MIN, RETRY_MAX);
+    let healthy = |held: &HashMap<NodeId, Held>| held.values().filter(|h| !h.silent).count();
+    let mut tick = tokio::time::interval(SILENCE_CHECK);
     loop {
+        // Top up to k healthy attachments from whatever is not backing off.
+        while healthy(&held) + pending.len() < k {
+            let busy: HashSet<SocketAddr> = held
+                .values()
+                .flat_map(|h| [h.peer.addr, h.dialed])
+                .chain(pending.keys().copied())
+                .collect();
+            let Some(addr) = dialer.next(Instant::now(), &busy, &mut rand::rng()) else {
+                break;
+            };
+            let drop = stop.child_token();
+            pending.insert(addr, drop.clone());
+            let session = Session {
+                endpoint: endpoint.clone(),
+                config: config.clone(),
+                names: names.clone(),
+                token: options.token.clone(),
+                targets: targets.clone(),
+                updates: tx.clone(),
+                drop,
+            };
+            tokio::spawn(attachment(session, addr));
+        }
         tokio::select! {
             biased;
             () = stop.cancelled() => return Ok(()),
@@ -207,46 +246,49 @@ pub async fn run(
                             println!("tunnel {n}: {}", ingress.url(n));
                         }
                     }
-                    pending.remove(&dialed);
-                    attached.insert(peer.id, (peer, dialed));
-                    retry = RETRY_MIN;
-                    println!("tunnel {name}: attached to node {} at {} ({}/{})", peer.id, peer.addr, attached.len(), options.attachments);
+                    let drop = pending.remove(&dialed).unwrap_or_default();
+                    dialer.succeeded(dialed);
+                    if held.contains_key(&peer.id) {
+                        // Reached a node we hold under another address.
+                        drop.cancel();
+                        continue;
+                    }
+                    held.insert(peer.id, Held { peer, dialed, silent: false, drop });
+                    println!("tunnel {name}: attached to node {} at {} ({}/{k})", peer.id, peer.addr, healthy(&held));
                 }
                 Update::Lost(dialed, peer, why) => {
                     pending.remove(&dialed);
+                    dialer.failed(dialed, Instant::now(), &mut rand::rng());
                     match peer {
-                        Some(peer) if attached.remove(&peer.id).is_some() => {
-                            println!("tunnel {name}: lost node {} ({why}); {}/{} attached", peer.id, attached.len(), options.attachments);
+                        Some(peer) if held.remove(&peer.id).is_some() => {
+                            println!("tunnel {name}: lost node {} ({why}); {}/{k} attached", peer.id, healthy(&held));
                         }
                         _ => tracing::info!(addr = %dialed, %why, "attach attempt failed"),
                     }
-                    candidates.retain(|c| c.addr != dialed);
                 }
-                Update::Peers(nodes) => candidates = nodes,
+                Update::Silent(node, silent) => {
+                    if let Some(h) = held.get_mut(&node).filter(|h| h.silent != silent) {
+                        h.silent = silent;
+                        if silent {
+                            println!("tunnel {name}: node {node} is silent; attaching a replacement; {}/{k} attached", healthy(&held));
+                        } else {
+                            println!("tunnel {name}: node {node} answers again; {}/{k} attached", healthy(&held));
+                        }
+                    }
+                }
+                Update::Peers(nodes) => dialer.set_sample(nodes.iter().map(|p| p.addr).collect()),
+                Update::Down(nodes) => {
+                    for node in nodes {
+                        if let Some(h) = held.get(&node) {
+                            tracing::info!(%node, "the cluster declared an attached node dead");
+                            h.drop.cancel();
+                        }
+                    }
+                }
                 Update::Refused(why) => bail!("tunnel {name}: refused: {why}"),
             },
-            _ = tick.tick() => {
-                if attached.len() + pending.len() >= options.attachments {
-                    continue;
-                }
-                // Skip nodes already attached, by the address we dialed and by
-                // the one they advertise.
-                let attached_addrs: HashSet<SocketAddr> =
-                    attached.values().flat_map(|(p, dialed)| [p.addr, *dialed]).collect();
-                let next = candidates
-                    .iter()
-                    .filter(|p| !attached.contains_key(&p.id))
-                    .map(|p| p.addr)
-                    .chain(seeds.iter().copied())
-                    .find(|a| !attached_addrs.contains(a) && !pending.contains(a));
-                if let Some(addr) = next {
-                    spawn(addr, &mut pending);
-                } else if attached.is_empty() && pending.is_empty() {
-                    tokio::time::sleep(retry).await;
-                    retry = (retry * 2).min(RETRY_MAX);
-                    spawn(seeds[rand::random_range(0..seeds.len())], &mut pending);
-                }
-            }
+            // Backoffs expire without an update: look again.
+            _ = tick.tick() => {}
         }
     }
 }
@@ -259,7 +301,8 @@ struct Session {
     token: Option<String>,
     targets: Arc<HashMap<String, String>>,
     updates: mpsc::Sender<Update>,
-    stop: CancellationToken,
+    /// Cancelled when the client stops or drops this attachment.
+    drop: CancellationToken,
 }
 
 /// One attachment: connect, register, then carry visitors until it ends.
@@ -271,7 +314,7 @@ async fn attachment(session: Session, addr: SocketAddr) {
         token,
         targets,
         updates,
-        stop,
+        drop,
     } = session;
     let result = async {
         let conn = endpoint
@@ -297,11 +340,16 @@ async fn attachment(session: Session, addr: SocketAddr) {
                 }
                 anyhow::bail!("refused: {why}")
             }
-            NodeMsg::Peers { .. } => anyhow::bail!("unexpected message"),
+            NodeMsg::Peers { .. } | NodeMsg::Down { .. } => {
+                anyhow::bail!("unexpected message before the welcome")
+            }
         }
-    }
-    .await;
-    let (conn, mut send, mut recv, node, ingress) = match result {
+    };
+    let attached = tokio::select! {
+        () = drop.cancelled() => Err(anyhow::anyhow!("stopping")),
+        r = result => r,
+    };
+    let (conn, mut send, mut recv, node, ingress) = match attached {
         Ok(x) => x,
         Err(err) => {
             let _ = updates
@@ -313,12 +361,16 @@ async fn attachment(session: Session, addr: SocketAddr) {
     let _ = updates.send(Update::Attached(addr, node, ingress)).await;
     let _ = write_msg(&mut send, &ClientMsg::Peers).await;
     let mut refresh = tokio::time::interval(PEERS_REFRESH);
+    refresh.tick().await;
+    let mut check = tokio::time::interval(SILENCE_CHECK);
+    let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
+    let mut silent = false;
     let why = loop {
         tokio::select! {
             biased;
-            () = stop.cancelled() => {
-                conn.close(0u32.into(), b"client stopping");
-                break "stopping".to_string();
+            () = drop.cancelled() => {
+                conn.close(0u32.into(), b"attachment dropped");
+                break "dropped".to_string();
             }
             stream = conn.accept_bi() => match stream {
                 Ok((s, r)) => {
@@ -330,9 +382,27 @@ async fn attachment(session: Session, addr: SocketAddr) {
                 Ok(NodeMsg::Peers { nodes }) => {
                     let _ = updates.send(Update::Peers(nodes)).await;
                 }
+                Ok(NodeMsg::Down { nodes }) => {
+                    let _ = updates.send(Update::Down(nodes)).await;
+                    // Fresh members to choose replacements from.
+                    let _ = write_msg(&mut send, &ClientMsg::Peers).await;
+                }
                 Ok(_) => {}
                 Err(e) => break e.to_string(),
             },
+            _ = check.tick() => {
+                let received = conn.stats().udp_rx.datagrams;
+                if received != heard.0 {
+                    heard = (received, Instant::now());
+                    if silent {
+                        silent = false;
+                        let _ = updates.send(Update::Silent(node.id, false)).await;
+                    }
+                } else if !silent && heard.1.elapsed() >= CLIENT_SILENCE {
+                    silent = true;
+                    let _ = updates.send(Update::Silent(node.id, true)).await;
+                }
+            }
             _ = refresh.tick() => {
                 let _ = write_msg(&mut send, &ClientMsg::Peers).await;
             }

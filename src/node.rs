@@ -92,6 +92,8 @@ pub struct NodeShared {
     pub advertise: SocketAddr,
     /// The connection pool.
     pub transport: Arc<Transport>,
+    /// Live members other than this node, as gossip sees them.
+    pub live: tokio::sync::watch::Receiver<Vec<specter_dht::Peer>>,
     view: SharedView,
     dht_status: SharedDhtStatus,
     dht: tokio::sync::mpsc::Sender<Command>,
@@ -251,6 +253,7 @@ impl Node {
             id: tls.id,
             advertise: options.advertise,
             transport: transport.clone(),
+            live: live_rx.clone(),
             view,
             dht_status,
             dht: cmd_tx,

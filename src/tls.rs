@@ -240,11 +240,15 @@ impl NodeTls {
     }
 }
 
-/// QUIC keep-alive, client↔node: a dead attachment must be noticed within a
-/// few seconds so the client re-attaches elsewhere.
-pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// QUIC keep-alive, client↔node: the node's acknowledgements of these tell
+/// the client it is alive; after three unanswered ones the client attaches a
+/// replacement (see `client::CLIENT_SILENCE`). A few dozen bytes each, five
+/// a second per attachment.
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_millis(200);
 
-/// QUIC idle timeout, client↔node: three missed keep-alives.
+/// QUIC idle timeout, client↔node: a connection silent this long is closed.
+/// Longer than the silence that triggers a replacement, so a node that is
+/// only slow for a moment keeps its visitors.
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Server name a client sends to a node (nodes are identified by the CA, not

@@ -3,7 +3,7 @@
 //! opening streams to a tunnel's client, directly when it is attached here or
 //! through a node it is attached to.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rand::seq::SliceRandom;
 use sha2::{Digest, Sha256};
 use specter_dht::{ClientId, Outcome, Peer, WriteOp};
+use specter_gossip::NodeId;
 use specter_tunnel::names;
 use specter_tunnel::protocol::{
     ClientMsg, MAX_NAMES_PER_CLIENT, NodeMsg, RefuseCode, STREAM_FORWARD, TUNNEL_PROTOCOL_VERSION,
@@ -491,11 +492,24 @@ impl Tunnels {
     ) {
         let mut renew = tokio::time::interval(RENEW);
         renew.tick().await;
+        let mut live = self.node.live.clone();
+        let mut known: HashSet<NodeId> = live.borrow_and_update().iter().map(|p| p.id).collect();
         loop {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
                 _ = conn.closed() => return,
+                changed = live.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now: HashSet<NodeId> = live.borrow_and_update().iter().map(|p| p.id).collect();
+                    let nodes: Vec<NodeId> = known.difference(&now).copied().collect();
+                    known = now;
+                    if !nodes.is_empty() && write_msg(send, &NodeMsg::Down { nodes }).await.is_err() {
+                        return;
+                    }
+                }
                 _ = renew.tick() => {
                     for n in names {
                         let _ = self.attach(client, n).await;
@@ -515,18 +529,11 @@ impl Tunnels {
     }
 
     fn peer_sample(&self) -> Vec<Peer> {
-        let status = self.node.status();
-        let mut nodes: Vec<Peer> = status
-            .members
-            .iter()
-            .filter(|m| m.state == specter_gossip::MemberState::Alive)
-            .filter_map(|m| {
-                Some(Peer {
-                    id: specter_gossip::NodeId(u64::from_str_radix(&m.id, 16).ok()?),
-                    addr: m.addr,
-                })
-            })
-            .collect();
+        let mut nodes: Vec<Peer> = self.node.live.borrow().clone();
+        nodes.push(Peer {
+            id: self.node.id,
+            addr: self.node.advertise,
+        });
         nodes.shuffle(&mut rand::rng());
         nodes.truncate(PEER_SAMPLE);
         nodes

@@ -147,8 +147,17 @@ pub struct DhtStats {
 }
 
 enum OpKind {
-    Get { name: String },
-    Write { name: String, op: WriteOp },
+    /// `missed`: a holder answered that it has no such record. A node that
+    /// just took over a range may not have received it yet, so a miss is
+    /// only believed once a second holder confirms it.
+    Get {
+        name: String,
+        missed: bool,
+    },
+    Write {
+        name: String,
+        op: WriteOp,
+    },
 }
 
 struct Op {
@@ -349,17 +358,24 @@ impl DhtNode {
     pub fn start_get(&mut self, now: u64, name: &str) -> OpId {
         let op = self.id();
         let key = key_of(name);
+        let mut lookup = Lookup::new(key, &self.view, self.config.max_hops);
+        let mut missed = false;
         if self.view.route(key) == Route::Local {
             let item = self.store.get(key).cloned();
-            self.complete(op, Outcome::Got { item, hops: 0 });
-            return op;
+            if item.is_some() {
+                self.complete(op, Outcome::Got { item, hops: 0 });
+                return op;
+            }
+            // Ours, but not here (yet?): ask a replica before saying "none".
+            missed = true;
+            lookup.failed();
         }
-        let lookup = Lookup::new(key, &self.view, self.config.max_hops);
         self.ops.insert(
             op,
             Op {
                 kind: OpKind::Get {
                     name: name.to_string(),
+                    missed,
                 },
                 lookup,
             },
@@ -453,7 +469,7 @@ impl DhtNode {
             Next::Ask { to, any_replica } => {
                 let key = state.lookup.key();
                 let request = match &state.kind {
-                    OpKind::Get { name } => Request::Get {
+                    OpKind::Get { name, .. } => Request::Get {
                         key,
                         name: name.clone(),
                         any_replica,
@@ -469,7 +485,13 @@ impl DhtNode {
             }
             Next::Exhausted => {
                 let hops = state.lookup.hops();
-                self.complete(op, Outcome::Unreachable { hops });
+                let outcome = if matches!(state.kind, OpKind::Get { missed: true, .. }) {
+                    // Nobody else to ask: the holder's "none" stands.
+                    Outcome::Got { item: None, hops }
+                } else {
+                    Outcome::Unreachable { hops }
+                };
+                self.complete(op, outcome);
             }
         }
     }
@@ -646,6 +668,15 @@ impl DhtNode {
         };
         let hops = state.lookup.hops();
         match result {
+            Ok(Response::Found { item: None })
+                if matches!(state.kind, OpKind::Get { missed: false, .. }) =>
+            {
+                if let OpKind::Get { missed, .. } = &mut state.kind {
+                    *missed = true;
+                }
+                state.lookup.failed();
+                self.advance(now, op);
+            }
             Ok(Response::Found { item }) => self.complete(op, Outcome::Got { item, hops }),
             Ok(Response::Written { record }) => self.complete(op, Outcome::Wrote { record, hops }),
             Ok(Response::Error(code)) => self.complete(op, Outcome::Refused(code)),

@@ -299,3 +299,44 @@ fn a_healed_partition_converges_and_no_name_has_two_owners() {
     assert!(min_holders(&sim, &names) >= 3);
     println!("100 names claimed on both sides of a partition each resolved to one owner");
 }
+
+/// A node that comes back empty owns its keys again at once, before any
+/// hand-off reached it: its "not found" must not be believed alone.
+#[test]
+fn an_owner_that_restarted_empty_still_finds_every_record() {
+    let seed = 0xd47_0004;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sim = DhtSim::new(NODES, DhtConfig::default(), DhtSimConfig::lan(seed));
+    let names: Vec<String> = (0..RECORDS).map(name).collect();
+    let acked = write_all(&mut sim, &mut rng, &names, seed);
+    assert_eq!(acked.len(), RECORDS, "seed {seed:#x}");
+    let owner = sim.node(0).unwrap().view().owner(key_of(&names[0])).id;
+    let restarted = sim.index_of(owner);
+    let owned: Vec<String> = names
+        .iter()
+        .filter(|n| {
+            sim.node(restarted)
+                .is_some_and(|d| d.view().owns(key_of(n)))
+        })
+        .cloned()
+        .collect();
+    assert!(!owned.is_empty(), "node {restarted} owns some keys");
+    sim.crash(restarted);
+    sim.restart(restarted);
+    assert_eq!(
+        sim.holders(key_of(&owned[0])),
+        2,
+        "the restarted owner holds nothing yet"
+    );
+    // Through the restarted owner itself, and through others (which route
+    // to it).
+    let (found, _) = read_all(&mut sim, &[restarted, 0, 77], &owned);
+    assert_eq!(found, 3 * owned.len(), "seed {seed:#x}");
+    // A name nobody wrote is still reported missing, not unreachable.
+    let op = sim.get(restarted, "never-written");
+    assert!(sim.run_until_done(&[op], 10_000));
+    assert!(matches!(
+        sim.result(op),
+        Some(Outcome::Got { item: None, .. })
+    ));
+}

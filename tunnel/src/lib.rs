@@ -7,12 +7,14 @@
 //! - [`route_cache`]: where a name was last found, with short lifetimes,
 //!   negative entries and invalidation.
 //! - [`protocol`]: the client↔node control messages and visitor stream headers.
+//! - [`dialer`]: which node a client dials next, with per-address backoff.
 //!
 //! The client↔node protocol, ingress and forwarding build on these.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod dialer;
 pub mod names;
 pub mod protocol;
 pub mod route_cache;

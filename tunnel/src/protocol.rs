@@ -6,7 +6,9 @@
 //!   [`ClientMsg::Hello`] with the names it serves; the node answers
 //!   [`NodeMsg::Welcome`] (the names are registered and attached here) or
 //!   [`NodeMsg::Refused`] with a typed [`RefuseCode`]. Later the client may ask
-//!   for [`ClientMsg::Peers`].
+//!   for [`ClientMsg::Peers`]; the node pushes [`NodeMsg::Down`] whenever
+//!   gossip declares nodes dead, so the client drops attachments to them
+//!   without waiting for its own timeouts.
 //! - For each visitor the node opens a bi-stream to the client and writes a
 //!   [`Visit`] header; raw bytes follow both ways.
 //! - Between nodes, a stream that starts with [`STREAM_FORWARD`] carries a
@@ -71,6 +73,11 @@ pub enum NodeMsg {
     Peers {
         /// Nodes (id and QUIC address).
         nodes: Vec<Peer>,
+    },
+    /// Gossip declared these nodes dead.
+    Down {
+        /// Their ids.
+        nodes: Vec<specter_gossip::NodeId>,
     },
 }
 
