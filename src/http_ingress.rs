@@ -163,6 +163,122 @@ pub fn page(status: StatusCode, message: &str) -> Response<Body> {
     r
 }
 
+/// Opens a stream to the tunnel's client and sends `req` over it as
+/// HTTP/1.1. `Err` is the page the visitor gets, and whether the request
+/// never reached the target's answer (so a replayable one may be retried).
+async fn send_once(
+    req: Request<Body>,
+    name: &str,
+    visitor: SocketAddr,
+    tunnels: &Tunnels,
+) -> Result<Response<Incoming>, (Response<Body>, bool)> {
+    let visit = Visit {
+        name: name.to_string(),
+        visitor,
+        kind: VisitKind::Tcp,
+    };
+    let (send, recv) = match tunnels.open(name, &visit).await {
+        Ok(pair) => pair,
+        Err(OpenError::Unknown) => {
+            tracing::info!(%visitor, tunnel = %name, "404: unknown tunnel");
+            let page = page(
+                StatusCode::NOT_FOUND,
+                &format!("No tunnel named {name:?} is registered."),
+            );
+            return Err((page, false));
+        }
+        Err(OpenError::TargetRefused) => {
+            tracing::info!(%visitor, tunnel = %name, "502: target refused");
+            let page = page(
+                StatusCode::BAD_GATEWAY,
+                &format!(
+                    "Tunnel {name:?}: the client could not reach its target (connection refused)."
+                ),
+            );
+            return Err((page, false));
+        }
+        Err(OpenError::Unreachable) => {
+            tracing::info!(%visitor, tunnel = %name, "502: tunnel unreachable");
+            let page = page(
+                StatusCode::BAD_GATEWAY,
+                &format!("Tunnel {name:?} is registered but none of its attachments answered."),
+            );
+            return Err((page, false));
+        }
+    };
+    let io = TokioIo::new(tokio::io::join(recv, send));
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake::<_, Body>(io).await {
+        Ok(x) => x,
+        Err(err) => {
+            let page = page(StatusCode::BAD_GATEWAY, &format!("Tunnel {name:?}: {err}"));
+            return Err((page, true));
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(err) = conn.with_upgrades().await {
+            tracing::debug!(%err, "tunnel HTTP connection ended with an error");
+        }
+    });
+    sender.send_request(req).await.map_err(|err| {
+        tracing::info!(%visitor, tunnel = %name, %err, "502: target did not answer");
+        let page = page(
+            StatusCode::BAD_GATEWAY,
+            &format!(
+                "Tunnel {name:?}: the client could not reach its target, or the target did not answer ({err})."
+            ),
+        );
+        (page, true)
+    })
+}
+
+/// What is needed to send a request again: one with an idempotent method,
+/// no body and no upgrade. If its path dies before the answer starts (the
+/// node it went through was killed), it is retried on another path instead
+/// of failing the visitor.
+struct Replay {
+    method: hyper::Method,
+    uri: hyper::Uri,
+    headers: hyper::HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<Incoming>) -> Option<Replay> {
+        use hyper::Method;
+        use hyper::body::Body as _;
+        let idempotent = [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::DELETE,
+            Method::PUT,
+        ]
+        .contains(req.method());
+        let plain =
+            req.body().is_end_stream() && !req.headers().contains_key(hyper::header::UPGRADE);
+        (idempotent && plain).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(&self) -> Request<Body> {
+        let mut req = Request::new(
+            http_body_util::Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Attempts at a replayable request.
+const REPLAY_ATTEMPTS: usize = 3;
+
 async fn forward(
     mut req: Request<Incoming>,
     name: String,
@@ -170,48 +286,6 @@ async fn forward(
     tunnels: Arc<Tunnels>,
     proto: &'static str,
 ) -> Response<Body> {
-    let visit = Visit {
-        name: name.clone(),
-        visitor,
-        kind: VisitKind::Tcp,
-    };
-    let (send, recv) = match tunnels.open(&name, &visit).await {
-        Ok(pair) => pair,
-        Err(OpenError::Unknown) => {
-            tracing::info!(%visitor, tunnel = %name, "404: unknown tunnel");
-            return page(
-                StatusCode::NOT_FOUND,
-                &format!("No tunnel named {name:?} is registered."),
-            );
-        }
-        Err(OpenError::TargetRefused) => {
-            tracing::info!(%visitor, tunnel = %name, "502: target refused");
-            return page(
-                StatusCode::BAD_GATEWAY,
-                &format!(
-                    "Tunnel {name:?}: the client could not reach its target (connection refused)."
-                ),
-            );
-        }
-        Err(OpenError::Unreachable) => {
-            tracing::info!(%visitor, tunnel = %name, "502: tunnel unreachable");
-            return page(
-                StatusCode::BAD_GATEWAY,
-                &format!("Tunnel {name:?} is registered but none of its attachments answered."),
-            );
-        }
-    };
-    let io = TokioIo::new(tokio::io::join(recv, send));
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake::<_, Incoming>(io).await {
-        Ok(x) => x,
-        Err(err) => return page(StatusCode::BAD_GATEWAY, &format!("Tunnel {name:?}: {err}")),
-    };
-    tokio::spawn(async move {
-        if let Err(err) = conn.with_upgrades().await {
-            tracing::debug!(%err, "tunnel HTTP connection ended with an error");
-        }
-    });
-
     // The target speaks HTTP/1.1: carry the authority of HTTP/2 requests as Host.
     let host = req
         .headers()
@@ -245,16 +319,23 @@ async fn forward(
 
     let wants_upgrade = req.headers().contains_key(hyper::header::UPGRADE);
     let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
-    let mut resp = match sender.send_request(req).await {
-        Ok(r) => r,
-        Err(err) => {
-            tracing::info!(%visitor, tunnel = %name, %err, "502: target did not answer");
-            return page(
-                StatusCode::BAD_GATEWAY,
-                &format!(
-                    "Tunnel {name:?}: the client could not reach its target, or the target did not answer ({err})."
-                ),
-            );
+    let replay = Replay::of(&req);
+    let mut next = Some(req.map(BodyExt::boxed));
+    let mut attempts = 0;
+    let mut resp = loop {
+        attempts += 1;
+        let req = next.take().or_else(|| replay.as_ref().map(Replay::request));
+        let Some(req) = req else {
+            unreachable!("only replayable requests are attempted again")
+        };
+        match send_once(req, &name, visitor, &tunnels).await {
+            Ok(resp) => break resp,
+            Err((page, retry)) => match &replay {
+                Some(_) if retry && attempts < REPLAY_ATTEMPTS => {
+                    tracing::info!(%visitor, tunnel = %name, attempts, "retrying a replayable request on another path");
+                }
+                _ => return page,
+            },
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS

@@ -36,6 +36,8 @@ pub const CLOSE_BAD_ALPN: VarInt = VarInt::from_u32(0x14);
 pub const CLOSE_NOT_MEMBER: VarInt = VarInt::from_u32(0x15);
 /// Close code: too many connections waiting to be served.
 pub const CLOSE_BUSY: VarInt = VarInt::from_u32(0x16);
+/// Close code: gossip declared the peer dead.
+pub const CLOSE_PEER_DOWN: VarInt = VarInt::from_u32(0x17);
 
 /// Client connections waiting for the tunnel server; beyond this, new ones
 /// are closed with [`CLOSE_BUSY`].
@@ -563,6 +565,17 @@ impl Transport {
             }
             !idle
         });
+    }
+
+    /// Closes the connection to `peer`, which gossip declared dead. QUIC
+    /// alone would keep it for [`crate::tls::NODE_IDLE_TIMEOUT`], and every
+    /// stream on it (a forwarded visitor) would stall that long instead of
+    /// failing at once and being retried elsewhere.
+    pub fn forget(&self, peer: NodeId) {
+        if let Some(entry) = self.pool().conns.remove(&peer) {
+            tracing::debug!(%peer, "closing the connection to a node declared dead");
+            entry.conn.close(CLOSE_PEER_DOWN, b"declared dead");
+        }
     }
 
     /// Closes every connection and the endpoint, then waits (bounded) for the

@@ -76,6 +76,10 @@ pub enum OpenError {
 pub const VISIT_HEDGE_AFTER: Duration = Duration::from_secs(2);
 /// A visit that no attachment answered within this long fails (502).
 pub const VISIT_DEADLINE: Duration = Duration::from_secs(10);
+/// A node that failed a visit or was slow to answer one is tried after the
+/// others for this long, so one dead node (not yet declared dead by gossip)
+/// costs the first visitor a hedge delay, not every visitor.
+pub const SLOW_FOR: Duration = Duration::from_secs(10);
 
 /// Waits for the client's (or the attached node's) answer to a visit.
 async fn await_ready(recv: &mut RecvStream) -> Result<(), OpenError> {
@@ -157,6 +161,9 @@ pub struct Tunnels {
     token_cas: Option<Vec<Vec<u8>>>,
     attached: Mutex<HashMap<String, Vec<Connection>>>,
     routes: RouteCache<Vec<Peer>>,
+    /// Nodes that lately failed or were slow to answer a visit, and until
+    /// when they are tried last.
+    slow: Mutex<HashMap<NodeId, std::time::Instant>>,
     public: std::sync::OnceLock<specter_tunnel::protocol::Ingress>,
 }
 
@@ -169,6 +176,7 @@ impl Tunnels {
             token_cas,
             attached: Mutex::new(HashMap::new()),
             routes: RouteCache::new(),
+            slow: Mutex::new(HashMap::new()),
             public: std::sync::OnceLock::new(),
         })
     }
@@ -199,8 +207,10 @@ impl Tunnels {
         v
     }
 
-    /// Forgets cached routes through a node that was declared dead.
+    /// Forgets cached routes through a node that was declared dead, and
+    /// fails the streams still open to it.
     pub fn node_down(&self, node: specter_gossip::NodeId) {
+        self.node.transport.forget(node);
         self.routes
             .invalidate_where(|route| route.iter().any(|p| p.id == node));
     }
@@ -224,6 +234,15 @@ impl Tunnels {
             self.routes.invalidate(name);
         }
         opened
+    }
+
+    fn mark_slow(&self, node: NodeId, slow: bool) {
+        let mut marks = self.slow.lock().unwrap_or_else(PoisonError::into_inner);
+        if slow {
+            marks.insert(node, std::time::Instant::now() + SLOW_FOR);
+        } else {
+            marks.remove(&node);
+        }
     }
 
     /// Remote attachments of `name`: from the route cache, else the DHT.
@@ -268,11 +287,16 @@ impl Tunnels {
                 }
             }
         };
-        let remote: Vec<Path> = route
-            .into_iter()
-            .filter(|p| p.id != self.node.id)
-            .map(Path::Via)
-            .collect();
+        // Spread visitors over the attachments, healthy nodes first.
+        let mut route: Vec<Peer> = route.into_iter().filter(|p| p.id != self.node.id).collect();
+        route.shuffle(&mut rand::rng());
+        {
+            let now = std::time::Instant::now();
+            let mut slow = self.slow.lock().unwrap_or_else(PoisonError::into_inner);
+            slow.retain(|_, until| *until > now);
+            route.sort_by_key(|p| slow.contains_key(&p.id));
+        }
+        let remote: Vec<Path> = route.into_iter().map(Path::Via).collect();
         if remote.is_empty() {
             return Err(OpenError::Unreachable);
         }
@@ -299,17 +323,26 @@ impl Tunnels {
         let deadline = began + VISIT_DEADLINE;
         let mut running = tokio::task::JoinSet::new();
         let mut hedge_at = deadline;
+        let mut launched: Vec<Peer> = Vec::new();
         loop {
             if running.is_empty() || tokio::time::Instant::now() >= hedge_at {
                 match self.next_path(name, &mut paths).await {
                     Some(path) => {
                         if !running.is_empty() {
+                            for peer in &launched {
+                                self.mark_slow(peer.id, true);
+                            }
                             tracing::info!(tunnel = name, next = %path, waited = ?began.elapsed(), "no attachment answered yet; trying the next as well");
+                        }
+                        if let Path::Via(peer) = &path {
+                            launched.push(*peer);
                         }
                         let node = self.node.clone();
                         let visit = visit.clone();
-                        let label = path.to_string();
-                        running.spawn(async move { (label, attempt(node, path, visit).await) });
+                        running.spawn(async move {
+                            let result = attempt(node, path.clone(), visit).await;
+                            (path, result)
+                        });
                         hedge_at = tokio::time::Instant::now() + VISIT_HEDGE_AFTER;
                     }
                     None if running.is_empty() => return Err(OpenError::Unreachable),
@@ -318,9 +351,17 @@ impl Tunnels {
             }
             tokio::select! {
                 Some(joined) = running.join_next() => match joined {
-                    Ok((_, Ok(pair))) => return Ok(pair),
+                    Ok((path, Ok(pair))) => {
+                        if let Path::Via(peer) = path {
+                            self.mark_slow(peer.id, false);
+                        }
+                        return Ok(pair);
+                    }
                     Ok((_, Err(OpenError::TargetRefused))) => return Err(OpenError::TargetRefused),
                     Ok((path, Err(err))) => {
+                        if let Path::Via(peer) = &path {
+                            self.mark_slow(peer.id, true);
+                        }
                         tracing::info!(tunnel = name, via = %path, %err, "attachment failed, trying the next");
                     }
                     Err(err) => tracing::warn!(tunnel = name, %err, "visit attempt panicked"),
