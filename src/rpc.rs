@@ -47,6 +47,9 @@ pub enum RpcError {
     /// No answer in time.
     #[error("timed out")]
     Timeout,
+    /// The peer sent nothing at all for [`crate::transport::PEER_SILENCE`].
+    #[error("peer silent")]
+    Silent,
 }
 
 /// Reads one frame (length, version, body) from `recv`.
@@ -93,10 +96,16 @@ pub async fn call(
 ) -> Result<Response, RpcError> {
     tokio::time::timeout(RPC_TIMEOUT, async {
         let (_, conn) = transport.connect(to.addr, Some(to.id)).await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        send.write_all(&[STREAM_RPC]).await?;
-        write_frame(&mut send, request).await?;
-        read_frame::<Response>(&mut recv).await
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&[STREAM_RPC]).await?;
+            write_frame(&mut send, request).await?;
+            read_frame::<Response>(&mut recv).await
+        };
+        tokio::select! {
+            answer = exchange => answer,
+            () = crate::transport::silent(&conn, crate::transport::PEER_SILENCE) => Err(RpcError::Silent),
+        }
     })
     .await
     .map_err(|_| RpcError::Timeout)?

@@ -118,6 +118,30 @@ pub const MAX_STREAMS_PER_PEER: u32 = 4_096;
 /// so many open streams cannot make us buffer without bound.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 
+/// A peer we are waiting on that sends nothing at all for this long is
+/// presumed dead. Whatever we last sent it (a request, a visit header) asks
+/// for an acknowledgement, which a live peer's QUIC stack sends within
+/// milliseconds on a LAN however long its application takes to answer; only
+/// a dead (or cut off) peer stays silent this long. Gossip takes ~1.5 s to
+/// say the same.
+pub const PEER_SILENCE: Duration = Duration::from_millis(500);
+
+/// Completes once `conn` has received no packet for `silence`, counted from
+/// the call. Used beside a wait for a peer's answer.
+pub async fn silent(conn: &Connection, silence: Duration) {
+    let check = (silence / 5).max(Duration::from_millis(10));
+    let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
+    loop {
+        tokio::time::sleep(check).await;
+        let received = conn.stats().udp_rx.datagrams;
+        if received != heard.0 {
+            heard = (received, Instant::now());
+        } else if heard.1.elapsed() >= silence {
+            return;
+        }
+    }
+}
+
 /// Stream reset code: the node is shutting down and serves no more streams.
 pub const STREAM_BUSY: VarInt = VarInt::from_u32(0x20);
 
@@ -567,15 +591,35 @@ impl Transport {
         });
     }
 
-    /// Closes the connection to `peer`, which gossip declared dead. QUIC
-    /// alone would keep it for [`crate::tls::NODE_IDLE_TIMEOUT`], and every
-    /// stream on it (a forwarded visitor) would stall that long instead of
-    /// failing at once and being retried elsewhere.
-    pub fn forget(&self, peer: NodeId) {
-        if let Some(entry) = self.pool().conns.remove(&peer) {
+    /// Closes the connection to `peer`, which gossip declared dead, if it is
+    /// also silent (see [`PEER_SILENCE`]). QUIC alone would keep it for
+    /// [`crate::tls::NODE_IDLE_TIMEOUT`], and every stream on it (a forwarded
+    /// visitor) would stall that long instead of failing at once and being
+    /// retried elsewhere. A peer declared dead while it still answers (an
+    /// overloaded one) keeps its connection and the visitors on it.
+    pub fn forget(self: &Arc<Self>, peer: NodeId) {
+        let Some(conn) = self.pool().conns.get(&peer).map(|e| e.conn.clone()) else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let silent = tokio::time::timeout(PEER_SILENCE * 2, silent(&conn, PEER_SILENCE)).await;
+            if silent.is_err() {
+                tracing::info!(%peer, "a node declared dead still answers; keeping its connection");
+                return;
+            }
+            let mut pool = this.pool();
+            if pool
+                .conns
+                .get(&peer)
+                .is_some_and(|e| e.conn.stable_id() == conn.stable_id())
+            {
+                pool.conns.remove(&peer);
+            }
+            drop(pool);
             tracing::debug!(%peer, "closing the connection to a node declared dead");
-            entry.conn.close(CLOSE_PEER_DOWN, b"declared dead");
-        }
+            conn.close(CLOSE_PEER_DOWN, b"declared dead");
+        });
     }
 
     /// Closes every connection and the endpoint, then waits (bounded) for the

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dht::{Command, now_ms};
 use crate::node::NodeShared;
 use crate::rpc::{read_frame, write_msg};
-use crate::transport::IncomingStream;
+use crate::transport::{IncomingStream, PEER_SILENCE, silent};
 
 /// Attachment lease: a node that stops renewing (it crashed) stops being
 /// listed after this, even if nobody declared it dead.
@@ -31,6 +31,9 @@ pub const LEASE: Duration = Duration::from_secs(30);
 /// Leases are renewed this often while the client stays connected, so two
 /// renewals can be lost before a lease lapses.
 pub const RENEW: Duration = Duration::from_secs(10);
+/// After a node joins (or returns), attachments are renewed this soon rather
+/// than at the next [`RENEW`].
+pub const REASSERT_AFTER: Duration = Duration::from_millis(300);
 /// A name's claim outlives its last attachment by this much, so a client that
 /// crashes and returns gets its name back, and nobody else can take it.
 pub const CLAIM_KEEP: Duration = Duration::from_secs(7 * 24 * 3_600);
@@ -69,7 +72,7 @@ pub enum OpenError {
 }
 
 /// How long one attachment may take to answer a visit before the next one
-/// is tried as well. The slow attempt is not abandoned: under a burst a live
+/// is tried as well (at once if its node falls silent, see [`PEER_SILENCE`]). The slow attempt is not abandoned: under a burst a live
 /// client can take longer than this, and a dead one (killed, its connection
 /// not yet timed out) never answers, so racing the next attachment serves
 /// both without failing either kind of visitor.
@@ -111,14 +114,22 @@ impl std::fmt::Display for Path {
 type Pair = (SendStream, RecvStream);
 
 /// Opens a visitor stream along `path` and waits until the far end is ready.
-async fn attempt(node: Arc<NodeShared>, path: Path, visit: Visit) -> Result<Pair, OpenError> {
-    let (mut send, mut recv) = match &path {
+/// If the far end goes silent meanwhile (see [`PEER_SILENCE`]), `hedge` is
+/// told so that the next path starts at once; this attempt goes on, since a
+/// silent peer may only be slow.
+async fn attempt(
+    node: Arc<NodeShared>,
+    path: Path,
+    visit: Visit,
+    hedge: tokio::sync::mpsc::Sender<()>,
+) -> Result<Pair, OpenError> {
+    let (conn, mut send, mut recv) = match &path {
         Path::Local(conn) => {
             let (mut send, recv) = conn.open_bi().await.map_err(|_| OpenError::Unreachable)?;
             write_msg(&mut send, &visit)
                 .await
                 .map_err(|_| OpenError::Unreachable)?;
-            (send, recv)
+            (conn.clone(), send, recv)
         }
         Path::Via(peer) => {
             let (_, conn) = node
@@ -133,10 +144,21 @@ async fn attempt(node: Arc<NodeShared>, path: Path, visit: Visit) -> Result<Pair
             write_msg(&mut send, &visit)
                 .await
                 .map_err(|_| OpenError::Unreachable)?;
-            (send, recv)
+            (conn, send, recv)
         }
     };
-    match await_ready(&mut recv).await {
+    let ready = {
+        let answer = await_ready(&mut recv);
+        tokio::pin!(answer);
+        tokio::select! {
+            r = &mut answer => r,
+            () = silent(&conn, PEER_SILENCE) => {
+                let _ = hedge.try_send(());
+                answer.await
+            }
+        }
+    };
+    match ready {
         Ok(()) => Ok((send, recv)),
         Err(err) => {
             let _ = send.reset(STREAM_NOT_HERE);
@@ -324,6 +346,7 @@ impl Tunnels {
         let mut running = tokio::task::JoinSet::new();
         let mut hedge_at = deadline;
         let mut launched: Vec<Peer> = Vec::new();
+        let (hedge_tx, mut hedge_rx) = tokio::sync::mpsc::channel::<()>(1);
         loop {
             if running.is_empty() || tokio::time::Instant::now() >= hedge_at {
                 match self.next_path(name, &mut paths).await {
@@ -339,8 +362,9 @@ impl Tunnels {
                         }
                         let node = self.node.clone();
                         let visit = visit.clone();
+                        let hedge = hedge_tx.clone();
                         running.spawn(async move {
-                            let result = attempt(node, path.clone(), visit).await;
+                            let result = attempt(node, path.clone(), visit, hedge).await;
                             (path, result)
                         });
                         hedge_at = tokio::time::Instant::now() + VISIT_HEDGE_AFTER;
@@ -367,6 +391,7 @@ impl Tunnels {
                     Err(err) => tracing::warn!(tunnel = name, %err, "visit attempt panicked"),
                 },
                 () = tokio::time::sleep_until(hedge_at) => {}
+                Some(()) = hedge_rx.recv() => hedge_at = tokio::time::Instant::now(),
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(tunnel = name, "no attachment answered within {VISIT_DEADLINE:?}");
                     return Err(OpenError::Unreachable);
@@ -546,6 +571,12 @@ impl Tunnels {
                     }
                     let now: HashSet<NodeId> = live.borrow_and_update().iter().map(|p| p.id).collect();
                     let nodes: Vec<NodeId> = known.difference(&now).copied().collect();
+                    if now.difference(&known).next().is_some() {
+                        // A node came (back): records may have a new owner,
+                        // or one that dropped this attachment when it took
+                        // us for dead. Renew soon, once the ring settled.
+                        renew.reset_after(REASSERT_AFTER);
+                    }
                     known = now;
                     if !nodes.is_empty() && write_msg(send, &NodeMsg::Down { nodes }).await.is_err() {
                         return;
