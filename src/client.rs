@@ -155,14 +155,14 @@ struct Held {
 }
 
 /// How often an attachment checks that its node is still heard.
-const SILENCE_CHECK: Duration = Duration::from_millis(100);
+const SILENCE_CHECK: Duration = Duration::from_millis(50);
 
-/// An attachment whose node has sent nothing for this long (three missed
+/// An attachment whose node has sent nothing for this long (four missed
 /// keep-alive answers, see [`crate::tls::CLIENT_KEEP_ALIVE`]) no longer
 /// counts toward k: a replacement is attached at once, while the silent
 /// connection is kept until QUIC's idle timeout decides. A node that was only
 /// slow thus costs a spare attachment, never a dropped visitor.
-pub const CLIENT_SILENCE: Duration = Duration::from_millis(600);
+pub const CLIENT_SILENCE: Duration = Duration::from_millis(400);
 
 /// Runs the client until `stop` fires or a node refuses it.
 pub async fn run(

@@ -94,6 +94,9 @@ pub async fn call(
     to: Peer,
     request: &Request,
 ) -> Result<Response, RpcError> {
+    if transport.is_silent(to.id) {
+        return Err(RpcError::Silent);
+    }
     tokio::time::timeout(RPC_TIMEOUT, async {
         let (_, conn) = transport.connect(to.addr, Some(to.id)).await?;
         let exchange = async {
@@ -104,7 +107,10 @@ pub async fn call(
         };
         tokio::select! {
             answer = exchange => answer,
-            () = crate::transport::silent(&conn, crate::transport::PEER_SILENCE) => Err(RpcError::Silent),
+            () = crate::transport::silent(&conn, crate::transport::PEER_SILENCE) => {
+                transport.mark_silent(to.id, &conn);
+                Err(RpcError::Silent)
+            }
         }
     })
     .await

@@ -241,10 +241,10 @@ impl NodeTls {
 }
 
 /// QUIC keep-alive, client↔node: the node's acknowledgements of these tell
-/// the client it is alive; after three unanswered ones the client attaches a
-/// replacement (see `client::CLIENT_SILENCE`). A few dozen bytes each, five
+/// the client it is alive; after four unanswered ones the client attaches a
+/// replacement (see `client::CLIENT_SILENCE`). A few dozen bytes each, ten
 /// a second per attachment.
-pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_millis(200);
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_millis(100);
 
 /// QUIC idle timeout, client↔node: a connection silent this long is closed.
 /// Longer than the silence that triggers a replacement, so a node that is

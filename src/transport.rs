@@ -124,7 +124,7 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 /// milliseconds on a LAN however long its application takes to answer; only
 /// a dead (or cut off) peer stays silent this long. Gossip takes ~1.5 s to
 /// say the same.
-pub const PEER_SILENCE: Duration = Duration::from_millis(500);
+pub const PEER_SILENCE: Duration = Duration::from_millis(400);
 
 /// Completes once `conn` has received no packet for `silence`, counted from
 /// the call. Used beside a wait for a peer's answer.
@@ -236,6 +236,11 @@ struct Pool {
     /// next successful connection or when they expire, so the map holds at
     /// most the peers that failed in the last [`DIAL_BACKOFF`].
     failed: HashMap<NodeId, Instant>,
+    /// Peers that left something unacknowledged for [`PEER_SILENCE`]: the
+    /// connection's id and its received-packet count at the time. Cleared
+    /// as soon as that count moves (the peer spoke) or the connection is
+    /// replaced.
+    silent: HashMap<NodeId, (usize, u64)>,
 }
 
 /// The node's QUIC endpoint and its pool of node connections.
@@ -589,6 +594,30 @@ impl Transport {
             }
             !idle
         });
+    }
+
+    /// Marks `peer` silent on `conn`: it acknowledged nothing we sent within
+    /// [`PEER_SILENCE`]. Until it is heard from again, [`Transport::is_silent`]
+    /// says so and callers fail over at once instead of waiting again.
+    pub fn mark_silent(&self, peer: NodeId, conn: &Connection) {
+        let heard = conn.stats().udp_rx.datagrams;
+        self.pool().silent.insert(peer, (conn.stable_id(), heard));
+    }
+
+    /// Whether `peer` was marked silent and has said nothing since.
+    pub fn is_silent(&self, peer: NodeId) -> bool {
+        let mut pool = self.pool();
+        let Some(&(id, heard)) = pool.silent.get(&peer) else {
+            return false;
+        };
+        let still = pool
+            .conns
+            .get(&peer)
+            .is_some_and(|e| e.conn.stable_id() == id && e.conn.stats().udp_rx.datagrams == heard);
+        if !still {
+            pool.silent.remove(&peer);
+        }
+        still
     }
 
     /// Closes the connection to `peer`, which gossip declared dead, if it is

@@ -147,12 +147,25 @@ async fn attempt(
             (conn, send, recv)
         }
     };
+    let via = match &path {
+        Path::Via(peer) => Some(peer.id),
+        Path::Local(_) => None,
+    };
     let ready = {
         let answer = await_ready(&mut recv);
         tokio::pin!(answer);
+        let quiet = async {
+            // Known silent: do not wait to find out again.
+            if !via.is_some_and(|id| node.transport.is_silent(id)) {
+                silent(&conn, PEER_SILENCE).await;
+            }
+        };
         tokio::select! {
             r = &mut answer => r,
-            () = silent(&conn, PEER_SILENCE) => {
+            () = quiet => {
+                if let Some(id) = via {
+                    node.transport.mark_silent(id, &conn);
+                }
                 let _ = hedge.try_send(());
                 answer.await
             }
@@ -316,7 +329,12 @@ impl Tunnels {
             let now = std::time::Instant::now();
             let mut slow = self.slow.lock().unwrap_or_else(PoisonError::into_inner);
             slow.retain(|_, until| *until > now);
-            route.sort_by_key(|p| slow.contains_key(&p.id));
+            route.sort_by_key(|p| {
+                (
+                    self.node.transport.is_silent(p.id),
+                    slow.contains_key(&p.id),
+                )
+            });
         }
         let remote: Vec<Path> = route.into_iter().map(Path::Via).collect();
         if remote.is_empty() {
