@@ -1,24 +1,34 @@
-//! Tunnel figures, side by side in one run: single-stream throughput and
-//! requests/s at 64 keep-alive connections, for direct loopback, Specter's
-//! direct path (entry node = attached node) and its forwarded path (entry ≠
-//! attached), each also as a ratio to direct loopback.
+//! Tunnels side by side, in one run, against the same local target:
+//!
+//! - direct loopback TCP (the baseline every ratio is taken against);
+//! - Specter's direct path (entry node = the node the client is attached to)
+//!   and its forwarded path (entry ≠ attached), as real `specter node` and
+//!   `specter tunnel` processes, visitors speaking TLS to the ingress;
+//! - rathole (plain TCP and Noise transports) and bore, when their binaries
+//!   are on `PATH` or in `target/peers/bin`, or can be installed there from
+//!   crates.io (`cargo install rathole bore-cli`; skipped with `--no-install`).
+//!
+//! For each: single-stream throughput, latency of one connection's sequential
+//! requests (p50/p99), and requests/s with p99 over 64 keep-alive
+//! connections, each also as a ratio to direct. Prints a Markdown table and
+//! writes a latency plot to `target/bench-tunnel.png`.
 //!
 //! `cargo bench --bench tunnel` (add `-- --quick` for a short run).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use specter::client::ClientOptions;
-use specter::demo::start_loopback_node;
-use specter::ingress::{Edge, Visitor};
-use specter::pki::{make_ca, make_edge_cert};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use specter::ingress::Visitor;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
+const BIN: &str = env!("CARGO_BIN_EXE_specter");
 const DOMAIN: &str = "bench.specter.test";
 const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+const CONNS: usize = 64;
 
 /// Target: the first byte says what to do: `B` = sink everything and answer
 /// the byte count at EOF; anything else = an HTTP/1.1 keep-alive responder.
@@ -63,174 +73,587 @@ async fn target(listener: TcpListener) {
     }
 }
 
-async fn bulk<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, bytes: u64) -> f64 {
-    let chunk = vec![7u8; 1 << 20];
-    let start = Instant::now();
-    s.write_all(b"B").await.unwrap();
-    let mut sent = 0u64;
-    while sent < bytes {
-        s.write_all(&chunk).await.unwrap();
-        sent += chunk.len() as u64;
-    }
-    s.shutdown().await.unwrap();
-    let mut count = [0u8; 8];
-    s.read_exact(&mut count).await.unwrap();
-    assert_eq!(u64::from_be_bytes(count), sent, "bytes lost");
-    (sent as f64 * 8.0) / start.elapsed().as_secs_f64() / 1e9
-}
-
-async fn requests<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, until: Instant) -> u64 {
-    let mut n = 0;
-    let mut buf = [0u8; RESPONSE.len()];
-    while Instant::now() < until {
-        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        s.read_exact(&mut buf).await.unwrap();
-        n += 1;
-    }
-    n
-}
-
-#[derive(Clone)]
-enum Path {
-    Direct(SocketAddr),
-    Specter(Arc<Visitor>),
-}
-
 /// A connection of either kind.
 trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
-impl Path {
-    async fn open(&self) -> Box<dyn Conn> {
-        match self {
-            Path::Direct(a) => Box::new(tokio::net::TcpStream::connect(a).await.unwrap()),
-            Path::Specter(v) => Box::new(v.connect().await.unwrap()),
-        }
-    }
+/// How visitors reach the target.
+#[derive(Clone)]
+enum Entry {
+    /// Plain TCP to this address.
+    Tcp(SocketAddr),
+    /// TLS to a Specter ingress (ALPN `specter-tcp`).
+    Specter(Arc<Visitor>),
+}
 
-    async fn bulk(&self, bytes: u64) -> f64 {
-        bulk(self.open().await, bytes).await
-    }
-
-    /// Requests per second over `conns` keep-alive connections, timed only
-    /// once every connection is open (handshakes excluded).
-    async fn rps(&self, conns: usize, secs: f64) -> f64 {
-        let mut open = Vec::new();
-        for _ in 0..conns {
-            open.push(self.open().await);
-        }
-        let start = Instant::now();
-        let until = start + Duration::from_secs_f64(secs);
-        let tasks: Vec<_> = open
-            .into_iter()
-            .map(|c| tokio::spawn(requests(c, until)))
-            .collect();
-        let mut total = 0;
-        for t in tasks {
-            total += t.await.unwrap();
-        }
-        total as f64 / start.elapsed().as_secs_f64()
+impl Entry {
+    async fn open(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(match self {
+            Entry::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a).await?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            Entry::Specter(v) => Box::new(v.connect().await.map_err(std::io::Error::other)?),
+        })
     }
 }
 
-async fn run(quick: bool) {
-    let ca = make_ca("bench").unwrap();
-    let dir = std::env::temp_dir().join(format!("specter-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let edge = make_edge_cert(&ca, DOMAIN).unwrap();
-    std::fs::write(dir.join("edge.crt"), &edge.cert).unwrap();
-    std::fs::write(dir.join("edge.key"), &edge.key).unwrap();
-    let edge = Arc::new(Edge::load(DOMAIN, &dir.join("edge.crt"), &dir.join("edge.key")).unwrap());
-    let stop = CancellationToken::new();
-    let a = start_loopback_node(&ca, "a.bench.invalid", None, 1).unwrap();
-    let b = start_loopback_node(&ca, "b.bench.invalid", Some(a.status().addr), 2).unwrap();
-    let mut ingress = Vec::new();
-    for n in [&a, &b] {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        ingress.push(l.local_addr().unwrap());
-        tokio::spawn(specter::ingress::serve(
-            l,
-            edge.clone(),
-            n.tunnels(),
-            stop.clone(),
-        ));
+async fn bulk(entry: &Entry, bytes: u64) -> std::io::Result<f64> {
+    let mut s = entry.open().await?;
+    let chunk = vec![7u8; 1 << 20];
+    let start = Instant::now();
+    s.write_all(b"B").await?;
+    let mut sent = 0u64;
+    while sent < bytes {
+        s.write_all(&chunk).await?;
+        sent += chunk.len() as u64;
     }
-    while a.status().dht.ring_size != 2 || b.status().dht.ring_size != 2 {
+    s.shutdown().await?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await?;
+    if u64::from_be_bytes(count) != sent {
+        return Err(std::io::Error::other("bytes lost"));
+    }
+    Ok((sent as f64 * 8.0) / start.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Sequential requests on one connection until `until`; their latencies.
+async fn requests(mut s: Box<dyn Conn>, until: Instant) -> std::io::Result<Vec<Duration>> {
+    let mut lat = Vec::new();
+    let mut buf = [0u8; RESPONSE.len()];
+    while Instant::now() < until {
+        let t = Instant::now();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await?;
+        s.read_exact(&mut buf).await?;
+        lat.push(t.elapsed());
+    }
+    Ok(lat)
+}
+
+/// `conns` keep-alive connections, timed once all are open: requests/s and
+/// every latency, sorted.
+async fn load(entry: &Entry, conns: usize, secs: f64) -> std::io::Result<(f64, Vec<Duration>)> {
+    let mut open = Vec::new();
+    for _ in 0..conns {
+        open.push(entry.open().await?);
+    }
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = open
+        .into_iter()
+        .map(|c| tokio::spawn(requests(c, until)))
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.map_err(std::io::Error::other)??);
+    }
+    let rps = all.len() as f64 / start.elapsed().as_secs_f64();
+    all.sort();
+    Ok((rps, all))
+}
+
+/// The `permille`/1000 quantile of sorted latencies.
+fn pct(sorted: &[Duration], permille: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[(sorted.len() - 1) * permille / 1000]
+}
+
+/// One row of the table.
+struct Row {
+    label: String,
+    gbps: f64,
+    c1: Vec<Duration>,
+    rps: f64,
+    c64: Vec<Duration>,
+}
+
+async fn measure(label: &str, entry: &Entry, bytes: u64, secs: f64) -> std::io::Result<Row> {
+    let gbps = bulk(entry, bytes).await?;
+    let (_, c1) = load(entry, 1, secs).await?;
+    let (rps, c64) = load(entry, CONNS, secs).await?;
+    Ok(Row {
+        label: label.to_string(),
+        gbps,
+        c1,
+        rps,
+        c64,
+    })
+}
+
+/// Child processes, killed when dropped.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until a request through `entry` is answered.
+async fn until_serving(entry: &Entry, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = async {
+            let mut c = entry.open().await.ok()?;
+            c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await
+                .ok()?;
+            let mut buf = [0u8; RESPONSE.len()];
+            tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut buf))
+                .await
+                .ok()?
+                .ok()
+        }
+        .await;
+        if ok.is_some() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} did not start serving");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+fn specter(args: &[&str]) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "specter {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two `specter node` processes with ingress and a `specter tunnel` client
+/// attached to one of them; the visitor entries of the direct and forwarded
+/// paths.
+async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> (Entry, Entry) {
+    let ca = dir.join("ca");
+    specter(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+    let ca_dir = ca.to_str().unwrap();
+    let edge = dir.join("edge");
+    specter(&[
+        "ca",
+        "issue-edge",
+        "--ca-dir",
+        ca_dir,
+        "--domain",
+        DOMAIN,
+        "--out",
+        edge.to_str().unwrap(),
+    ]);
+    let mut nodes: Vec<(u16, u16)> = Vec::new();
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        let nd = dir.join(name);
+        specter(&[
+            "ca",
+            "issue-node",
+            "--ca-dir",
+            ca_dir,
+            "--name",
+            name,
+            "--ip",
+            "127.0.0.1",
+            "--out",
+            nd.to_str().unwrap(),
+        ]);
+        let (quic, https) = (free_port(), free_port());
+        let ready = nd.join("ready");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["node", "--listen", &format!("127.0.0.1:{quic}")])
+            .args([
+                "--admin",
+                "127.0.0.1:0",
+                "--https",
+                &format!("127.0.0.1:{https}"),
+            ])
+            .args(["--domain", DOMAIN])
+            .args(["--edge-cert", edge.join("edge.crt").to_str().unwrap()])
+            .args(["--edge-key", edge.join("edge.key").to_str().unwrap()])
+            .args(["--ca", ca.join("ca.crt").to_str().unwrap()])
+            .args(["--cert", nd.join("node.crt").to_str().unwrap()])
+            .args(["--key", nd.join("node.key").to_str().unwrap()])
+            .args(["--ready-file", ready.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if i > 0 {
+            cmd.args(["--join", &format!("127.0.0.1:{}", nodes[0].0)]);
+        }
+        procs.0.push(cmd.spawn().unwrap());
+        while !ready.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        nodes.push((quic, https));
+    }
+    let mut client = tokio::process::Command::new(BIN)
+        .args([
+            "tunnel",
+            "--to",
+            &format!("tcp://{target}"),
+            "--name",
+            "bench",
+        ])
+        .args(["--via", &format!("127.0.0.1:{}", nodes[0].0)])
+        .args(["--attachments", "1"])
+        .args(["--ca", ca.join("ca.crt").to_str().unwrap()])
+        .args(["--state-dir", dir.join("client").to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(client.stdout.take().unwrap()).lines();
+    let attached_quic: u16 = loop {
+        let line = lines.next_line().await.unwrap().expect("client output");
+        if let Some((_, rest)) = line.split_once(" at 127.0.0.1:") {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    tokio::spawn(async move {
+        // Keep the client (and its stdout) alive for the whole run.
+        while let Ok(Some(_)) = lines.next_line().await {}
+        drop(client);
+    });
+    let ca_pem = std::fs::read(ca.join("ca.crt")).unwrap();
+    let host = format!("bench.{DOMAIN}");
+    let visitor = |https: u16| {
+        Entry::Specter(Arc::new(
+            Visitor::new(&format!("127.0.0.1:{https}"), &host, &ca_pem).unwrap(),
+        ))
+    };
+    let (direct, forwarded) = if nodes[0].0 == attached_quic {
+        (nodes[0].1, nodes[1].1)
+    } else {
+        (nodes[1].1, nodes[0].1)
+    };
+    let entries = (visitor(direct), visitor(forwarded));
+    until_serving(&entries.0, "Specter (direct)").await;
+    until_serving(&entries.1, "Specter (forwarded)").await;
+    (entries.0, entries.1)
+}
+
+/// A peer's binary: on PATH, in `target/peers/bin`, or installed there.
+fn peer_binary(bin: &str, krate: &str, extra: &[&str], install: bool) -> Option<PathBuf> {
+    if let Ok(out) = Command::new("which").arg(bin).output()
+        && out.status.success()
+    {
+        return Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peers");
+    let path = root.join("bin").join(bin);
+    if path.exists() {
+        return Some(path);
+    }
+    if !install {
+        return None;
+    }
+    eprintln!("installing {krate} into {} (once)…", root.display());
+    let ok = Command::new("cargo")
+        .args(["install", "--root", root.to_str().unwrap(), krate])
+        .args(extra)
+        .status()
+        .is_ok_and(|s| s.success());
+    (ok && path.exists()).then_some(path)
+}
+
+/// rathole server and client with the `tcp` or `noise` transport.
+async fn start_rathole(
+    bin: &Path,
+    dir: &Path,
+    target: SocketAddr,
+    noise: bool,
+    procs: &mut Procs,
+) -> Entry {
+    let (control, public) = (free_port(), free_port());
+    let (server_t, client_t) = if noise {
+        let out = Command::new(bin).arg("--genkey").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut keys = text
+            .lines()
+            .skip_while(|l| !l.contains("Private Key"))
+            .filter(|l| !l.trim().is_empty());
+        let (_, private) = (keys.next(), keys.next().unwrap().trim().to_string());
+        let public_key = text
+            .lines()
+            .skip_while(|l| !l.contains("Public Key"))
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_string();
+        (
+            format!(
+                "[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n"
+            ),
+            format!(
+                "[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public_key}\"\n"
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    let kind = if noise { "noise" } else { "tcp" };
+    let server = dir.join(format!("rathole-server-{kind}.toml"));
+    std::fs::write(
+        &server,
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n{server_t}[server.services.bench]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{public}\"\nnodelay = true\n"
+        ),
+    )
+    .unwrap();
+    let client = dir.join(format!("rathole-client-{kind}.toml"));
+    std::fs::write(
+        &client,
+        format!(
+            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n{client_t}[client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"{target}\"\nnodelay = true\n"
+        ),
+    )
+    .unwrap();
+    for (flag, cfg) in [("--server", &server), ("--client", &client)] {
+        procs.0.push(
+            Command::new(bin)
+                .arg(flag)
+                .arg(cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let entry = Entry::Tcp(format!("127.0.0.1:{public}").parse().unwrap());
+    until_serving(&entry, "rathole").await;
+    entry
+}
+
+async fn start_bore(bin: &Path, target: SocketAddr, procs: &mut Procs) -> Entry {
+    let public = free_port();
+    procs.0.push(
+        Command::new(bin)
+            // Loopback only: bore binds every interface by default.
+            .args(["server", "--bind-addr", "127.0.0.1"])
+            .args(["--min-port", &public.to_string()])
+            .args(["--max-port", &public.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    procs.0.push(
+        Command::new(bin)
+            .args(["local", &target.port().to_string()])
+            .args(["--local-host", &target.ip().to_string()])
+            .args(["--to", "127.0.0.1", "--port", &public.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let entry = Entry::Tcp(format!("127.0.0.1:{public}").parse().unwrap());
+    until_serving(&entry, "bore").await;
+    entry
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+fn print_table(rows: &[Row]) {
+    let base = &rows[0];
+    let (b_c1, b_p99) = (pct(&base.c1, 500), pct(&base.c64, 990));
+    println!(
+        "| path | single stream | × direct | c1 p50 | c1 p99 | × direct (p50) | c64 req/s | × direct | c64 p99 | × direct |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let (p50, p99) = (pct(&r.c1, 500), pct(&r.c1, 990));
+        let c64_p99 = pct(&r.c64, 990);
+        println!(
+            "| {} | {:.2} Gbit/s | {:.2} | {} ms | {} ms | {:.1} | {:.0} | {:.2} | {} ms | {:.1} |",
+            r.label,
+            r.gbps,
+            r.gbps / base.gbps,
+            ms(p50),
+            ms(p99),
+            p50.as_secs_f64() / b_c1.as_secs_f64(),
+            r.rps,
+            r.rps / base.rps,
+            ms(c64_p99),
+            c64_p99.as_secs_f64() / b_p99.as_secs_f64(),
+        );
+    }
+}
+
+/// Latency percentiles (c1 and c64) of every row, log-scaled, as a PNG.
+fn plot(rows: &[Row], out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")?;
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| "font")?;
+    let root = BitMapBackend::new(out, (1200, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(600);
+    let percentiles: Vec<usize> = vec![500, 750, 900, 950, 990, 999];
+    for (area, pick, title) in [
+        (&left, 0usize, "one connection (c1)"),
+        (&right, 1usize, "64 connections (c64)"),
+    ] {
+        let series: Vec<(String, Vec<f64>)> = rows
+            .iter()
+            .map(|r| {
+                let lat = if pick == 0 { &r.c1 } else { &r.c64 };
+                let pts = percentiles
+                    .iter()
+                    .map(|&p| pct(lat, p).as_secs_f64() * 1e3)
+                    .collect();
+                (r.label.clone(), pts)
+            })
+            .collect();
+        let max = series
+            .iter()
+            .flat_map(|(_, s)| s.iter().copied())
+            .fold(0.01, f64::max);
+        let min = series
+            .iter()
+            .flat_map(|(_, s)| s.iter().copied())
+            .fold(f64::MAX, f64::min)
+            .max(0.001);
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("latency, {title}"), ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(60)
+            .build_cartesian_2d(
+                (0usize..percentiles.len() - 1).into_segmented(),
+                (min / 1.5..max * 1.5).log_scale(),
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("percentile")
+            .y_desc("ms")
+            .y_labels(8)
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
+                    let p = percentiles.get(*i).copied().unwrap_or(0);
+                    if p % 10 == 0 {
+                        format!("p{}", p / 10)
+                    } else {
+                        format!("p{}.{}", p / 10, p % 10)
+                    }
+                }
+                SegmentValue::Last => String::new(),
+            })
+            .draw()?;
+        for (i, (label, pts)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    pts.iter()
+                        .enumerate()
+                        .map(|(j, ms)| (SegmentValue::CenterOf(j), *ms)),
+                    color.stroke_width(2),
+                ))?
+                .label(label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 13))
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+async fn run(quick: bool, install: bool) {
+    let dir = std::env::temp_dir().join(format!("specter-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     let t = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target_addr = t.local_addr().unwrap();
     tokio::spawn(target(t));
-    let options = ClientOptions {
-        via: vec![a.status().addr.to_string()],
-        ca_pem: ca.cert.clone(),
-        state_dir: dir.join("client"),
-        target: target_addr.to_string(),
-        name: Some("bench".into()),
-        attachments: 1,
-        token: None,
-        extra: Vec::new(),
-    };
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    tokio::spawn(specter::client::run(options, endpoint, stop.clone()));
-    while !a
-        .tunnels()
-        .attached_names()
-        .iter()
-        .any(|(n, _)| n == "bench")
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let ca_pem = ca.cert.clone().into_bytes();
-    let host = format!("bench.{DOMAIN}");
-    let paths = [
-        ("direct loopback TCP", Path::Direct(target_addr)),
-        (
-            "Specter, direct path (entry = attached node)",
-            Path::Specter(Arc::new(
-                Visitor::new(&ingress[0].to_string(), &host, &ca_pem).unwrap(),
-            )),
-        ),
-        (
-            "Specter, forwarded path (entry ≠ attached)",
-            Path::Specter(Arc::new(
-                Visitor::new(&ingress[1].to_string(), &host, &ca_pem).unwrap(),
-            )),
-        ),
-    ];
-    let bytes: u64 = if quick { 64 << 20 } else { 512 << 20 };
+    let bytes: u64 = if quick { 64 << 20 } else { 1 << 30 };
     let secs = if quick { 1.0 } else { 5.0 };
-    println!("## Tunnel throughput and requests/s (loopback, TLS at the ingress, QUIC inside)\n");
-    println!("| path | single stream | × direct | req/s, 64 connections | × direct |");
-    println!("|---|---|---|---|---|");
-    let mut base = (0.0, 0.0);
-    for (label, path) in &paths {
-        let gbps = path.bulk(bytes).await;
-        let rps = path.rps(64, secs).await;
-        if base.0 == 0.0 {
-            base = (gbps, rps);
+
+    let mut procs = Procs(Vec::new());
+    let mut subjects: Vec<(String, Entry)> =
+        vec![("direct loopback TCP".into(), Entry::Tcp(target_addr))];
+    let (direct, forwarded) = start_specter(&dir, target_addr, &mut procs).await;
+    subjects.push(("Specter, direct path (TLS + QUIC)".into(), direct));
+    subjects.push(("Specter, forwarded path (TLS + QUIC)".into(), forwarded));
+    let mut missing = Vec::new();
+    // Without the default native-tls feature, which needs OpenSSL headers.
+    let rathole_features = ["--no-default-features", "--features", "server,client,noise"];
+    match peer_binary("rathole", "rathole", &rathole_features, install) {
+        Some(bin) => {
+            let plain = start_rathole(&bin, &dir, target_addr, false, &mut procs).await;
+            subjects.push(("rathole, tcp transport (no encryption)".into(), plain));
+            let noise = start_rathole(&bin, &dir, target_addr, true, &mut procs).await;
+            subjects.push(("rathole, noise transport (encrypted)".into(), noise));
         }
-        println!(
-            "| {label} | {gbps:.2} Gbit/s | {:.2} | {rps:.0} | {:.2} |",
-            gbps / base.0,
-            rps / base.1
-        );
+        None => missing.push("rathole"),
     }
+    match peer_binary("bore", "bore-cli", &[], install) {
+        Some(bin) => {
+            let entry = start_bore(&bin, target_addr, &mut procs).await;
+            subjects.push(("bore (no encryption)".into(), entry));
+        }
+        None => missing.push("bore"),
+    }
+
+    let mut rows = Vec::new();
+    for (label, entry) in &subjects {
+        match measure(label, entry, bytes, secs).await {
+            Ok(row) => rows.push(row),
+            Err(err) => eprintln!("{label}: {err}"),
+        }
+    }
+    println!("## Tunnels side by side (loopback, one run)\n");
+    print_table(&rows);
     println!(
-        "\n{} MiB per stream; {secs} s of keep-alive HTTP/1.1 requests per row; one process, 2 cores.",
+        "\n{} MiB single stream (upload); {secs} s per latency row; c64 = {CONNS} keep-alive connections, each sending its next request when the last is answered. Every process on one 2-core machine.",
         bytes >> 20
     );
-    stop.cancel();
+    if !missing.is_empty() {
+        println!(
+            "\nNot measured (no binary, install failed or skipped): {}.",
+            missing.join(", ")
+        );
+    }
+    let png = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tunnel.png");
+    match plot(&rows, &png) {
+        Ok(()) => println!("\nLatency plot: {}", png.display()),
+        Err(err) => eprintln!("latency plot not written: {err}"),
+    }
+    drop(procs);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let install = !std::env::args().any(|a| a == "--no-install");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(quick));
+    rt.block_on(run(quick, install));
 }

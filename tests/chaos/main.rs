@@ -398,12 +398,12 @@ async fn visitor(
     }
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
+/// The `permille`/1000 quantile of sorted latencies.
+fn pct(sorted: &[Duration], permille: usize) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    sorted[(sorted.len() - 1) * permille / 1000]
 }
 
 fn ms(d: Duration) -> String {
@@ -674,7 +674,7 @@ fn main() {
     let mut bad = 0;
     let mut corrupted = 0;
     let mut reasons: HashMap<String, usize> = HashMap::new();
-    for entry in 0..n {
+    for (entry, slot) in slots.iter().enumerate() {
         let mine: Vec<&Sample> = samples.iter().filter(|s| s.entry == entry).collect();
         let (cut, counted): (Vec<&Sample>, Vec<&Sample>) =
             mine.iter().partition(|s| entry_was_down(s));
@@ -699,14 +699,14 @@ fn main() {
         lat.sort();
         println!(
             "| {} ({}) | {} | {} | {} | {} | {} | {} | {} |",
-            slots[entry].id,
-            slots[entry].ip,
+            slot.id,
+            slot.ip,
             mine.len(),
             failed.len(),
             mism,
             cut.len(),
-            ms(pct(&lat, 0.5)),
-            ms(pct(&lat, 0.99)),
+            ms(pct(&lat, 500)),
+            ms(pct(&lat, 990)),
             ms(lat.last().copied().unwrap_or_default()),
         );
     }
@@ -730,7 +730,7 @@ fn main() {
     if !restores.is_empty() {
         println!(
             "restore to k: median {}, max {} over {} kills",
-            ms(pct(&restores, 0.5)),
+            ms(pct(&restores, 500)),
             ms(*restores.last().unwrap()),
             restores.len()
         );
