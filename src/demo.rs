@@ -156,7 +156,7 @@ impl Demo {
             token: None,
             extra: Vec::new(),
         };
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let endpoint = bind_endpoint("127.0.0.1:0".parse()?)?;
         let client_stop = cancel.clone();
         tokio::spawn(async move {
             if let Err(err) = run_client(options, endpoint, client_stop).await {

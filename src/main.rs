@@ -228,7 +228,7 @@ fn main() -> ExitCode {
             };
             init_tracing(LogFormat::Human);
             let run = async move {
-                let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+                let endpoint = bind_endpoint("0.0.0.0:0".parse()?)?;
                 let stop = tokio_util::sync::CancellationToken::new();
                 let stopper = stop.clone();
                 tokio::spawn(async move {

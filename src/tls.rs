@@ -288,6 +288,7 @@ pub fn client_quic_config(
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut t = quinn::TransportConfig::default();
+    t.mtu_discovery_config(Some(mtu_discovery()));
     t.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
     // Nodes open one stream per visitor to the client.
     t.max_concurrent_bidi_streams(crate::transport::MAX_STREAMS_PER_PEER.into());
@@ -299,9 +300,23 @@ pub fn client_quic_config(
     Ok(config)
 }
 
+/// Largest UDP payload path-MTU discovery probes for: a 9,000-byte jumbo
+/// frame less IPv6 and UDP headers. quinn's default stops at 1,452 (a 1,500
+/// MTU); on paths that carry more (a data centre's jumbo frames, loopback)
+/// larger packets mean fewer of them, so less per-packet work. Where the path
+/// is smaller the probes are simply lost and packets stay at what it carries.
+pub const MTU_UPPER_BOUND: u16 = 8_952;
+
+fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    mtu
+}
+
 /// Transport settings for node↔node connections.
 pub fn node_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    t.mtu_discovery_config(Some(mtu_discovery()));
     t.keep_alive_interval(Some(NODE_KEEP_ALIVE));
     t.max_concurrent_bidi_streams(crate::transport::MAX_STREAMS_PER_PEER.into());
     t.max_concurrent_uni_streams(0u32.into());
