@@ -77,6 +77,8 @@ pub enum OpenError {
 /// not yet timed out) never answers, so racing the next attachment serves
 /// both without failing either kind of visitor.
 pub const VISIT_HEDGE_AFTER: Duration = Duration::from_secs(2);
+/// A lookup that reached no holder is tried once more after this.
+pub const LOOKUP_RETRY_AFTER: Duration = Duration::from_millis(100);
 /// A visit that no attachment answered within this long fails (502).
 pub const VISIT_DEADLINE: Duration = Duration::from_secs(10);
 /// A node that failed a visit or was slow to answer one is tried after the
@@ -123,6 +125,13 @@ async fn attempt(
     visit: Visit,
     hedge: tokio::sync::mpsc::Sender<()>,
 ) -> Result<Pair, OpenError> {
+    if let Path::Via(peer) = &path
+        && !node.live.borrow().iter().any(|p| p.id == peer.id)
+    {
+        // Gossip holds it dead (a stale route): a dial could wait for the
+        // whole handshake timeout, so let the next path start now.
+        let _ = hedge.try_send(());
+    }
     let (conn, mut send, mut recv) = match &path {
         Path::Local(conn) => {
             let (mut send, recv) = conn.open_bi().await.map_err(|_| OpenError::Unreachable)?;
@@ -242,12 +251,16 @@ impl Tunnels {
         v
     }
 
-    /// Forgets cached routes through a node that was declared dead, and
-    /// fails the streams still open to it.
+    /// Takes a node that was declared dead out of cached routes (the rest of
+    /// each route stays: looking every name up again while the ring is
+    /// changing is when lookups are least reliable), and fails the streams
+    /// still open to it.
     pub fn node_down(&self, node: specter_gossip::NodeId) {
         self.node.transport.forget(node);
-        self.routes
-            .invalidate_where(|route| route.iter().any(|p| p.id == node));
+        self.routes.rewrite(|route| {
+            let rest: Vec<Peer> = route.iter().copied().filter(|p| p.id != node).collect();
+            (!rest.is_empty()).then_some(rest)
+        });
     }
 
     /// Opens a stream to the client of `name` for a visitor: directly when it
@@ -287,13 +300,19 @@ impl Tunnels {
             Cached::Found(route) => route,
             Cached::Missing => return Err(OpenError::Unknown),
             Cached::Unknown => {
-                let looked_up = self
-                    .node
-                    .dht(|reply| Command::Get {
+                let get = || {
+                    self.node.dht(|reply| Command::Get {
                         name: name.to_string(),
                         reply,
                     })
-                    .await;
+                };
+                let mut looked_up = get().await;
+                if !matches!(looked_up, Some((Outcome::Got { .. }, _))) {
+                    // A lookup that found no holder ran into a ring change
+                    // (a holder just died); the ring settles within moments.
+                    tokio::time::sleep(LOOKUP_RETRY_AFTER).await;
+                    looked_up = get().await;
+                }
                 match looked_up {
                     Some((
                         Outcome::Got {
@@ -329,8 +348,10 @@ impl Tunnels {
             let now = std::time::Instant::now();
             let mut slow = self.slow.lock().unwrap_or_else(PoisonError::into_inner);
             slow.retain(|_, until| *until > now);
+            let live: HashSet<NodeId> = self.node.live.borrow().iter().map(|p| p.id).collect();
             route.sort_by_key(|p| {
                 (
+                    !live.contains(&p.id),
                     self.node.transport.is_silent(p.id),
                     slow.contains_key(&p.id),
                 )

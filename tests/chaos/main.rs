@@ -151,6 +151,16 @@ fn joined(slot: &Slot, others: usize) -> bool {
     })
 }
 
+/// A child process killed when dropped (also when the run panics).
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The client's attachments as its output tells them.
 #[derive(Default)]
 struct ClientView {
@@ -480,24 +490,26 @@ fn main() {
     let svc = rt.block_on(service());
 
     // The client.
-    let mut client = Command::new(BIN)
-        .args(["tunnel", "--to", &format!("http://{svc}"), "--name", NAME])
-        .args(["--via", &seeds.join(",")])
-        .args(["--attachments", &args.attachments.to_string()])
-        .args(["--ca", root.join("ca/ca.crt").to_str().unwrap()])
-        .args(["--state-dir", root.join("client").to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(
-            std::fs::File::create(root.join("client.log")).unwrap(),
-        ))
-        .spawn()
-        .expect("spawn specter tunnel");
+    let mut client = Stopped(
+        Command::new(BIN)
+            .args(["tunnel", "--to", &format!("http://{svc}"), "--name", NAME])
+            .args(["--via", &seeds.join(",")])
+            .args(["--attachments", &args.attachments.to_string()])
+            .args(["--ca", root.join("ca/ca.crt").to_str().unwrap()])
+            .args(["--state-dir", root.join("client").to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::File::create(root.join("client.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("spawn specter tunnel"),
+    );
     let view = Arc::new(Mutex::new(ClientView::default()));
     let began = Instant::now();
     {
         let view = view.clone();
-        let stdout = client.stdout.take().unwrap();
+        let stdout = client.0.stdout.take().unwrap();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -650,8 +662,7 @@ fn main() {
             kills[i].3 = Some(at.duration_since(killed));
         }
     }
-    let _ = client.kill();
-    let _ = client.wait();
+    drop(client);
 
     // Report.
     let samples = samples.lock().unwrap();
@@ -747,6 +758,8 @@ fn main() {
         let kept = tmp.keep();
         println!("logs kept in {}", kept.display());
     }
+    // `exit` skips destructors: stop the nodes first.
+    drop(slots);
     if bad > 0 || corrupted > 0 || total == 0 || kills.is_empty() || unrestored {
         println!("FAIL");
         std::process::exit(1);

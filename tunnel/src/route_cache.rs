@@ -90,13 +90,26 @@ impl<V: Clone + Send + Sync + 'static> RouteCache<V> {
         self.cache.remove(name);
     }
 
-    /// Forgets every route for which `stale` holds (e.g. it points at a node
-    /// that was declared dead). Negative entries are kept.
-    pub fn invalidate_where(&self, stale: impl Fn(&V) -> bool) {
-        self.cache.retain(|_, entry| match entry {
-            Entry::Found(v, _) => !stale(v),
-            Entry::Missing(_) => true,
-        });
+    /// Rewrites every found route with `keep`: `None` drops the entry, `Some`
+    /// replaces the route and keeps its expiry (a dead node leaves the routes
+    /// that named it; the rest of each route stays usable).
+    pub fn rewrite(&self, keep: impl Fn(&V) -> Option<V>) {
+        let found: Vec<(String, V, Instant)> = self
+            .cache
+            .iter()
+            .filter_map(|(name, entry)| match entry {
+                Entry::Found(v, expires) => Some((name, v, expires)),
+                Entry::Missing(_) => None,
+            })
+            .collect();
+        for (name, route, expires) in found {
+            match keep(&route) {
+                Some(kept) => self.cache.insert(name, Entry::Found(kept, expires)),
+                None => {
+                    self.cache.remove(&name);
+                }
+            }
+        }
     }
 
     /// Entries held (fresh or not yet evicted).
@@ -137,18 +150,34 @@ mod tests {
     }
 
     #[test]
-    fn failures_and_dead_nodes_invalidate_routes() {
+    fn failures_invalidate_routes() {
         let t0 = Instant::now();
         let c: RouteCache<Vec<u64>> = RouteCache::new();
-        c.found("a", vec![1, 2], t0);
         c.found("b", vec![3], t0);
         c.missing("m", t0);
-        c.invalidate_where(|route| route.contains(&1));
-        assert_eq!(c.get("a", t0), Cached::Unknown);
         assert_eq!(c.get("b", t0), Cached::Found(vec![3]));
         assert_eq!(c.get("m", t0), Cached::Missing);
         c.invalidate("b");
         assert_eq!(c.get("b", t0), Cached::Unknown);
+    }
+
+    #[test]
+    fn a_dead_node_leaves_routes_and_the_rest_stays() {
+        let t0 = Instant::now();
+        let c: RouteCache<Vec<u64>> = RouteCache::new();
+        c.found("a", vec![1, 2], t0);
+        c.found("b", vec![1], t0);
+        c.missing("m", t0);
+        let without_1 = |route: &Vec<u64>| {
+            let rest: Vec<u64> = route.iter().copied().filter(|&n| n != 1).collect();
+            (!rest.is_empty()).then_some(rest)
+        };
+        c.rewrite(without_1);
+        assert_eq!(c.get("a", t0), Cached::Found(vec![2]));
+        assert_eq!(c.get("b", t0), Cached::Unknown);
+        assert_eq!(c.get("m", t0), Cached::Missing);
+        // The kept route expires when the original would have.
+        assert_eq!(c.get("a", t0 + FOUND_TTL), Cached::Unknown);
     }
 
     #[test]
