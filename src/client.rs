@@ -260,7 +260,10 @@ pub async fn run(
                     pending.remove(&dialed);
                     dialer.failed(dialed, Instant::now(), &mut rand::rng());
                     match peer {
-                        Some(peer) if held.remove(&peer.id).is_some() => {
+                        // Only the attachment this task held (not one to the
+                        // same node under another address).
+                        Some(peer) if held.get(&peer.id).is_some_and(|h| h.dialed == dialed) => {
+                            held.remove(&peer.id);
                             println!("tunnel {name}: lost node {} ({why}); {}/{k} attached", peer.id, healthy(&held));
                         }
                         _ => tracing::info!(addr = %dialed, %why, "attach attempt failed"),
