@@ -136,8 +136,8 @@ enum Update {
     /// The attachment ended (`Some(node)`) or never came up (`None`).
     Lost(SocketAddr, Option<Peer>, String),
     /// The node has been silent for [`CLIENT_SILENCE`] (`true`), or is heard
-    /// again (`false`).
-    Silent(NodeId, bool),
+    /// again (`false`), on the attachment made through this address.
+    Silent(SocketAddr, NodeId, bool),
     Peers(Vec<Peer>),
     /// Gossip (through one of our nodes) declared these nodes dead.
     Down(Vec<NodeId>),
@@ -150,8 +150,17 @@ struct Held {
     dialed: SocketAddr,
     /// Silent for a while: it does not count toward k until heard again.
     silent: bool,
+    handle: Handle,
+}
+
+/// How the client loop steers an attachment task.
+#[derive(Clone, Default)]
+struct Handle {
     /// Cancelled to drop the attachment.
     drop: CancellationToken,
+    /// Notified when gossip declared the node dead: the task then counts it
+    /// silent until it hears from the node again.
+    suspect: Arc<tokio::sync::Notify>,
 }
 
 /// How often an attachment checks that its node is still heard.
@@ -196,7 +205,7 @@ pub async fn run(
     let mut printed_urls = false;
     let (tx, mut rx) = mpsc::channel::<Update>(64);
     let mut held: HashMap<NodeId, Held> = HashMap::new();
-    let mut pending: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+    let mut pending: HashMap<SocketAddr, Handle> = HashMap::new();
     let mut seeds = Vec::new();
     for seed in &options.via {
         seeds.extend(
@@ -222,8 +231,11 @@ pub async fn run(
             let Some(addr) = dialer.next(Instant::now(), &busy, &mut rand::rng()) else {
                 break;
             };
-            let drop = stop.child_token();
-            pending.insert(addr, drop.clone());
+            let handle = Handle {
+                drop: stop.child_token(),
+                suspect: Arc::default(),
+            };
+            pending.insert(addr, handle.clone());
             let session = Session {
                 endpoint: endpoint.clone(),
                 config: config.clone(),
@@ -231,7 +243,7 @@ pub async fn run(
                 token: options.token.clone(),
                 targets: targets.clone(),
                 updates: tx.clone(),
-                drop,
+                handle,
             };
             tokio::spawn(attachment(session, addr));
         }
@@ -246,14 +258,15 @@ pub async fn run(
                             println!("tunnel {n}: {}", ingress.url(n));
                         }
                     }
-                    let drop = pending.remove(&dialed).unwrap_or_default();
+                    let handle = pending.remove(&dialed).unwrap_or_default();
                     dialer.succeeded(dialed);
-                    if held.contains_key(&peer.id) {
-                        // Reached a node we hold under another address.
-                        drop.cancel();
-                        continue;
+                    // Reached a node we hold under another address: the node
+                    // has just replaced our older connection with this one,
+                    // so keep this one.
+                    if let Some(old) = held.remove(&peer.id) {
+                        old.handle.drop.cancel();
                     }
-                    held.insert(peer.id, Held { peer, dialed, silent: false, drop });
+                    held.insert(peer.id, Held { peer, dialed, silent: false, handle });
                     println!("tunnel {name}: attached to node {} at {} ({}/{k})", peer.id, peer.addr, healthy(&held));
                 }
                 Update::Lost(dialed, peer, why) => {
@@ -269,8 +282,8 @@ pub async fn run(
                         _ => tracing::info!(addr = %dialed, %why, "attach attempt failed"),
                     }
                 }
-                Update::Silent(node, silent) => {
-                    if let Some(h) = held.get_mut(&node).filter(|h| h.silent != silent) {
+                Update::Silent(dialed, node, silent) => {
+                    if let Some(h) = held.get_mut(&node).filter(|h| h.dialed == dialed && h.silent != silent) {
                         h.silent = silent;
                         if silent {
                             println!("tunnel {name}: node {node} is silent; attaching a replacement; {}/{k} attached", healthy(&held));
@@ -283,8 +296,11 @@ pub async fn run(
                 Update::Down(nodes) => {
                     for node in nodes {
                         if let Some(h) = held.get(&node) {
+                            // Not dropped at once: a node restarted since, or
+                            // declared dead while it still answers, keeps
+                            // serving; the attachment task decides.
                             tracing::info!(%node, "the cluster declared an attached node dead");
-                            h.drop.cancel();
+                            h.handle.suspect.notify_one();
                         }
                     }
                 }
@@ -304,8 +320,8 @@ struct Session {
     token: Option<String>,
     targets: Arc<HashMap<String, String>>,
     updates: mpsc::Sender<Update>,
-    /// Cancelled when the client stops or drops this attachment.
-    drop: CancellationToken,
+    /// Stops or suspects this attachment.
+    handle: Handle,
 }
 
 /// One attachment: connect, register, then carry visitors until it ends.
@@ -317,8 +333,9 @@ async fn attachment(session: Session, addr: SocketAddr) {
         token,
         targets,
         updates,
-        drop,
+        handle,
     } = session;
+    let Handle { drop, suspect } = handle;
     let result = async {
         let conn = endpoint
             .connect_with(config, addr, crate::tls::CLIENT_SERVER_NAME)?
@@ -393,17 +410,25 @@ async fn attachment(session: Session, addr: SocketAddr) {
                 Ok(_) => {}
                 Err(e) => break e.to_string(),
             },
+            () = suspect.notified() => {
+                // Count it silent now; any packet from here on clears it.
+                heard = (conn.stats().udp_rx.datagrams, Instant::now());
+                if !silent {
+                    silent = true;
+                    let _ = updates.send(Update::Silent(addr, node.id, true)).await;
+                }
+            }
             _ = check.tick() => {
                 let received = conn.stats().udp_rx.datagrams;
                 if received != heard.0 {
                     heard = (received, Instant::now());
                     if silent {
                         silent = false;
-                        let _ = updates.send(Update::Silent(node.id, false)).await;
+                        let _ = updates.send(Update::Silent(addr, node.id, false)).await;
                     }
                 } else if !silent && heard.1.elapsed() >= CLIENT_SILENCE {
                     silent = true;
-                    let _ = updates.send(Update::Silent(node.id, true)).await;
+                    let _ = updates.send(Update::Silent(addr, node.id, true)).await;
                 }
             }
             _ = refresh.tick() => {

@@ -119,25 +119,36 @@ pub const MAX_STREAMS_PER_PEER: u32 = 4_096;
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 
 /// A peer we are waiting on that sends nothing at all for this long is
-/// presumed dead. Whatever we last sent it (a request, a visit header) asks
-/// for an acknowledgement, which a live peer's QUIC stack sends within
-/// milliseconds on a LAN however long its application takes to answer; only
-/// a dead (or cut off) peer stays silent this long. Gossip takes ~1.5 s to
-/// say the same.
+/// presumed dead. While waiting we send it small pings (empty datagrams,
+/// which QUIC must acknowledge), so a live peer's QUIC stack answers within
+/// milliseconds however long its application takes; only a dead (or cut off)
+/// peer stays silent this long. Gossip takes ~1.5 s to say the same.
 pub const PEER_SILENCE: Duration = Duration::from_millis(400);
 
 /// Completes once `conn` has received no packet for `silence`, counted from
-/// the call. Used beside a wait for a peer's answer.
+/// the call. Used beside a wait for a peer's answer. After a quarter of
+/// `silence` without a packet it pings the peer (an empty datagram, ignored
+/// by the receiver), and again at each further quarter, so that an idle but
+/// live peer is heard from.
 pub async fn silent(conn: &Connection, silence: Duration) {
-    let check = (silence / 5).max(Duration::from_millis(10));
+    let check = (silence / 8).max(Duration::from_millis(5));
     let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
+    let mut pings = 0u32;
     loop {
         tokio::time::sleep(check).await;
         let received = conn.stats().udp_rx.datagrams;
         if received != heard.0 {
             heard = (received, Instant::now());
-        } else if heard.1.elapsed() >= silence {
+            pings = 0;
+            continue;
+        }
+        let quiet = heard.1.elapsed();
+        if quiet >= silence {
             return;
+        }
+        if quiet >= silence / 4 * (pings + 1) {
+            pings += 1;
+            let _ = conn.send_datagram(Bytes::new());
         }
     }
 }
@@ -483,6 +494,9 @@ impl Transport {
     async fn read_datagrams(self: Arc<Self>, conn: Connection, peer: NodeId) {
         let reason = loop {
             match conn.read_datagram().await {
+                // An empty datagram is a liveness ping (see `silent`): its
+                // acknowledgement was the point.
+                Ok(data) if data.is_empty() => {}
                 Ok(data) => {
                     bump(&self.stats.datagrams_received);
                     if let Some(entry) = self.pool().conns.get_mut(&peer)

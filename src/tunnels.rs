@@ -123,14 +123,15 @@ async fn attempt(
     node: Arc<NodeShared>,
     path: Path,
     visit: Visit,
-    hedge: tokio::sync::mpsc::Sender<()>,
+    hedge: tokio::sync::mpsc::Sender<usize>,
+    index: usize,
 ) -> Result<Pair, OpenError> {
     if let Path::Via(peer) = &path
         && !node.live.borrow().iter().any(|p| p.id == peer.id)
     {
         // Gossip holds it dead (a stale route): a dial could wait for the
         // whole handshake timeout, so let the next path start now.
-        let _ = hedge.try_send(());
+        let _ = hedge.try_send(index);
     }
     let (conn, mut send, mut recv) = match &path {
         Path::Local(conn) => {
@@ -175,7 +176,7 @@ async fn attempt(
                 if let Some(id) = via {
                     node.transport.mark_silent(id, &conn);
                 }
-                let _ = hedge.try_send(());
+                let _ = hedge.try_send(index);
                 answer.await
             }
         }
@@ -384,27 +385,35 @@ impl Tunnels {
         let deadline = began + VISIT_DEADLINE;
         let mut running = tokio::task::JoinSet::new();
         let mut hedge_at = deadline;
-        let mut launched: Vec<Peer> = Vec::new();
-        let (hedge_tx, mut hedge_rx) = tokio::sync::mpsc::channel::<()>(1);
+        // Attempts still running, by index, with the node each goes through.
+        let mut waiting: HashMap<usize, Option<Peer>> = HashMap::new();
+        let mut launched = 0usize;
+        let (hedge_tx, mut hedge_rx) = tokio::sync::mpsc::channel::<usize>(8);
         loop {
             if running.is_empty() || tokio::time::Instant::now() >= hedge_at {
                 match self.next_path(name, &mut paths).await {
                     Some(path) => {
                         if !running.is_empty() {
-                            for peer in &launched {
+                            for peer in waiting.values().flatten() {
                                 self.mark_slow(peer.id, true);
                             }
                             tracing::info!(tunnel = name, next = %path, waited = ?began.elapsed(), "no attachment answered yet; trying the next as well");
                         }
-                        if let Path::Via(peer) = &path {
-                            launched.push(*peer);
-                        }
+                        let index = launched;
+                        launched += 1;
+                        waiting.insert(
+                            index,
+                            match &path {
+                                Path::Via(peer) => Some(*peer),
+                                Path::Local(_) => None,
+                            },
+                        );
                         let node = self.node.clone();
                         let visit = visit.clone();
                         let hedge = hedge_tx.clone();
                         running.spawn(async move {
-                            let result = attempt(node, path.clone(), visit, hedge).await;
-                            (path, result)
+                            let result = attempt(node, path.clone(), visit, hedge, index).await;
+                            (index, path, result)
                         });
                         hedge_at = tokio::time::Instant::now() + VISIT_HEDGE_AFTER;
                     }
@@ -414,23 +423,31 @@ impl Tunnels {
             }
             tokio::select! {
                 Some(joined) = running.join_next() => match joined {
-                    Ok((path, Ok(pair))) => {
+                    Ok((_, path, Ok(pair))) => {
                         if let Path::Via(peer) = path {
                             self.mark_slow(peer.id, false);
                         }
                         return Ok(pair);
                     }
-                    Ok((_, Err(OpenError::TargetRefused))) => return Err(OpenError::TargetRefused),
-                    Ok((path, Err(err))) => {
+                    Ok((_, _, Err(OpenError::TargetRefused))) => return Err(OpenError::TargetRefused),
+                    Ok((index, path, Err(err))) => {
+                        waiting.remove(&index);
                         if let Path::Via(peer) = &path {
                             self.mark_slow(peer.id, true);
                         }
                         tracing::info!(tunnel = name, via = %path, %err, "attachment failed, trying the next");
+                        // The next path starts now, whatever else still runs.
+                        hedge_at = tokio::time::Instant::now();
                     }
                     Err(err) => tracing::warn!(tunnel = name, %err, "visit attempt panicked"),
                 },
                 () = tokio::time::sleep_until(hedge_at) => {}
-                Some(()) = hedge_rx.recv() => hedge_at = tokio::time::Instant::now(),
+                Some(index) = hedge_rx.recv() => {
+                    // Only an attempt still running may ask for the next.
+                    if waiting.contains_key(&index) {
+                        hedge_at = tokio::time::Instant::now();
+                    }
+                }
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(tunnel = name, "no attachment answered within {VISIT_DEADLINE:?}");
                     return Err(OpenError::Unreachable);

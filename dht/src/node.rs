@@ -149,10 +149,13 @@ pub struct DhtStats {
 enum OpKind {
     /// `missed`: a holder answered that it has no such record. A node that
     /// just took over a range may not have received it yet, so a miss is
-    /// only believed once a second holder confirms it.
+    /// only believed once a second holder confirms it. `unconfirmed`: a node
+    /// asked after the miss failed to answer, so running out of nodes to ask
+    /// is not a confirmation.
     Get {
         name: String,
         missed: bool,
+        unconfirmed: bool,
     },
     Write {
         name: String,
@@ -376,6 +379,7 @@ impl DhtNode {
                 kind: OpKind::Get {
                     name: name.to_string(),
                     missed,
+                    unconfirmed: false,
                 },
                 lookup,
             },
@@ -485,7 +489,15 @@ impl DhtNode {
             }
             Next::Exhausted => {
                 let hops = state.lookup.hops();
-                let outcome = if matches!(state.kind, OpKind::Get { missed: true, .. }) {
+                let confirmed = matches!(
+                    state.kind,
+                    OpKind::Get {
+                        missed: true,
+                        unconfirmed: false,
+                        ..
+                    }
+                );
+                let outcome = if confirmed {
                     // Nobody else to ask: the holder's "none" stands.
                     Outcome::Got { item: None, hops }
                 } else {
@@ -703,6 +715,14 @@ impl DhtNode {
                 self.advance(now, op);
             }
             Ok(_) | Err(()) => {
+                if let OpKind::Get {
+                    missed: true,
+                    unconfirmed,
+                    ..
+                } = &mut state.kind
+                {
+                    *unconfirmed = true;
+                }
                 state.lookup.failed();
                 self.advance(now, op);
             }

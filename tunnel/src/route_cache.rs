@@ -93,7 +93,11 @@ impl<V: Clone + Send + Sync + 'static> RouteCache<V> {
     /// Rewrites every found route with `keep`: `None` drops the entry, `Some`
     /// replaces the route and keeps its expiry (a dead node leaves the routes
     /// that named it; the rest of each route stays usable).
-    pub fn rewrite(&self, keep: impl Fn(&V) -> Option<V>) {
+    /// Routes `keep` leaves unchanged are not touched.
+    pub fn rewrite(&self, keep: impl Fn(&V) -> Option<V>)
+    where
+        V: PartialEq,
+    {
         let found: Vec<(String, V, Instant)> = self
             .cache
             .iter()
@@ -104,6 +108,7 @@ impl<V: Clone + Send + Sync + 'static> RouteCache<V> {
             .collect();
         for (name, route, expires) in found {
             match keep(&route) {
+                Some(kept) if kept == route => {}
                 Some(kept) => self.cache.insert(name, Entry::Found(kept, expires)),
                 None => {
                     self.cache.remove(&name);
