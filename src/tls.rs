@@ -329,11 +329,7 @@ pub fn node_transport() -> quinn::TransportConfig {
 
 /// The id proven by the certificate a connection's peer presented.
 pub fn peer_node_id(conn: &quinn::Connection) -> Option<NodeId> {
-    let certs = conn
-        .peer_identity()?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .ok()?;
-    pki::node_id_of(certs.first()?).ok()
+    pki::node_id_of(peer_chain(conn)?.first()?).ok()
 }
 
 /// Requires a client certificate and a valid TLS 1.3 signature with its key,

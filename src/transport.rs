@@ -511,6 +511,13 @@ impl Transport {
                 Err(err) => break err,
             }
         };
+        self.unpool(peer, &conn);
+        tracing::debug!(%peer, %reason, "node connection closed");
+    }
+
+    /// Removes `conn` from the pool if it is still the connection to `peer`
+    /// (not a newer one that replaced it).
+    fn unpool(&self, peer: NodeId, conn: &Connection) {
         let mut pool = self.pool();
         if pool
             .conns
@@ -519,8 +526,6 @@ impl Transport {
         {
             pool.conns.remove(&peer);
         }
-        drop(pool);
-        tracing::debug!(%peer, %reason, "node connection closed");
     }
 
     /// Accepts node connections until `cancel` fires, and closes idle ones.
@@ -651,15 +656,7 @@ impl Transport {
                 tracing::info!(%peer, "a node declared dead still answers; keeping its connection");
                 return;
             }
-            let mut pool = this.pool();
-            if pool
-                .conns
-                .get(&peer)
-                .is_some_and(|e| e.conn.stable_id() == conn.stable_id())
-            {
-                pool.conns.remove(&peer);
-            }
-            drop(pool);
+            this.unpool(peer, &conn);
             tracing::debug!(%peer, "closing the connection to a node declared dead");
             conn.close(CLOSE_PEER_DOWN, b"declared dead");
         });
