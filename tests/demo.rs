@@ -1,10 +1,14 @@
 //! `specter demo` starts, its printed URLs answer through the tunnel, and
 //! Ctrl-C stops it cleanly.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::procs::stdout_lines;
 
 #[test]
 fn the_demo_serves_its_printed_urls_and_stops_on_ctrl_c() {
@@ -14,13 +18,7 @@ fn the_demo_serves_its_printed_urls_and_stops_on_ctrl_c() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stdout_lines(&mut child);
     let mut urls = Vec::new();
     let mut https = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);

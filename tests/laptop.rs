@@ -8,13 +8,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::procs::{BIN, ca, issue, specter};
+use common::procs::{BIN, ca, issue, issue_edge, stdout_lines, wait_line};
 
 const DOMAIN: &str = "lap.test";
 const SERVER_IP: &str = "10.77.0.1";
@@ -140,22 +138,6 @@ fn visit(net: &Net, dir: &Path, port: u16) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).to_string())
 }
 
-fn wait_line(
-    lines: &mpsc::Receiver<String>,
-    within: Duration,
-    want: impl Fn(&str) -> bool,
-) -> bool {
-    let deadline = Instant::now() + within;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match lines.recv_timeout(left) {
-            Ok(line) if want(&line) => return true,
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-    }
-    false
-}
-
 #[test]
 fn a_client_whose_network_is_gone_for_a_minute_comes_back_by_itself() {
     let root = Command::new("id")
@@ -173,18 +155,7 @@ fn a_client_whose_network_is_gone_for_a_minute_comes_back_by_itself() {
     let net = Net::create().expect("network namespaces");
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = ca(dir.path());
-    let edge = dir.path().join("edge");
-    let out = specter(&[
-        "ca",
-        "issue-edge",
-        "--ca-dir",
-        ca_dir.to_str().unwrap(),
-        "--domain",
-        DOMAIN,
-        "--out",
-        edge.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
+    let edge = issue_edge(dir.path(), &ca_dir, DOMAIN);
     // Three nodes on the server side, one address, three ports.
     let mut nodes = Vec::new();
     for i in 0..3u16 {
@@ -262,19 +233,10 @@ fn a_client_whose_network_is_gone_for_a_minute_comes_back_by_itself() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = client.stdout.take().unwrap();
+    let lines = stdout_lines(&mut client);
     let _client = Kill(client);
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            println!("client: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
     assert!(
-        wait_line(&lines, Duration::from_secs(30), |l| l.contains("(3/3)")),
+        wait_line(&lines, "(3/3)", Duration::from_secs(30)).is_some(),
         "the client attached to three nodes"
     );
     let served = || {
@@ -291,8 +253,7 @@ fn a_client_whose_network_is_gone_for_a_minute_comes_back_by_itself() {
     // The network goes away.
     net.client_link(false);
     assert!(
-        wait_line(&lines, Duration::from_secs(15), |l| l
-            .contains("0/3 attached")),
+        wait_line(&lines, "0/3 attached", Duration::from_secs(15)).is_some(),
         "the client noticed it lost every node"
     );
     assert!(
@@ -304,7 +265,7 @@ fn a_client_whose_network_is_gone_for_a_minute_comes_back_by_itself() {
     let back = Instant::now();
     net.client_link(true);
     assert!(
-        wait_line(&lines, Duration::from_secs(20), |l| l.contains("(3/3)")),
+        wait_line(&lines, "(3/3)", Duration::from_secs(20)).is_some(),
         "the client is attached to three nodes again"
     );
     let reattached = back.elapsed();

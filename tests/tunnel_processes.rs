@@ -54,46 +54,13 @@ fn start_client(
     target: std::net::SocketAddr,
     seed: &str,
 ) -> (Client, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new(BIN)
-        .args([
-            "tunnel",
-            "--to",
-            &format!("tcp://{target}"),
-            "--name",
-            name,
-            "--via",
-            seed,
-        ])
-        .args(["--ca", dir.join("ca/ca.crt").to_str().unwrap()])
-        .args(["--state-dir", dir.join(state).to_str().unwrap()])
+    let mut child = tunnel_cmd(dir, state, name, &format!("tcp://{target}"), seed)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stdout_lines(&mut child);
     (Client(child), rx)
-}
-
-fn wait_line(
-    rx: &std::sync::mpsc::Receiver<String>,
-    needle: &str,
-    deadline: Duration,
-) -> Option<String> {
-    let end = Instant::now() + deadline;
-    while let Some(left) = end.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return Some(line),
-            Ok(_) => {}
-            Err(_) => return None,
-        }
-    }
-    None
 }
 
 /// Sends `data` through `specter connect --stdio`, closes its input, and
@@ -133,23 +100,9 @@ fn ingress_cluster(
     ips: &[String],
     extra: impl Fn(usize) -> Vec<String>,
 ) -> Vec<Proc> {
-    let out = specter(&[
-        "ca",
-        "issue-edge",
-        "--ca-dir",
-        ca_dir.to_str().unwrap(),
-        "--domain",
-        DOMAIN,
-        "--out",
-        dir.join("edge").to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let edge_dir = issue_edge(dir, ca_dir, DOMAIN);
     let dirs = issue_all(dir, ca_dir, ips);
-    let edge = |f: &str| dir.join("edge").join(f).to_str().unwrap().to_string();
+    let edge = |f: &str| edge_dir.join(f).to_str().unwrap().to_string();
     let (cert, key) = (edge("edge.crt"), edge("edge.key"));
     let start = |i: usize, seed: Option<&str>| {
         let mut flags = vec![
@@ -327,23 +280,18 @@ fn under_token_auth_a_client_needs_a_valid_token() {
     );
     let service = eof_service();
     let run = |extra: &[&str], name: &str, state: &str| {
-        let mut child = Command::new(BIN)
-            .args([
-                "tunnel",
-                "--to",
-                &format!("tcp://{service}"),
-                "--name",
-                name,
-                "--via",
-                &node.quic(),
-            ])
-            .args(["--ca", dir.path().join("ca/ca.crt").to_str().unwrap()])
-            .args(["--state-dir", dir.path().join(state).to_str().unwrap()])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = tunnel_cmd(
+            dir.path(),
+            state,
+            name,
+            &format!("tcp://{service}"),
+            &node.quic(),
+        )
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
         let status = wait_exit(&mut child, Duration::from_secs(10));
         if status.is_none() {
             let _ = child.kill();
@@ -363,21 +311,17 @@ fn under_token_auth_a_client_needs_a_valid_token() {
     // A token for another prefix: refused. The right one: attached.
     let token_for = |prefix: &str, file: &str| {
         let path = dir.path().join(file);
-        let out = specter(&[
+        let (ca, out) = (ca_dir.to_str().unwrap(), path.to_str().unwrap());
+        specter_ok(&[
             "ca",
             "issue-client-token",
             "--ca-dir",
-            ca_dir.to_str().unwrap(),
+            ca,
             "--prefix",
             prefix,
             "--out",
-            path.to_str().unwrap(),
+            out,
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         path.to_str().unwrap().to_string()
     };
     let other = token_for("other-", "t1");
@@ -590,24 +534,18 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut down = Command::new(BIN)
-        .args([
-            "tunnel",
-            "--to",
-            &format!("http://{closed}"),
-            "--name",
-            "down",
-            "--via",
-            &seed,
-            "--attachments",
-            "1",
-        ])
-        .args(["--ca", dir.path().join("ca/ca.crt").to_str().unwrap()])
-        .args(["--state-dir", dir.path().join("down").to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut down = tunnel_cmd(
+        dir.path(),
+        "down",
+        "down",
+        &format!("http://{closed}"),
+        &seed,
+    )
+    .args(["--attachments", "1"])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let mut down_lines = BufReader::new(down.stdout.take().unwrap()).lines();
     assert!(down_lines.any(|l| l.unwrap().contains("(1/1)")));
     let _down = Client(down);
@@ -713,25 +651,19 @@ fn a_thousand_concurrent_visitors_and_abusive_ones_leave_nothing_behind() {
     let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
     let seed = procs[0].quic();
     let service = http_service();
-    let mut child = Command::new(BIN)
-        .args([
-            "tunnel",
-            "--to",
-            &format!("http://{service}"),
-            "--name",
-            "busy",
-            "--via",
-            &seed,
-            "--attachments",
-            "1",
-        ])
-        .args(["--ca", dir.path().join("ca/ca.crt").to_str().unwrap()])
-        .args(["--state-dir", dir.path().join("busy").to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(dir.path().join("busy-client.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = tunnel_cmd(
+        dir.path(),
+        "busy",
+        "busy",
+        &format!("http://{service}"),
+        &seed,
+    )
+    .args(["--attachments", "1"])
+    .stdout(Stdio::piped())
+    .env("RUST_LOG", "info")
+    .stderr(std::fs::File::create(dir.path().join("busy-client.log")).unwrap())
+    .spawn()
+    .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert!(lines.any(|l| l.unwrap().contains("(1/1)")));
     let client = Client(child);

@@ -29,7 +29,7 @@ use rand::seq::IndexedRandom;
 use rustls::pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 
-use procs::{BIN, ca, issue_all, specter};
+use procs::{BIN, ca, issue_all, issue_edge, tunnel_cmd};
 
 const DOMAIN: &str = "chaos.test";
 const NAME: &str = "chaos";
@@ -443,21 +443,7 @@ fn main() {
     let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&root).unwrap();
     let ca_dir = ca(&root);
-    let out = specter(&[
-        "ca",
-        "issue-edge",
-        "--ca-dir",
-        ca_dir.to_str().unwrap(),
-        "--domain",
-        DOMAIN,
-        "--out",
-        root.join("edge").to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    issue_edge(&root, &ca_dir, DOMAIN);
     let ips: Vec<String> = (0..args.nodes).map(ip).collect();
     let dirs = issue_all(&root, &ca_dir, &ips);
     let seeds: Vec<String> = ips.iter().map(|i| format!("{i}:{QUIC_PORT}")).collect();
@@ -491,19 +477,21 @@ fn main() {
 
     // The client.
     let mut client = Stopped(
-        Command::new(BIN)
-            .args(["tunnel", "--to", &format!("http://{svc}"), "--name", NAME])
-            .args(["--via", &seeds.join(",")])
-            .args(["--attachments", &args.attachments.to_string()])
-            .args(["--ca", root.join("ca/ca.crt").to_str().unwrap()])
-            .args(["--state-dir", root.join("client").to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::File::create(root.join("client.log")).unwrap(),
-            ))
-            .spawn()
-            .expect("spawn specter tunnel"),
+        tunnel_cmd(
+            &root,
+            "client",
+            NAME,
+            &format!("http://{svc}"),
+            &seeds.join(","),
+        )
+        .args(["--attachments", &args.attachments.to_string()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::File::create(root.join("client.log")).unwrap(),
+        ))
+        .spawn()
+        .expect("spawn specter tunnel"),
     );
     let view = Arc::new(Mutex::new(ClientView::default()));
     let began = Instant::now();

@@ -17,31 +17,100 @@ pub fn specter(args: &[&str]) -> std::process::Output {
     Command::new(BIN).args(args).output().expect("run specter")
 }
 
-pub fn ca(dir: &Path) -> PathBuf {
-    let ca = dir.join("ca");
-    let out = specter(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+/// Runs `specter` and asserts that it succeeded.
+pub fn specter_ok(args: &[&str]) -> std::process::Output {
+    let out = specter(args);
     assert!(
         out.status.success(),
-        "{}",
+        "specter {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+pub fn ca(dir: &Path) -> PathBuf {
+    let ca = dir.join("ca");
+    specter_ok(&["ca", "init", "--dir", ca.to_str().unwrap()]);
     ca
 }
 
 pub fn issue(ca: &Path, name: &str, ip: &str, out: &Path) {
-    let o = specter(&[
+    let ca = ca.to_str().unwrap();
+    let out = out.to_str().unwrap();
+    specter_ok(&[
         "ca",
         "issue-node",
         "--ca-dir",
-        ca.to_str().unwrap(),
+        ca,
         "--name",
         name,
         "--ip",
         ip,
         "--out",
-        out.to_str().unwrap(),
+        out,
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Issues the wildcard edge certificate for `*.domain` into `dir/edge`.
+pub fn issue_edge(dir: &Path, ca: &Path, domain: &str) -> PathBuf {
+    let edge = dir.join("edge");
+    let (ca, out) = (ca.to_str().unwrap(), edge.to_str().unwrap());
+    specter_ok(&[
+        "ca",
+        "issue-edge",
+        "--ca-dir",
+        ca,
+        "--domain",
+        domain,
+        "--out",
+        out,
+    ]);
+    edge
+}
+
+/// `specter tunnel --to TO --name NAME --via VIA` with the CA in `dir/ca`
+/// and its state in `dir/STATE`; callers add flags and stdio.
+pub fn tunnel_cmd(dir: &Path, state: &str, name: &str, to: &str, via: &str) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["tunnel", "--to", to, "--name", name, "--via", via])
+        .args(["--ca", dir.join("ca/ca.crt").to_str().unwrap()])
+        .args(["--state-dir", dir.join(state).to_str().unwrap()]);
+    cmd
+}
+
+/// The child's stdout, a line at a time, read on a thread of its own.
+pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits up to `deadline` for a line containing `needle`.
+pub fn wait_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    deadline: Duration,
+) -> Option<String> {
+    let end = Instant::now() + deadline;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return Some(line),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Issues a node certificate for each IP into `dir/IP`; returns the folders.
