@@ -114,12 +114,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn peer(id: u64) -> Peer {
-        Peer {
-            id: NodeId(id),
-            addr: "127.0.0.1:1".parse().unwrap(),
-        }
-    }
+    use crate::ring::test_peer as peer;
 
     proptest! {
         /// Whatever the views say (random redirects, random failures), a lookup

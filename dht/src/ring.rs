@@ -205,17 +205,21 @@ impl RingView {
     }
 }
 
+/// A peer with id `id` at a dummy address, for tests.
+#[cfg(test)]
+pub(crate) fn test_peer(id: u64) -> Peer {
+    Peer {
+        id: NodeId(id),
+        addr: "127.0.0.1:1".parse().unwrap(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn peer(id: u64) -> Peer {
-        Peer {
-            id: NodeId(id),
-            addr: "127.0.0.1:1".parse().unwrap(),
-        }
-    }
+    use super::test_peer as peer;
 
     /// Brute force: the first id at or after `key` going clockwise.
     fn brute_owner(ids: &[u64], key: u64) -> u64 {

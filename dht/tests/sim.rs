@@ -84,6 +84,16 @@ fn read_all(sim: &mut DhtSim, via: &[usize], names: &[String]) -> (usize, Vec<u3
     (found, hops)
 }
 
+/// Every seventh running node reads every name and finds it.
+fn assert_survivors_read_all(sim: &mut DhtSim, names: &[String], what: &str) {
+    let survivors: Vec<usize> = (0..NODES)
+        .filter(|&i| sim.is_running(i))
+        .step_by(7)
+        .collect();
+    let (found, _) = read_all(sim, &survivors, names);
+    assert_eq!(found, survivors.len() * names.len(), "{what}");
+}
+
 fn min_holders(sim: &DhtSim, names: &[String]) -> usize {
     names
         .iter()
@@ -132,15 +142,10 @@ fn a_thousand_records_are_read_the_same_from_every_node_and_survive_two_crashes(
     sim.crash(b);
     sim.membership_changed();
     sim.run_for(15_000);
-    let survivors: Vec<usize> = (0..NODES)
-        .filter(|&i| sim.is_running(i))
-        .step_by(7)
-        .collect();
-    let (found, _) = read_all(&mut sim, &survivors, &names);
-    assert_eq!(
-        found,
-        survivors.len() * RECORDS,
-        "seed {seed:#x}: a record was lost"
+    assert_survivors_read_all(
+        &mut sim,
+        &names,
+        &format!("seed {seed:#x}: a record was lost"),
     );
     assert!(
         min_holders(&sim, &names) >= 3,
@@ -162,23 +167,17 @@ fn a_thousand_records_are_read_the_same_from_every_node_and_survive_two_crashes(
     sim.crash(victim);
     sim.crash(next);
     // Before membership catches up, reads still succeed through survivors.
-    let survivors: Vec<usize> = (0..NODES)
-        .filter(|&i| sim.is_running(i))
-        .step_by(7)
-        .collect();
-    let (found, _) = read_all(&mut sim, &survivors, &names);
-    assert_eq!(
-        found,
-        survivors.len() * RECORDS,
-        "seed {seed:#x}: reads during detection"
+    assert_survivors_read_all(
+        &mut sim,
+        &names,
+        &format!("seed {seed:#x}: reads during detection"),
     );
     sim.membership_changed();
     sim.run_for(15_000);
-    let (found, _) = read_all(&mut sim, &survivors, &names);
-    assert_eq!(
-        found,
-        survivors.len() * RECORDS,
-        "seed {seed:#x}: a record was lost"
+    assert_survivors_read_all(
+        &mut sim,
+        &names,
+        &format!("seed {seed:#x}: a record was lost"),
     );
     assert!(
         min_holders(&sim, &names) >= 3,
