@@ -239,8 +239,13 @@ pub async fn run(n: usize) -> Result<()> {
         println!("Warning: the overlay was not ready within {READY_DEADLINE:?}; see the logs.");
     }
     println!();
+    let state = if ready {
+        "is attached"
+    } else {
+        "is still attaching"
+    };
     println!(
-        "Tunnel {}.{DEMO_DOMAIN} is attached. Visit it through any node:",
+        "Tunnel {}.{DEMO_DOMAIN} {state}. Visit it through any node:",
         demo.name
     );
     for (url, public) in demo.urls.iter().zip(&demo.ingress) {

@@ -20,7 +20,9 @@ use crate::transport::Transport;
 /// answered `Unavailable` at once.
 pub const SERVED_CAPACITY: usize = 1_024;
 
-/// Admin lookups waiting for this task.
+/// Local operations waiting for this task: admin lookups, every visitor's
+/// route lookup on a route-cache miss, and lease renewals. Senders wait for
+/// room when it is full.
 pub const COMMAND_CAPACITY: usize = 64;
 
 /// Answers to our own requests waiting for this task. Each request in flight
@@ -38,7 +40,7 @@ pub fn now_ms() -> u64 {
     u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// An operation for the DHT task, from the admin API (and later the tunnels).
+/// An operation for the DHT task, from the admin API or the tunnels.
 pub enum Command {
     /// Read a name.
     Get {

@@ -70,8 +70,5 @@ pub fn bind_endpoint(addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
 /// A generation for a node starting now: milliseconds since the Unix epoch,
 /// so every restart (even with the same certificate) has a higher one.
 pub fn generation_now() -> u64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    dht::now_ms()
 }

@@ -187,7 +187,14 @@ impl Driver {
                         addr: m.addr,
                     })
                     .collect();
-                live.send_replace(peers);
+                // Wake the consumers only when the set changed.
+                live.send_if_modified(|current| {
+                    let modified = *current != peers;
+                    if modified {
+                        *current = peers;
+                    }
+                    modified
+                });
             }
             if changed || published.elapsed() >= VIEW_REFRESH {
                 publish(&membership, joined, &view);

@@ -1,5 +1,6 @@
-//! The node daemon: composes the QUIC transport, the membership task and the
-//! admin API. [`Node::start`] takes an already-bound endpoint (and the caller
+//! The node daemon: composes the QUIC transport, the membership task, the DHT
+//! task and its RPC server, the tunnels (client sessions and forwarding) and
+//! the admin API. [`Node::start`] takes an already-bound endpoint (and the caller
 //! binds the admin listener), so tests bind port 0 and the binary binds what
 //! the operator asked for.
 
@@ -55,9 +56,6 @@ pub enum NodeError {
     /// The TLS material could not be turned into QUIC configs.
     #[error(transparent)]
     Tls(#[from] TlsError),
-    /// Other nodes could not dial the advertised address.
-    #[error("cannot advertise {0}: other nodes need a specific IP and a non-zero port")]
-    BadAdvertise(SocketAddr),
     /// The gossip settings are inconsistent.
     #[error("gossip config: {0}")]
     Gossip(#[from] specter_gossip::config::ConfigError),

@@ -248,9 +248,9 @@ struct Pool {
     /// most the peers that failed in the last [`DIAL_BACKOFF`].
     failed: HashMap<NodeId, Instant>,
     /// Peers that left something unacknowledged for [`PEER_SILENCE`]: the
-    /// connection's id and its received-packet count at the time. Cleared
-    /// as soon as that count moves (the peer spoke) or the connection is
-    /// replaced.
+    /// connection's id and its received-packet count at the time. An entry
+    /// is cleared by the next [`Transport::is_silent`] that finds the count
+    /// moved (the peer spoke) or the connection gone or replaced.
     silent: HashMap<NodeId, (usize, u64)>,
 }
 

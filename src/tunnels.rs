@@ -254,8 +254,9 @@ impl Tunnels {
 
     /// Takes a node that was declared dead out of cached routes (the rest of
     /// each route stays: looking every name up again while the ring is
-    /// changing is when lookups are least reliable), and fails the streams
-    /// still open to it.
+    /// changing is when lookups are least reliable), and closes the
+    /// connection to it if it is silent too (see
+    /// [`crate::transport::Transport::forget`]).
     pub fn node_down(&self, node: specter_gossip::NodeId) {
         self.node.transport.forget(node);
         self.routes.rewrite(|route| {
@@ -349,10 +350,10 @@ impl Tunnels {
             let now = std::time::Instant::now();
             let mut slow = self.slow.lock().unwrap_or_else(PoisonError::into_inner);
             slow.retain(|_, until| *until > now);
-            let live: HashSet<NodeId> = self.node.live.borrow().iter().map(|p| p.id).collect();
-            route.sort_by_key(|p| {
+            let live = self.node.live.borrow();
+            route.sort_by_cached_key(|p| {
                 (
-                    !live.contains(&p.id),
+                    !live.iter().any(|l| l.id == p.id),
                     self.node.transport.is_silent(p.id),
                     slow.contains_key(&p.id),
                 )
@@ -378,8 +379,9 @@ impl Tunnels {
     }
 
     /// Tries `paths` in order until one is ready: the next starts when the
-    /// previous fails, or alongside it once it has been silent for
-    /// [`VISIT_HEDGE_AFTER`]. Gives up after [`VISIT_DEADLINE`].
+    /// previous fails, and alongside it when its node goes silent
+    /// ([`PEER_SILENCE`]) or nothing answered for [`VISIT_HEDGE_AFTER`].
+    /// Gives up after [`VISIT_DEADLINE`].
     async fn race(&self, name: &str, visit: &Visit, mut paths: Paths) -> Result<Pair, OpenError> {
         let began = tokio::time::Instant::now();
         let deadline = began + VISIT_DEADLINE;
