@@ -72,10 +72,19 @@ fn five_processes_see_a_sigkill_and_a_restart() {
     assert!(kill.success());
     let exit = leaver.child.wait().unwrap();
     assert!(exit.success(), "SIGTERM exit: {exit}");
+    // A crash cannot be declared down sooner than a missed probe plus the
+    // suspicion time; a leave must be seen well inside that.
+    let cfg = GossipConfig::default();
+    let crash_floor = cfg.probe_rtt + cfg.suspect_to_down_after;
     let left = wait_for(bound, || {
         procs.iter().all(|p| state_of(p, &leaver_id) == "down")
     });
     assert!(left.is_some(), "graceful leave not seen");
+    let left = left.unwrap();
+    assert!(
+        left < crash_floor,
+        "leave seen {left:?} after the exit, no sooner than a crash could be ({crash_floor:?})"
+    );
     println!("SIGTERM seen down by all after {:?}", term_at.elapsed());
 
     // /metrics answers too, and the admin API survives garbage.

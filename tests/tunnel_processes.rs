@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 
 use rustls::pki_types::pem::PemObject;
 use std::net::TcpListener;
@@ -38,29 +38,20 @@ fn eof_service() -> std::net::SocketAddr {
     addr
 }
 
-struct Client(Child);
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_client(
     dir: &Path,
     state: &str,
     name: &str,
     target: std::net::SocketAddr,
     seed: &str,
-) -> (Client, std::sync::mpsc::Receiver<String>) {
+) -> (Reaped, std::sync::mpsc::Receiver<String>) {
     let mut child = tunnel_cmd(dir, state, name, &format!("tcp://{target}"), seed)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let rx = stdout_lines(&mut child);
-    (Client(child), rx)
+    (Reaped(child), rx)
 }
 
 /// Sends `data` through `specter connect --stdio`, closes its input, and
@@ -219,10 +210,29 @@ fn visitors_reach_the_service_through_every_node_with_half_close() {
     }
 
     // Another client (another key) cannot take the name.
-    let (mut thief, _) = start_client(dir.path(), "client-b", "half-close", service, &seed);
+    let mut thief = tunnel_cmd(
+        dir.path(),
+        "client-b",
+        "half-close",
+        &format!("tcp://{service}"),
+        &seed,
+    )
+    .env("RUST_LOG", "error")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let status =
-        wait_exit(&mut thief.0, Duration::from_secs(20)).expect("the second client keeps running");
+        wait_exit(&mut thief, Duration::from_secs(20)).expect("the second client keeps running");
+    let mut stderr = String::new();
+    thief
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     assert!(!status.success());
+    assert!(stderr.contains("claimed by another client"), "{stderr}");
 
     // The owner crashes and comes straight back with the same key: it gets
     // its name at once, its new connections replace the stale ones, and
@@ -443,10 +453,13 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let lines = stdout_lines(&mut child);
     let mut url = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Ok(line) = lines.recv_timeout(left) else {
+            break;
+        };
         if let Some(u) = line.strip_prefix("tunnel web: https://") {
             url = Some(u.to_string());
         }
@@ -461,7 +474,7 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
         url.as_deref(),
         Some(format!("web.{DOMAIN}:{port}/").as_str())
     );
-    let _client = Client(child);
+    let _client = Reaped(child);
     // The second tunnel of the same client carries raw TCP.
     for p in &procs {
         let out = visit(dir.path(), &p.https(), "raw", b"second tunnel");
@@ -546,9 +559,9 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
     .stderr(Stdio::null())
     .spawn()
     .unwrap();
-    let mut down_lines = BufReader::new(down.stdout.take().unwrap()).lines();
-    assert!(down_lines.any(|l| l.unwrap().contains("(1/1)")));
-    let _down = Client(down);
+    let down_lines = stdout_lines(&mut down);
+    assert!(wait_line(&down_lines, "(1/1)", Duration::from_secs(20)).is_some());
+    let _down = Reaped(down);
     let (body, status) = curl(
         dir.path(),
         &procs[1].https(),
@@ -664,9 +677,9 @@ fn a_thousand_concurrent_visitors_and_abusive_ones_leave_nothing_behind() {
     .stderr(std::fs::File::create(dir.path().join("busy-client.log")).unwrap())
     .spawn()
     .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.any(|l| l.unwrap().contains("(1/1)")));
-    let client = Client(child);
+    let lines = stdout_lines(&mut child);
+    assert!(wait_line(&lines, "(1/1)", Duration::from_secs(20)).is_some());
+    let client = Reaped(child);
     let host = format!("busy.{DOMAIN}");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -732,11 +745,13 @@ fn a_thousand_concurrent_visitors_and_abusive_ones_leave_nothing_behind() {
         );
         let _ = big.write_all(head.as_bytes()).await;
         let mut answer = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), big.read_to_end(&mut answer)).await;
+        let ended =
+            tokio::time::timeout(Duration::from_secs(10), big.read_to_end(&mut answer)).await;
+        assert!(ended.is_ok(), "a 1 MB head was neither refused nor cut off");
         let answer = String::from_utf8_lossy(&answer);
         assert!(
-            !answer.starts_with("HTTP/1.1 200"),
-            "a 1 MB head was accepted: {answer:.100}"
+            answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+            "a 1 MB head was not refused: {answer:.100}"
         );
         // A visitor that stalls mid-header...
         let mut stall = tls_to(dir.path(), &entry, &host).await;

@@ -29,7 +29,7 @@ use rand::seq::IndexedRandom;
 use rustls::pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 
-use procs::{BIN, ca, issue_all, issue_edge, tunnel_cmd};
+use procs::{BIN, Reaped, ca, issue_all, issue_edge, tunnel_cmd};
 
 const DOMAIN: &str = "chaos.test";
 const NAME: &str = "chaos";
@@ -149,16 +149,6 @@ fn joined(slot: &Slot, others: usize) -> bool {
             .map_or(0, |m| m.iter().filter(|m| m["state"] == "alive").count());
         s["joined"] == true && alive >= others
     })
-}
-
-/// A child process killed when dropped (also when the run panics).
-struct Stopped(Child);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The client's attachments as its output tells them.
@@ -421,13 +411,19 @@ fn ms(d: Duration) -> String {
 }
 
 /// The nodes that should hold `name`'s record: the owner (first id at or
-/// after the key) and the next two.
+/// after the key) and the next ones up to the replication factor, or every
+/// node in a ring too small to keep consistent (see `DhtNode::replica_set`).
 fn replica_holders(ids: &[u64], name: &str) -> Vec<u64> {
     let key = specter_dht::key_of(name);
     let mut sorted = ids.to_vec();
     sorted.sort_unstable();
     let first = sorted.iter().position(|&id| id >= key).unwrap_or(0);
-    (0..3.min(sorted.len()))
+    let holders = if sorted.len() <= specter_dht::ring::SUCCESSORS {
+        sorted.len()
+    } else {
+        specter_dht::node::REPLICATION_FACTOR
+    };
+    (0..holders)
         .map(|i| sorted[(first + i) % sorted.len()])
         .collect()
 }
@@ -476,7 +472,7 @@ fn main() {
     let svc = rt.block_on(service());
 
     // The client.
-    let mut client = Stopped(
+    let mut client = Reaped(
         tunnel_cmd(
             &root,
             "client",
@@ -715,7 +711,7 @@ fn main() {
     let mut restores = Vec::new();
     for (i, (at, _, id, restore)) in kills.iter().enumerate() {
         let shown = match (args.mode.as_str(), restore) {
-            ("replica", _) => "unaffected (no attachment)".to_string(),
+            ("replica", _) => "n/a (no attachment)".to_string(),
             (_, Some(d)) => {
                 restores.push(*d);
                 ms(*d)

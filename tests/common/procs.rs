@@ -134,6 +134,16 @@ pub fn start_all(dir: &Path, dirs: &[PathBuf], ips: &[String]) -> Vec<Proc> {
     procs
 }
 
+/// A child process killed (and reaped) when dropped, also when a test panics.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A node process, killed when dropped.
 pub struct Proc {
     pub child: Child,
