@@ -292,7 +292,12 @@ async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> (En
             cmd.args(["--join", &format!("127.0.0.1:{}", nodes[0].0)]);
         }
         procs.0.push(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
         while !ready.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "specter node {name} did not start"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         nodes.push((quic, https));
@@ -630,8 +635,9 @@ async fn run(quick: bool, install: bool) {
     println!("## Tunnels side by side (loopback, one run)\n");
     print_table(&rows);
     println!(
-        "\n{} MiB single stream (upload); {secs} s per latency row; c64 = {CONNS} keep-alive connections, each sending its next request when the last is answered. Every process on one 2-core machine.",
-        bytes >> 20
+        "\n{} MiB single stream (upload); {secs} s per latency row; c64 = {CONNS} keep-alive connections, each sending its next request when the last is answered. Every process on one machine with {} CPUs.",
+        bytes >> 20,
+        std::thread::available_parallelism().map_or(0, usize::from)
     );
     if !missing.is_empty() {
         println!(

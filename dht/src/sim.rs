@@ -172,11 +172,6 @@ impl DhtSim {
         self.now - EPOCH_MS
     }
 
-    /// Current virtual Unix time, ms.
-    pub fn now(&self) -> u64 {
-        self.now
-    }
-
     /// Number of nodes (crashed ones included).
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -185,11 +180,6 @@ impl DhtSim {
     /// True if there are no nodes.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
-    }
-
-    /// Node `i`'s address on the ring.
-    pub fn peer(&self, i: usize) -> Peer {
-        self.nodes[i].peer
     }
 
     /// Node `i`'s state, if it is running.

@@ -78,7 +78,8 @@ impl Dialer {
     }
 
     /// Every address known, sample first, without duplicates.
-    pub fn known(&self) -> Vec<SocketAddr> {
+    #[cfg(test)]
+    fn known(&self) -> Vec<SocketAddr> {
         let mut seen = HashSet::new();
         self.sample
             .iter()
