@@ -202,12 +202,7 @@ impl Visitor {
     /// Trusts the CA certificates in `ca_pem` for the ingress of `via`, and
     /// asks for tunnel `host` (`NAME.DOMAIN`).
     pub fn new(via: &str, host: &str, ca_pem: &[u8]) -> Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_slice_iter(ca_pem) {
-            roots
-                .add(ca.context("parsing the CA file")?)
-                .context("adding the CA")?;
-        }
+        let (roots, _) = crate::tls::roots_from_pem(ca_pem)?;
         let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .context("TLS versions")?

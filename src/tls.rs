@@ -121,18 +121,7 @@ impl NodeTls {
     /// certificate and that the certificate chains to the CA.
     pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let provider = provider();
-        let mut roots = RootCertStore::empty();
-        let mut ca_certs = Vec::new();
-        for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-            let ca = ca.map_err(|e| TlsError::Pem(format!("CA file: {e}")))?;
-            ca_certs.push(ca.clone());
-            roots
-                .add(ca)
-                .map_err(|e| TlsError::Pem(format!("CA certificate: {e}")))?;
-        }
-        if ca_certs.is_empty() {
-            return Err(TlsError::Pem("CA file holds no certificate".into()));
-        }
+        let (roots, ca_certs) = roots_from_pem(ca_pem.as_bytes())?;
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(cert_pem.as_bytes())
                 .collect::<Result<_, _>>()
@@ -263,16 +252,7 @@ pub fn client_quic_config(
     key: PrivateKeyDer<'static>,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let ca = ca.map_err(|e| TlsError::Pem(format!("CA file: {e}")))?;
-        roots
-            .add(ca)
-            .map_err(|e| TlsError::Pem(format!("CA certificate: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(TlsError::Pem("CA file holds no certificate".into()));
-    }
+    let (roots, _) = roots_from_pem(ca_pem.as_bytes())?;
     let verifier = Arc::new(ClusterCaVerifier {
         roots: Arc::new(roots),
         algorithms: provider.signature_verification_algorithms,
@@ -378,6 +358,26 @@ impl ClientCertVerifier for AnyClientKey {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// The CA certificates in `ca_pem`, as a root store and as DER; an error if
+/// there is none or one does not parse.
+pub fn roots_from_pem(
+    ca_pem: &[u8],
+) -> Result<(RootCertStore, Vec<CertificateDer<'static>>), TlsError> {
+    let mut roots = RootCertStore::empty();
+    let mut certs = Vec::new();
+    for ca in CertificateDer::pem_slice_iter(ca_pem) {
+        let ca = ca.map_err(|e| TlsError::Pem(format!("CA file: {e}")))?;
+        certs.push(ca.clone());
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Pem(format!("CA certificate: {e}")))?;
+    }
+    if certs.is_empty() {
+        return Err(TlsError::Pem("CA file holds no certificate".into()));
+    }
+    Ok((roots, certs))
 }
 
 /// The certificate chain a connection's peer presented.

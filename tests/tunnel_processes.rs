@@ -8,7 +8,6 @@ mod common;
 
 use std::io::{Read, Write};
 
-use rustls::pki_types::pem::PemObject;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -620,10 +619,7 @@ async fn tls_to(
     host: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let ca = std::fs::read(dir.join("ca/ca.crt")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
-        roots.add(c.unwrap()).unwrap();
-    }
+    let (roots, _) = specter::tls::roots_from_pem(&ca).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(specter::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()

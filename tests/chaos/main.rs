@@ -26,7 +26,6 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use rand::seq::IndexedRandom;
-use rustls::pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 
 use procs::{BIN, Reaped, ca, issue_all, issue_edge, tunnel_cmd};
@@ -514,10 +513,7 @@ fn main() {
 
     // Visitors through every node.
     let ca_pem = std::fs::read(root.join("ca/ca.crt")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
+    let (roots, _) = specter::tls::roots_from_pem(&ca_pem).unwrap();
     let mut tls = rustls::ClientConfig::builder_with_provider(specter::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
