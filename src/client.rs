@@ -77,7 +77,6 @@ pub struct ClientState {
 
 /// Loads or creates the key (mode 0600) and the name in `dir`.
 pub fn load_state(dir: &Path, requested: Option<&str>) -> Result<ClientState> {
-    use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let key_path = dir.join(KEY_FILE);
     let key_pem = match std::fs::read_to_string(&key_path) {
@@ -85,13 +84,7 @@ pub fn load_state(dir: &Path, requested: Option<&str>) -> Result<ClientState> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = rcgen::KeyPair::generate().context("generating the client key")?;
             let pem = key.serialize_pem();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&key_path)
-                .with_context(|| format!("writing {}", key_path.display()))?;
-            std::io::Write::write_all(&mut f, pem.as_bytes())?;
+            crate::pki::write_file(&key_path, &pem, true, false)?;
             pem
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", key_path.display())),

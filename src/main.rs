@@ -140,6 +140,9 @@ enum CaCommand {
         /// File to write the token to (mode 0600).
         #[arg(long)]
         out: PathBuf,
+        /// Overwrite an existing token file.
+        #[arg(long)]
+        force: bool,
     },
     /// Issue a wildcard ingress certificate for *.DOMAIN (edge.crt, edge.key)
     /// signed by the cluster CA, for tests and demos.
@@ -326,6 +329,7 @@ fn run_ca(cmd: CaCommand) -> Result<()> {
             prefix,
             days,
             out,
+            force,
         } => {
             let read = |f: &str| {
                 std::fs::read_to_string(ca_dir.join(f))
@@ -342,14 +346,7 @@ fn run_ca(cmd: CaCommand) -> Result<()> {
                 nonce: rand::random(),
             };
             let token = specter::token::issue(&ca, &claims)?;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&out)
-                .with_context(|| format!("writing {} (it must not exist yet)", out.display()))?;
-            std::io::Write::write_all(&mut f, token.as_bytes())?;
+            pki::write_file(&out, &token, true, force)?;
             println!("wrote {} (expires in {days} days)", out.display());
         }
         CaCommand::IssueEdge {

@@ -91,7 +91,7 @@ pub fn spki_of(cert_der: &[u8]) -> Result<Vec<u8>, PkiError> {
 
 /// Writes `contents` to `path`, refusing to replace an existing file unless
 /// `force`; `private` files get mode 0600.
-fn write_file(path: &Path, contents: &str, private: bool, force: bool) -> Result<(), PkiError> {
+pub fn write_file(path: &Path, contents: &str, private: bool, force: bool) -> Result<(), PkiError> {
     let mut opts = fs::OpenOptions::new();
     opts.write(true);
     if force {
