@@ -179,31 +179,25 @@ async fn send_once(
     };
     let (send, recv) = match tunnels.open(name, &visit).await {
         Ok(pair) => pair,
-        Err(OpenError::Unknown) => {
-            tracing::info!(%visitor, tunnel = %name, "404: unknown tunnel");
-            let page = page(
-                StatusCode::NOT_FOUND,
-                &format!("No tunnel named {name:?} is registered."),
-            );
-            return Err((page, false));
-        }
-        Err(OpenError::TargetRefused) => {
-            tracing::info!(%visitor, tunnel = %name, "502: target refused");
-            let page = page(
-                StatusCode::BAD_GATEWAY,
-                &format!(
-                    "Tunnel {name:?}: the client could not reach its target (connection refused)."
+        Err(err) => {
+            let (status, message) = match err {
+                OpenError::Unknown => (
+                    StatusCode::NOT_FOUND,
+                    format!("No tunnel named {name:?} is registered."),
                 ),
-            );
-            return Err((page, false));
-        }
-        Err(OpenError::Unreachable) => {
-            tracing::info!(%visitor, tunnel = %name, "502: tunnel unreachable");
-            let page = page(
-                StatusCode::BAD_GATEWAY,
-                &format!("Tunnel {name:?} is registered but none of its attachments answered."),
-            );
-            return Err((page, false));
+                OpenError::TargetRefused => (
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "Tunnel {name:?}: the client could not reach its target (connection refused)."
+                    ),
+                ),
+                OpenError::Unreachable => (
+                    StatusCode::BAD_GATEWAY,
+                    format!("Tunnel {name:?} is registered but none of its attachments answered."),
+                ),
+            };
+            tracing::info!(%visitor, tunnel = %name, %err, "{}", status.as_u16());
+            return Err((page(status, &message), false));
         }
     };
     let io = TokioIo::new(tokio::io::join(recv, send));

@@ -238,20 +238,9 @@ pub async fn connect_listener(
     visitor: Arc<Visitor>,
     stop: CancellationToken,
 ) {
-    loop {
-        let (mut local, _) = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(err) => {
-                    tracing::warn!(%err, "accept failed");
-                    continue;
-                }
-            },
-        };
+    accept_loop(listener, stop, |mut local, _| {
         let visitor = visitor.clone();
-        tokio::spawn(async move {
+        async move {
             match visitor.connect().await {
                 Ok(mut tls) => {
                     if let Err(err) = specter_tunnel::splice::splice(&mut local, &mut tls).await {
@@ -260,8 +249,9 @@ pub async fn connect_listener(
                 }
                 Err(err) => tracing::warn!("{err:#}"),
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// Serves plain-HTTP visitors on `listener` until `stop` fires.
