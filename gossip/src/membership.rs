@@ -578,6 +578,9 @@ impl Membership {
     }
 
     fn mark_down(&mut self, id: NodeId) {
+        // An unanswered sync request must not let a later list from this id
+        // (a restart, or a rumour) be trusted unasked.
+        self.sync_requested.remove(&id);
         if let Some(prev) = self.up.remove(&id) {
             meta::lock(&self.meta).remove(&id);
             self.events.push_back(MemberEvent::Down(prev));
