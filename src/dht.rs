@@ -159,7 +159,7 @@ impl DhtDriver {
                         node.member_down(now, *gone);
                     }
                     known = ids;
-                    node.set_members(now, live);
+                    node.set_members(live);
                     ring_changed = true;
                 }
                 Some(s) = served.recv() => {
@@ -176,7 +176,7 @@ impl DhtDriver {
                 Some(cmd) = commands.recv() => {
                     let now = now_ms();
                     let (op, reply) = match cmd {
-                        Command::Get { name, reply } => (node.start_get(now, &name), reply),
+                        Command::Get { name, reply } => (node.start_get(&name), reply),
                         Command::Put { name, op, reply } => (node.start_write(now, &name, op), reply),
                     };
                     ops.insert(op, (reply, Instant::now()));

@@ -276,8 +276,7 @@ impl DhtNode {
     }
 
     /// Adopts a new live set and moves records to their new holders.
-    pub fn set_members(&mut self, now: u64, live: impl IntoIterator<Item = Peer>) {
-        let _ = now;
+    pub fn set_members(&mut self, live: impl IntoIterator<Item = Peer>) {
         self.view.rebuild(live);
         self.hand_off();
     }
@@ -358,7 +357,7 @@ impl DhtNode {
     }
 
     /// Reads `name`.
-    pub fn start_get(&mut self, now: u64, name: &str) -> OpId {
+    pub fn start_get(&mut self, name: &str) -> OpId {
         let op = self.id();
         let key = key_of(name);
         let mut lookup = Lookup::new(key, &self.view, self.config.max_hops);
@@ -384,7 +383,7 @@ impl DhtNode {
                 lookup,
             },
         );
-        self.advance(now, op);
+        self.advance(op);
         op
     }
 
@@ -407,7 +406,7 @@ impl DhtNode {
                 lookup,
             },
         );
-        self.advance(now, op);
+        self.advance(op);
         op
     }
 
@@ -465,7 +464,7 @@ impl DhtNode {
     }
 
     /// Sends an operation's next request, or ends it.
-    fn advance(&mut self, _now: u64, op: OpId) {
+    fn advance(&mut self, op: OpId) {
         let Some(state) = self.ops.get_mut(&op) else {
             return;
         };
@@ -687,7 +686,7 @@ impl DhtNode {
                     *missed = true;
                 }
                 state.lookup.failed();
-                self.advance(now, op);
+                self.advance(op);
             }
             Ok(Response::Found { item }) => self.complete(op, Outcome::Got { item, hops }),
             Ok(Response::Written { record }) => self.complete(op, Outcome::Wrote { record, hops }),
@@ -712,7 +711,7 @@ impl DhtNode {
                 } else {
                     state.lookup.redirected(to);
                 }
-                self.advance(now, op);
+                self.advance(op);
             }
             Ok(_) | Err(()) => {
                 if let OpKind::Get {
@@ -724,7 +723,7 @@ impl DhtNode {
                     *unconfirmed = true;
                 }
                 state.lookup.failed();
-                self.advance(now, op);
+                self.advance(op);
             }
         }
     }

@@ -143,7 +143,7 @@ impl DhtSim {
         let all: Vec<Peer> = sim.nodes.iter().map(|n| n.peer).collect();
         for i in 0..n {
             if let Some(d) = sim.nodes[i].dht.as_mut() {
-                d.set_members(EPOCH_MS, all.clone());
+                d.set_members(all.clone());
             }
             sim.flush(i);
             let tick = EPOCH_MS + sim.rng.random_range(0..sim.net.tick_ms);
@@ -211,12 +211,7 @@ impl DhtSim {
 
     /// Starts a read through node `i`.
     pub fn get(&mut self, i: usize, name: &str) -> (usize, OpId) {
-        let now = self.now;
-        let op = self.nodes[i]
-            .dht
-            .as_mut()
-            .expect("running")
-            .start_get(now, name);
+        let op = self.nodes[i].dht.as_mut().expect("running").start_get(name);
         self.flush(i);
         (i, op)
     }
@@ -236,7 +231,7 @@ impl DhtSim {
     pub fn restart(&mut self, i: usize) {
         let peer = self.nodes[i].peer;
         let mut d = DhtNode::new(peer, self.config.clone(), self.now);
-        d.set_members(self.now, self.running_peers(i));
+        d.set_members(self.running_peers(i));
         self.nodes[i].dht = Some(d);
         self.flush(i);
         let t = self.now + self.net.tick_ms;
@@ -371,7 +366,7 @@ impl DhtSim {
                 for gone in old.difference(&new) {
                     d.member_down(now, *gone);
                 }
-                d.set_members(now, peers);
+                d.set_members(peers);
                 self.flush(node);
             }
             Ev::Tick { node } => {
