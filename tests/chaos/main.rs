@@ -50,9 +50,11 @@ struct Args {
     /// Seconds after a kill before the node is restarted.
     #[arg(long, default_value_t = 2.0)]
     restart_after: f64,
-    /// Client attachments (k).
-    #[arg(long, default_value_t = 3)]
-    attachments: usize,
+    /// Client attachments (k): 3 by default; in replica mode 2, so that with
+    /// 5 nodes and 3 holders of the registration at least one holder has no
+    /// attachment to kill.
+    #[arg(long)]
+    attachments: Option<usize>,
     /// Concurrent visitors per entry node.
     #[arg(long, default_value_t = 2)]
     visitors: usize,
@@ -434,6 +436,9 @@ fn main() {
         args.mode == "attached" || args.mode == "replica",
         "--mode is attached or replica"
     );
+    let k = args
+        .attachments
+        .unwrap_or(if args.mode == "replica" { 2 } else { 3 });
     let tmp = tempfile::tempdir().unwrap();
     let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&root).unwrap();
@@ -479,7 +484,7 @@ fn main() {
             &format!("http://{svc}"),
             &seeds.join(","),
         )
-        .args(["--attachments", &args.attachments.to_string()])
+        .args(["--attachments", &k.to_string()])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(
@@ -505,7 +510,6 @@ fn main() {
             }
         });
     }
-    let k = args.attachments;
     procs::wait_for(Duration::from_secs(30), || {
         view.lock().unwrap().attached().len() >= k
     })
