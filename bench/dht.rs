@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use specter::demo::start_loopback_node;
-use specter::dht::{Command, admin_registration};
 use specter::node::Node;
+use specter::node::dht::admin_registration;
 use specter::pki::make_ca;
 use specter_dht::sim::{DhtSim, DhtSimConfig};
 use specter_dht::{ClientId, DhtConfig, Outcome, WriteOp, key_of};
@@ -56,26 +56,19 @@ async fn real(n: usize, records: usize, lookups: usize) {
     }
     let names: Vec<String> = (0..records).map(|i| format!("bench-{i}")).collect();
     for (i, name) in names.iter().enumerate() {
-        let via = nodes[i % n].shared();
-        let op = admin_registration(&via);
-        let (outcome, _) = via
-            .dht(|reply| Command::Put {
-                name: name.clone(),
-                op,
-                reply,
-            })
-            .await
-            .unwrap();
+        let via = nodes[i % n].state();
+        let op = admin_registration(via.me);
+        let (outcome, _) = via.dht.put(name, op).await.unwrap();
         assert!(matches!(outcome, Outcome::Wrote { .. }), "{outcome:?}");
     }
     let mut rng = StdRng::seed_from_u64(3);
     let (mut local, mut remote) = (Vec::new(), Vec::new());
     for _ in 0..lookups {
-        let via = nodes[rng.random_range(0..n)].shared();
+        let via = nodes[rng.random_range(0..n)].state();
         let name = names[rng.random_range(0..records)].clone();
         // Timed from the caller's side: includes the hand-off to the DHT task.
         let began = Instant::now();
-        let (outcome, _) = via.dht(|reply| Command::Get { name, reply }).await.unwrap();
+        let (outcome, _) = via.dht.get(&name).await.unwrap();
         let took = began.elapsed();
         match outcome {
             Outcome::Got {
@@ -136,14 +129,7 @@ async fn real(n: usize, records: usize, lookups: usize) {
     };
     let mut lost = 0;
     for name in &names {
-        let via = nodes[0].shared();
-        let (outcome, _) = via
-            .dht(|reply| Command::Get {
-                name: name.clone(),
-                reply,
-            })
-            .await
-            .unwrap();
+        let (outcome, _) = nodes[0].state().dht.get(name).await.unwrap();
         if !matches!(outcome, Outcome::Got { item: Some(_), .. }) {
             lost += 1;
         }

@@ -57,7 +57,7 @@ pub struct NodeSettings {
     pub http: Option<SocketAddr>,
     /// What the plain-HTTP port does: `redirect` to HTTPS, or `proxy`.
     #[arg(long, value_enum)]
-    pub http_mode: Option<crate::http_ingress::HttpMode>,
+    pub http_mode: Option<crate::ingress::http::HttpMode>,
     /// Wildcard certificate for `*.<domain>` (PEM).
     #[arg(long)]
     pub edge_cert: Option<PathBuf>,
@@ -67,7 +67,7 @@ pub struct NodeSettings {
     /// Who may register tunnels: `open`, or `token` (clients need a token
     /// from `specter ca issue-client-token`).
     #[arg(long, value_enum)]
-    pub client_auth: Option<crate::node::ClientAuth>,
+    pub client_auth: Option<crate::node::tunnels::ClientAuth>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -97,9 +97,9 @@ pub struct NodeConfig {
     /// Public ingress, when enabled.
     pub ingress: Option<IngressConfig>,
     /// See [`NodeSettings::client_auth`].
-    pub client_auth: crate::node::ClientAuth,
+    pub client_auth: crate::node::tunnels::ClientAuth,
     /// Plain-HTTP ingress address, mode and domain.
-    pub http: Option<(SocketAddr, crate::http_ingress::HttpMode, String)>,
+    pub http: Option<(SocketAddr, crate::ingress::http::HttpMode, String)>,
 }
 
 /// Where and how the node serves visitors.
@@ -309,16 +309,12 @@ pub struct TunnelSettings {
     pub attachments: Option<usize>,
     /// Token file.
     pub token: Option<PathBuf>,
+    /// Ready file (JSON: names, public URLs, attachments), rewritten on
+    /// every change.
+    pub ready_file: Option<PathBuf>,
     /// The tunnels (`[[tunnels]]` in the file).
     #[serde(default)]
     pub tunnels: Vec<TunnelEntry>,
-}
-
-fn target_of(to: &str) -> anyhow::Result<String> {
-    to.strip_prefix("tcp://")
-        .or_else(|| to.strip_prefix("http://"))
-        .map(|t| t.trim_end_matches('/').to_string())
-        .ok_or_else(|| anyhow::anyhow!("--to {to:?} must be tcp://HOST:PORT or http://HOST:PORT"))
 }
 
 impl TunnelSettings {
@@ -344,6 +340,7 @@ impl TunnelSettings {
             state_dir: self.state_dir.or(file.state_dir),
             attachments: self.attachments.or(file.attachments),
             token: self.token.or(file.token),
+            ready_file: self.ready_file.or(file.ready_file),
             tunnels: if self.tunnels.is_empty() {
                 file.tunnels
             } else {
@@ -371,7 +368,7 @@ impl TunnelSettings {
             let name = t.name.ok_or_else(|| {
                 anyhow::anyhow!("every tunnel after the first needs a name ({})", t.to)
             })?;
-            extra.push((name, target_of(&t.to)?));
+            extra.push((name, crate::client::Target::parse(&t.to)?));
         }
         let token = match self.token {
             None => None,
@@ -388,7 +385,7 @@ impl TunnelSettings {
             state_dir: self
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from(".specter-client")),
-            target: target_of(&first.to)?,
+            target: crate::client::Target::parse(&first.to)?,
             name: first.name,
             attachments: self
                 .attachments
@@ -396,6 +393,7 @@ impl TunnelSettings {
                 .max(1),
             token,
             extra,
+            ready_file: self.ready_file,
         })
     }
 }

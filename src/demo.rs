@@ -14,12 +14,15 @@ use specter_gossip::GossipConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{ClientOptions, run as run_client};
-use crate::ingress::{Edge, Visitor, connect_listener};
-use crate::node::{Node, NodeOptions};
+use crate::client::{ClientOptions, Scheme, Target, run as run_client};
+use crate::clock::generation_now;
+use crate::ingress::Edge;
+use crate::ingress::tcp::{Visitor, connect_listener};
+use crate::net::bind_endpoint;
+use crate::net::tls::NodeTls;
+use crate::node::tunnels::ClientAuth;
+use crate::node::{Https, Node, NodeOptions, Sockets};
 use crate::pki::{CaPem, make_ca, make_edge_cert, make_node_cert};
-use crate::tls::NodeTls;
-use crate::{admin, bind_endpoint, generation_now};
 
 /// How long the demo waits for its nodes and client before giving up.
 const READY_DEADLINE: Duration = Duration::from_secs(20);
@@ -28,7 +31,7 @@ const READY_DEADLINE: Duration = Duration::from_secs(20);
 pub const DEMO_DOMAIN: &str = "demo.specter.test";
 
 /// Starts a node on 127.0.0.1 (a port chosen by the OS) with a certificate
-/// from `ca`, joining through `seed` if given. Used by the demo, the
+/// from `ca`, joining through `seed` if given, serving QUIC only. Used by the
 /// benchmarks and the tests.
 pub fn start_loopback_node(
     ca: &CaPem,
@@ -36,12 +39,37 @@ pub fn start_loopback_node(
     seed: Option<SocketAddr>,
     rng_seed: u64,
 ) -> Result<Node> {
+    start_on_loopback(ca, name, seed, rng_seed, None)
+}
+
+/// Like [`start_loopback_node`], plus an admin API and, with `edge`, a TLS
+/// ingress, each on a port chosen by the OS (see [`Node::addresses`]).
+pub fn start_on_loopback(
+    ca: &CaPem,
+    name: &str,
+    seed: Option<SocketAddr>,
+    rng_seed: u64,
+    edge: Option<Arc<Edge>>,
+) -> Result<Node> {
     let pem = make_node_cert(ca, name, &["127.0.0.1".parse()?])?;
     let tls = NodeTls::from_pem(&ca.cert, &pem.cert, &pem.key)?;
     let endpoint = bind_endpoint("127.0.0.1:0".parse()?)?;
     let advertise = endpoint.local_addr()?;
+    let listener = || -> Result<tokio::net::TcpListener> {
+        let std = std::net::TcpListener::bind("127.0.0.1:0")?;
+        std.set_nonblocking(true)?;
+        Ok(tokio::net::TcpListener::from_std(std)?)
+    };
+    let mut sockets = Sockets::quic_only(endpoint);
+    if let Some(edge) = edge {
+        sockets.admin = Some(listener()?);
+        sockets.https = Some(Https {
+            listener: listener()?,
+            edge,
+        });
+    }
     Ok(Node::start(
-        endpoint,
+        sockets,
         &tls,
         NodeOptions {
             advertise,
@@ -49,7 +77,7 @@ pub fn start_loopback_node(
             gossip: GossipConfig::default(),
             generation: generation_now(),
             rng_seed,
-            client_auth: crate::node::ClientAuth::Open,
+            client_auth: ClientAuth::Open,
         },
     )?)
 }
@@ -120,26 +148,17 @@ impl Demo {
         let (mut nodes, mut admins, mut ingress) = (Vec::new(), Vec::new(), Vec::new());
         let mut seed: Option<SocketAddr> = None;
         for i in 0..n {
-            let node =
-                start_loopback_node(&ca, &format!("node{i}.demo.invalid"), seed, rand::random())?;
-            seed.get_or_insert(node.status().addr);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .context("binding the admin API")?;
-            admins.push(listener.local_addr()?);
-            tokio::spawn(admin::serve(listener, node.shared(), cancel.clone()));
-            let public = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .context("binding the ingress")?;
-            ingress.push(public.local_addr()?);
-            node.tunnels()
-                .set_public(DEMO_DOMAIN, public.local_addr()?.port());
-            tokio::spawn(crate::ingress::serve(
-                public,
-                edge.clone(),
-                node.tunnels(),
-                cancel.clone(),
-            ));
+            let node = start_on_loopback(
+                &ca,
+                &format!("node{i}.demo.invalid"),
+                seed,
+                rand::random(),
+                Some(edge.clone()),
+            )?;
+            let a = node.addresses();
+            seed.get_or_insert(a.advertise);
+            admins.extend(a.admin);
+            ingress.extend(a.https);
             nodes.push(node);
         }
         let service = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -150,11 +169,15 @@ impl Demo {
             via: vec![seed.context("no nodes")?.to_string()],
             ca_pem: ca.cert.clone(),
             state_dir: dir.join("client"),
-            target,
+            target: Target {
+                addr: target,
+                scheme: Scheme::Http,
+            },
             name: Some(name.clone()),
             attachments: n.min(crate::client::ATTACHMENTS),
             token: None,
             extra: Vec::new(),
+            ready_file: None,
         };
         let endpoint = bind_endpoint("127.0.0.1:0".parse()?)?;
         let client_stop = cancel.clone();

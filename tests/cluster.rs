@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::wait_until;
-use specter::bind_endpoint;
+use specter::net::Transport;
+use specter::net::bind_endpoint;
+use specter::net::tls::NodeTls;
 use specter::node::Node;
 use specter::pki::{CaPem, make_ca, make_node_cert};
-use specter::tls::NodeTls;
-use specter::transport::Transport;
 use specter_gossip::{GossipConfig, MemberState, Membership, NodeIdentity};
 
 /// Crash detection bound from the gossip config, allowing 20 ms one-way
@@ -155,7 +155,7 @@ async fn a_node_from_another_ca_cannot_join() {
         .await
         .unwrap();
     assert!(
-        matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == specter::transport::CLOSE_NOT_MEMBER),
+        matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == specter::wire::CLOSE_NOT_MEMBER),
         "{reason:?}"
     );
     assert!(nodes[0].status().transport.handshakes_failed > before);
@@ -291,7 +291,7 @@ async fn simultaneous_dials_settle_on_one_connection() {
         .await;
     assert!(matches!(
         wrong,
-        Err(specter::transport::DialError::WrongPeer { .. })
+        Err(specter::net::DialError::WrongPeer { .. })
     ));
     assert_eq!(a.counters().wrong_peer, 1);
     cancel.cancel();
@@ -313,7 +313,7 @@ async fn malformed_and_oversized_rpc_frames_are_refused_and_the_node_keeps_servi
 
     async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, String> {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        send.write_all(&[specter_tunnel::protocol::STREAM_RPC])
+        send.write_all(&[specter::wire::StreamKind::Rpc.byte()])
             .await
             .map_err(|e| e.to_string())?;
         send.write_all(bytes).await.map_err(|e| e.to_string())?;

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::procs::{BIN, Reaped, ca, issue, issue_edge, stdout_lines, wait_line};
+use common::procs::{BIN, Reaped, ca, client_ready_file, issue, issue_edge, wait_attached};
 
 const DOMAIN: &str = "lap.test";
 const SERVER_IP: &str = "10.77.0.1";
@@ -211,7 +211,7 @@ fn a_client_whose_network_is_gone_for_a_minute_comes_back_by_itself() {
             .spawn()
             .expect("python3 for the sample service"),
     );
-    let mut client = net
+    let client = net
         .cmd(&net.client, BIN)
         .args([
             "tunnel",
@@ -225,14 +225,16 @@ fn a_client_whose_network_is_gone_for_a_minute_comes_back_by_itself() {
         .arg(dir.path().join("ca/ca.crt"))
         .arg("--state-dir")
         .arg(dir.path().join("laptop"))
-        .stdout(Stdio::piped())
+        .arg("--ready-file")
+        .arg(client_ready_file(&dir.path().join("laptop")))
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let lines = stdout_lines(&mut client);
     let _client = Reaped(client);
+    let state = dir.path().join("laptop");
     assert!(
-        wait_line(&lines, "(3/3)", Duration::from_secs(30)).is_some(),
+        wait_attached(&state, 3, Duration::from_secs(30)),
         "the client attached to three nodes"
     );
     let served = || {
@@ -250,7 +252,7 @@ fn a_client_whose_network_is_gone_for_a_minute_comes_back_by_itself() {
     let went = Instant::now();
     net.client_link(false);
     assert!(
-        wait_line(&lines, "0/3 attached", Duration::from_secs(15)).is_some(),
+        wait_attached(&state, 0, Duration::from_secs(15)),
         "the client noticed it lost every node"
     );
     assert!(
@@ -263,7 +265,7 @@ fn a_client_whose_network_is_gone_for_a_minute_comes_back_by_itself() {
     let offline = back - went;
     net.client_link(true);
     assert!(
-        wait_line(&lines, "(3/3)", Duration::from_secs(20)).is_some(),
+        wait_attached(&state, 3, Duration::from_secs(20)),
         "the client is attached to three nodes again"
     );
     let reattached = back.elapsed();

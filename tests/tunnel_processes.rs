@@ -132,9 +132,9 @@ fn visitors_reach_the_service_through_every_node_with_half_close() {
     let seed = procs[0].quic();
 
     let service = eof_service();
-    let (client, lines) = start_client(dir.path(), "client-a", "half-close", service, &seed);
+    let (client, _lines) = start_client(dir.path(), "client-a", "half-close", service, &seed);
     assert!(
-        wait_line(&lines, "(3/3)", Duration::from_secs(20)).is_some(),
+        wait_attached(&dir.path().join("client-a"), 3, Duration::from_secs(20)),
         "client did not attach to 3 nodes"
     );
 
@@ -237,9 +237,11 @@ fn visitors_reach_the_service_through_every_node_with_half_close() {
     // its name at once, its new connections replace the stale ones, and
     // visitors are served through every node without waiting for timeouts.
     drop(client); // SIGKILL
-    let (_client, lines) = start_client(dir.path(), "client-a", "half-close", service, &seed);
+    // A fresh ready file, so the wait below sees the new run.
+    let _ = std::fs::remove_file(client_ready_file(&dir.path().join("client-a")));
+    let (_client, _lines) = start_client(dir.path(), "client-a", "half-close", service, &seed);
     assert!(
-        wait_line(&lines, "(3/3)", Duration::from_secs(20)).is_some(),
+        wait_attached(&dir.path().join("client-a"), 3, Duration::from_secs(20)),
         "the owner did not get its name back"
     );
     let began = Instant::now();
@@ -438,40 +440,45 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
     std::fs::write(
         &config,
         format!(
-            "via = [\"{seed}\"]\nca = \"{ca}\"\nstate_dir = \"{state}\"\nattachments = 1\n\n\
+            "via = [\"{seed}\"]\nca = \"{ca}\"\nstate_dir = \"{state}\"\nattachments = 1\n\
+             ready_file = \"{ready}\"\n\n\
              [[tunnels]]\nname = \"web\"\nto = \"http://{service}\"\n\n\
              [[tunnels]]\nname = \"raw\"\nto = \"tcp://{raw}\"\n",
             ca = dir.path().join("ca/ca.crt").display(),
             state = dir.path().join("web").display(),
+            ready = client_ready_file(&dir.path().join("web")).display(),
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["tunnel", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let lines = stdout_lines(&mut child);
-    let mut url = None;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let Ok(line) = lines.recv_timeout(left) else {
-            break;
-        };
-        if let Some(u) = line.strip_prefix("tunnel web: https://") {
-            url = Some(u.to_string());
-        }
-        if line.contains("(1/1)") {
-            break;
-        }
-    }
-    // The client prints its public URL (from the node it attached to).
+    // The ready file lists both names and how visitors reach each, learned
+    // from the node the client attached to.
+    let ready = wait_client(
+        &client_ready_file(&dir.path().join("web")),
+        Duration::from_secs(20),
+        |r| r["healthy"] == 1,
+    )
+    .expect("the client attached");
+    assert_eq!(ready["names"], serde_json::json!(["raw", "web"]));
+    assert_eq!(ready["k"], 1);
+    assert_eq!(ready["attachments"].as_array().unwrap().len(), 1);
     let attached_https = procs[0].https();
     let port = attached_https.rsplit_once(':').unwrap().1;
     assert_eq!(
-        url.as_deref(),
-        Some(format!("web.{DOMAIN}:{port}/").as_str())
+        ready["public"]["web"],
+        format!("https://web.{DOMAIN}:{port}/")
+    );
+    let raw_how = ready["public"]["raw"].as_str().unwrap();
+    assert!(
+        raw_how.starts_with(&format!(
+            "specter connect raw.{DOMAIN} --via raw.{DOMAIN}:{port}"
+        )),
+        "{raw_how}"
     );
     let _client = Reaped(child);
     // The second tunnel of the same client carries raw TCP.
@@ -546,7 +553,7 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut down = tunnel_cmd(
+    let down = tunnel_cmd(
         dir.path(),
         "down",
         "down",
@@ -554,12 +561,15 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
         &seed,
     )
     .args(["--attachments", "1"])
-    .stdout(Stdio::piped())
+    .stdout(Stdio::null())
     .stderr(Stdio::null())
     .spawn()
     .unwrap();
-    let down_lines = stdout_lines(&mut down);
-    assert!(wait_line(&down_lines, "(1/1)", Duration::from_secs(20)).is_some());
+    assert!(wait_attached(
+        &dir.path().join("down"),
+        1,
+        Duration::from_secs(20)
+    ));
     let _down = Reaped(down);
     let (body, status) = curl(
         dir.path(),
@@ -619,8 +629,8 @@ async fn tls_to(
     host: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let ca = std::fs::read(dir.join("ca/ca.crt")).unwrap();
-    let (roots, _) = specter::tls::roots_from_pem(&ca).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(specter::tls::provider())
+    let (roots, _) = specter::net::tls::roots_from_pem(&ca).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(specter::net::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
@@ -660,7 +670,7 @@ fn a_thousand_concurrent_visitors_and_abusive_ones_leave_nothing_behind() {
     let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
     let seed = procs[0].quic();
     let service = http_service();
-    let mut child = tunnel_cmd(
+    let child = tunnel_cmd(
         dir.path(),
         "busy",
         "busy",
@@ -668,13 +678,16 @@ fn a_thousand_concurrent_visitors_and_abusive_ones_leave_nothing_behind() {
         &seed,
     )
     .args(["--attachments", "1"])
-    .stdout(Stdio::piped())
+    .stdout(Stdio::null())
     .env("RUST_LOG", "info")
     .stderr(std::fs::File::create(dir.path().join("busy-client.log")).unwrap())
     .spawn()
     .unwrap();
-    let lines = stdout_lines(&mut child);
-    assert!(wait_line(&lines, "(1/1)", Duration::from_secs(20)).is_some());
+    assert!(wait_attached(
+        &dir.path().join("busy"),
+        1,
+        Duration::from_secs(20)
+    ));
     let client = Reaped(child);
     let host = format!("busy.{DOMAIN}");
     let rt = tokio::runtime::Builder::new_multi_thread()

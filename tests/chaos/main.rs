@@ -517,8 +517,8 @@ fn main() {
 
     // Visitors through every node.
     let ca_pem = std::fs::read(root.join("ca/ca.crt")).unwrap();
-    let (roots, _) = specter::tls::roots_from_pem(&ca_pem).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(specter::tls::provider())
+    let (roots, _) = specter::net::tls::roots_from_pem(&ca_pem).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(specter::net::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)

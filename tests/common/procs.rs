@@ -68,14 +68,52 @@ pub fn issue_edge(dir: &Path, ca: &Path, domain: &str) -> PathBuf {
     edge
 }
 
-/// `specter tunnel --to TO --name NAME --via VIA` with the CA in `dir/ca`
-/// and its state in `dir/STATE`; callers add flags and stdio.
+/// `specter tunnel --to TO --name NAME --via VIA` with the CA in `dir/ca`,
+/// its state in `dir/STATE` and its ready file there too (see
+/// [`wait_attached`]); callers add flags and stdio.
 pub fn tunnel_cmd(dir: &Path, state: &str, name: &str, to: &str, via: &str) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(["tunnel", "--to", to, "--name", name, "--via", via])
         .args(["--ca", dir.join("ca/ca.crt").to_str().unwrap()])
-        .args(["--state-dir", dir.join(state).to_str().unwrap()]);
+        .args(["--state-dir", dir.join(state).to_str().unwrap()])
+        .arg("--ready-file")
+        .arg(client_ready_file(&dir.join(state)));
     cmd
+}
+
+/// Where a client whose state is in `state_dir` writes its ready file.
+pub fn client_ready_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("ready.json")
+}
+
+/// Waits up to `deadline` for the client's ready file to satisfy `want`;
+/// returns its last contents if it did.
+pub fn wait_client(
+    ready_file: &Path,
+    deadline: Duration,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if let Some(ready) = std::fs::read_to_string(ready_file)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .filter(|ready| want(ready))
+        {
+            return Some(ready);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Waits for the client with state in `state_dir` to hold `n` healthy
+/// attachments.
+pub fn wait_attached(state_dir: &Path, n: u64, deadline: Duration) -> bool {
+    wait_client(&client_ready_file(state_dir), deadline, |r| {
+        r["healthy"].as_u64() == Some(n)
+    })
+    .is_some()
 }
 
 /// The child's stdout, a line at a time, read on a thread of its own.

@@ -11,9 +11,9 @@
 //!   without waiting for its own timeouts.
 //! - For each visitor the node opens a bi-stream to the client and writes a
 //!   [`Visit`] header; raw bytes follow both ways.
-//! - Between nodes, a stream that starts with [`STREAM_FORWARD`] carries a
-//!   [`Visit`] header to the attached node, then raw bytes; one that starts
-//!   with [`STREAM_RPC`] carries a DHT request.
+//! - Between nodes, a forwarded visitor's stream (after its kind byte, see
+//!   the node's `wire` module) carries the same [`Visit`] header to the
+//!   attached node, then raw bytes.
 
 use std::net::SocketAddr;
 
@@ -23,11 +23,6 @@ use specter_dht::Peer;
 pub use specter_dht::messages::{
     FrameError, MAX_FRAME_SIZE, decode, decode_frame, encode, frame_len,
 };
-
-/// First byte of a node↔node stream carrying a DHT request.
-pub const STREAM_RPC: u8 = 1;
-/// First byte of a node↔node stream carrying a forwarded visitor.
-pub const STREAM_FORWARD: u8 = 2;
 
 /// Version the client and node must share.
 pub const TUNNEL_PROTOCOL_VERSION: u16 = 1;
@@ -130,8 +125,10 @@ pub enum RefuseCode {
 /// What kind of visitor a stream carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VisitKind {
-    /// Raw TCP (TCP over TLS, or HTTP proxied as bytes).
+    /// Raw TCP (TCP over TLS through `specter connect`).
     Tcp,
+    /// HTTP/1.1 requests from the node's HTTP(S) ingress.
+    Http,
 }
 
 /// Header of a stream that carries one visitor.

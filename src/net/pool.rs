@@ -6,6 +6,7 @@
 //! lower [`NodeId`]: both ends apply the same rule, so both keep the same one.
 //! Every connection is attributed to the id its peer's certificate proves;
 //! a dial made to reach id X that reaches a certificate for Y is closed.
+//! Accepting (and sorting out what peers open) is in `net::accept`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,33 +15,18 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quinn::{Connection, Endpoint, VarInt};
+use quinn::{Connection, Endpoint};
 use serde::Serialize;
 use specter_gossip::NodeId;
 use tokio::sync::{Semaphore, mpsc};
-use tokio_util::sync::CancellationToken;
 
-use crate::tls::{self, ALPN_CLIENT, ALPN_NODE, NODE_SERVER_NAME, NodeTls, TlsError};
-
-/// Close code: this connection lost the simultaneous-dial tie-break.
-pub const CLOSE_DUPLICATE: VarInt = VarInt::from_u32(0x10);
-/// Close code: the peer's certificate proves another id than the one dialed.
-pub const CLOSE_WRONG_PEER: VarInt = VarInt::from_u32(0x11);
-/// Close code: unused for [`POOL_IDLE_CLOSE`].
-pub const CLOSE_IDLE: VarInt = VarInt::from_u32(0x12);
-/// Close code: the node is shutting down.
-pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x13);
-/// Close code: the handshake negotiated an ALPN this node does not serve here.
-pub const CLOSE_BAD_ALPN: VarInt = VarInt::from_u32(0x14);
-/// Close code: a node connection whose certificate is not from the cluster CA.
-pub const CLOSE_NOT_MEMBER: VarInt = VarInt::from_u32(0x15);
-/// Close code: too many connections waiting to be served.
-pub const CLOSE_BUSY: VarInt = VarInt::from_u32(0x16);
-/// Close code: gossip declared the peer dead.
-pub const CLOSE_PEER_DOWN: VarInt = VarInt::from_u32(0x17);
+use super::liveness::{PEER_SILENCE, silent};
+use super::streams::{StreamInbox, StreamRoutes};
+use super::tls::{self, NODE_SERVER_NAME, NodeTls, TlsError};
+use crate::wire::{CLOSE_DUPLICATE, CLOSE_IDLE, CLOSE_PEER_DOWN, CLOSE_SHUTDOWN, CLOSE_WRONG_PEER};
 
 /// Client connections waiting for the tunnel server; beyond this, new ones
-/// are closed with [`CLOSE_BUSY`].
+/// are closed with [`crate::wire::CLOSE_BUSY`].
 pub const CLIENT_INBOX_CAPACITY: usize = 256;
 
 /// Client connections (ALPN `specter-client/1`) for the tunnel server.
@@ -52,7 +38,7 @@ pub type ClientInbox = mpsc::Receiver<Connection>;
 pub const POOL_IDLE_CLOSE: Duration = Duration::from_secs(30);
 
 /// How often idle connections are looked for.
-const SWEEP_PERIOD: Duration = Duration::from_secs(5);
+pub(super) const SWEEP_PERIOD: Duration = Duration::from_secs(5);
 
 /// Datagrams kept per peer while its connection is being dialed. Gossip
 /// tolerates loss, so more would only delay fresher packets.
@@ -79,82 +65,17 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// connection each arrived on.
 pub type Inbox = mpsc::Receiver<(NodeId, Bytes)>;
 
-/// A bi-stream a node opened to us, with the cert-derived id of its connection.
-pub struct IncomingStream {
-    /// The node that opened it.
-    pub peer: NodeId,
-    /// Our sending half.
-    pub send: quinn::SendStream,
-    /// Our receiving half.
-    pub recv: quinn::RecvStream,
-}
-
-/// Bi-streams opened by nodes, for the RPC server.
-pub type StreamInbox = mpsc::Receiver<IncomingStream>;
-
 /// What a transport hands to the rest of the node.
 pub struct Inboxes {
     /// Gossip datagrams.
     pub datagrams: Inbox,
-    /// Bi-streams opened by nodes.
-    pub streams: StreamInbox,
+    /// DHT requests (streams of kind `Rpc`).
+    pub rpc: StreamInbox,
+    /// Forwarded visitors (streams of kind `Forward`).
+    pub forwards: StreamInbox,
     /// Client connections.
     pub clients: ClientInbox,
 }
-
-/// Streams waiting for the RPC server. When full, the connection that has a
-/// new stream waits (backpressure) rather than queueing without bound or
-/// refusing a visitor that a burst brought.
-pub const STREAM_INBOX_CAPACITY: usize = 256;
-
-/// Bi-streams a peer may have open to us at once (QUIC enforces it). Each
-/// forwarded visitor holds one for its whole life, so this bounds concurrent
-/// visitors per pair of nodes (and per client attachment); 64 stalled the
-/// 65th visitor. Memory stays bounded by [`CONNECTION_RECEIVE_WINDOW`], not
-/// by the stream count.
-pub const MAX_STREAMS_PER_PEER: u32 = 4_096;
-
-/// Bytes a peer may have in flight to us across all streams of a connection,
-/// so many open streams cannot make us buffer without bound.
-pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
-
-/// A peer we are waiting on that sends nothing at all for this long is
-/// presumed dead. While waiting we send it small pings (empty datagrams,
-/// which QUIC must acknowledge), so a live peer's QUIC stack answers within
-/// milliseconds however long its application takes; only a dead (or cut off)
-/// peer stays silent this long. Gossip takes ~1.5 s to say the same.
-pub const PEER_SILENCE: Duration = Duration::from_millis(400);
-
-/// Completes once `conn` has received no packet for `silence`, counted from
-/// the call. Used beside a wait for a peer's answer. After a quarter of
-/// `silence` without a packet it pings the peer (an empty datagram, ignored
-/// by the receiver), and again at each further quarter, so that an idle but
-/// live peer is heard from.
-pub async fn silent(conn: &Connection, silence: Duration) {
-    let check = (silence / 8).max(Duration::from_millis(5));
-    let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
-    let mut pings = 0u32;
-    loop {
-        tokio::time::sleep(check).await;
-        let received = conn.stats().udp_rx.datagrams;
-        if received != heard.0 {
-            heard = (received, Instant::now());
-            pings = 0;
-            continue;
-        }
-        let quiet = heard.1.elapsed();
-        if quiet >= silence {
-            return;
-        }
-        if quiet >= silence / 4 * (pings + 1) {
-            pings += 1;
-            let _ = conn.send_datagram(Bytes::new());
-        }
-    }
-}
-
-/// Stream reset code: the node is shutting down and serves no more streams.
-pub const STREAM_BUSY: VarInt = VarInt::from_u32(0x20);
 
 /// Why a dial failed. The pool is unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -200,15 +121,15 @@ pub enum DialError {
 /// Counters for `/status` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct TransportStats {
-    datagrams_sent: AtomicU64,
-    datagrams_received: AtomicU64,
-    datagram_send_errors: AtomicU64,
-    inbox_dropped: AtomicU64,
-    handshakes_failed: AtomicU64,
-    handshakes_refused: AtomicU64,
-    wrong_peer: AtomicU64,
-    duplicates_closed: AtomicU64,
-    idle_closed: AtomicU64,
+    pub(super) datagrams_sent: AtomicU64,
+    pub(super) datagrams_received: AtomicU64,
+    pub(super) datagram_send_errors: AtomicU64,
+    pub(super) inbox_dropped: AtomicU64,
+    pub(super) handshakes_failed: AtomicU64,
+    pub(super) handshakes_refused: AtomicU64,
+    pub(super) wrong_peer: AtomicU64,
+    pub(super) duplicates_closed: AtomicU64,
+    pub(super) idle_closed: AtomicU64,
 }
 
 /// A point-in-time copy of [`TransportStats`].
@@ -227,11 +148,31 @@ pub struct TransportCounters {
     pub idle_closed: u64,
 }
 
-fn bump(counter: &AtomicU64) {
+/// Whether a new connection to a peer replaces the open one (`existing_age`
+/// old, dialed by us if `existing_outbound`), on the end where `new_outbound`
+/// says who dialed the new one and `we_are_lower` compares the two node ids.
+///
+/// A simultaneous dial (the existing connection is itself only a handshake
+/// old, and the two were dialed from opposite ends): the one dialed by the
+/// lower id wins, so both ends keep the same one. Otherwise the newer one
+/// replaces a connection the peer has probably abandoned (it restarted, or
+/// closed it as idle); keeping the old one would refuse a restarted peer
+/// until our idle timeout.
+pub fn keep_newer(
+    existing_age: Duration,
+    existing_outbound: bool,
+    new_outbound: bool,
+    we_are_lower: bool,
+) -> bool {
+    let simultaneous = existing_age < HANDSHAKE_TIMEOUT;
+    !simultaneous || existing_outbound == new_outbound || new_outbound == we_are_lower
+}
+
+pub(super) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-struct Entry {
+pub(super) struct Entry {
     conn: Connection,
     outbound: bool,
     since: Instant,
@@ -239,7 +180,7 @@ struct Entry {
 }
 
 #[derive(Default)]
-struct Pool {
+pub(super) struct Pool {
     conns: HashMap<NodeId, Entry>,
     /// Peers being dialed, with the datagrams waiting for the connection.
     dialing: HashMap<NodeId, Vec<Bytes>>,
@@ -256,26 +197,26 @@ struct Pool {
 
 /// The node's QUIC endpoint and its pool of node connections.
 pub struct Transport {
-    endpoint: Endpoint,
-    local: NodeId,
+    pub(super) endpoint: Endpoint,
+    pub(super) local: NodeId,
     client_config: quinn::ClientConfig,
     pool: Mutex<Pool>,
     inbox: mpsc::Sender<(NodeId, Bytes)>,
-    streams: mpsc::Sender<IncomingStream>,
-    clients: mpsc::Sender<Connection>,
-    tls: NodeTls,
-    handshakes: Arc<Semaphore>,
-    stats: TransportStats,
+    streams: StreamRoutes,
+    pub(super) clients: mpsc::Sender<Connection>,
+    pub(super) tls: NodeTls,
+    pub(super) handshakes: Arc<Semaphore>,
+    pub(super) stats: TransportStats,
 }
 
 impl Transport {
     /// Wraps a bound endpoint. Received datagrams go to the returned inbox,
     /// tagged with the cert-derived id of the connection they arrived on, and
-    /// bi-streams opened by nodes to the stream inbox.
+    /// bi-streams opened by nodes to the inbox of their kind.
     pub fn new(endpoint: Endpoint, tls: &NodeTls) -> Result<(Arc<Self>, Inboxes), TlsError> {
         endpoint.set_server_config(Some(tls.server_config()?));
         let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
-        let (stream_tx, stream_rx) = mpsc::channel(STREAM_INBOX_CAPACITY);
+        let (streams, rpc_rx, forward_rx) = StreamRoutes::new();
         let (client_tx, client_rx) = mpsc::channel(CLIENT_INBOX_CAPACITY);
         let transport = Arc::new(Transport {
             endpoint,
@@ -283,7 +224,7 @@ impl Transport {
             client_config: tls.client_config()?,
             pool: Mutex::default(),
             inbox: tx,
-            streams: stream_tx,
+            streams,
             clients: client_tx,
             tls: tls.clone(),
             handshakes: Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES)),
@@ -293,7 +234,8 @@ impl Transport {
             transport,
             Inboxes {
                 datagrams: rx,
-                streams: stream_rx,
+                rpc: rpc_rx,
+                forwards: forward_rx,
                 clients: client_rx,
             },
         ))
@@ -309,7 +251,7 @@ impl Transport {
         self.endpoint.local_addr()
     }
 
-    fn pool(&self) -> MutexGuard<'_, Pool> {
+    pub(super) fn pool(&self) -> MutexGuard<'_, Pool> {
         // The pool holds handles and timestamps; a panic elsewhere cannot
         // leave it inconsistent enough to matter.
         self.pool.lock().unwrap_or_else(PoisonError::into_inner)
@@ -429,22 +371,23 @@ impl Transport {
 
     /// Puts `conn` in the pool unless it loses the tie-break against an open
     /// connection to the same peer; returns the connection that stays.
-    fn adopt(self: &Arc<Self>, conn: Connection, peer: NodeId, outbound: bool) -> Connection {
+    pub(super) fn adopt(
+        self: &Arc<Self>,
+        conn: Connection,
+        peer: NodeId,
+        outbound: bool,
+    ) -> Connection {
         let mut pool = self.pool();
         if let Some(existing) = pool.conns.get(&peer)
             && existing.conn.close_reason().is_none()
             && existing.conn.stable_id() != conn.stable_id()
         {
-            // A simultaneous dial (the existing connection is itself only a
-            // handshake old): the one dialed by the lower id wins, on both
-            // ends. Otherwise the newer one replaces a connection the peer has
-            // probably abandoned (it restarted, or closed it as idle); keeping
-            // the old one would refuse a restarted peer until our idle
-            // timeout.
-            let simultaneous = existing.since.elapsed() < HANDSHAKE_TIMEOUT;
-            let our_dial_wins = self.local < peer;
-            let keep_new =
-                !simultaneous || existing.outbound == outbound || outbound == our_dial_wins;
+            let keep_new = keep_newer(
+                existing.since.elapsed(),
+                existing.outbound,
+                outbound,
+                self.local < peer,
+            );
             bump(&self.stats.duplicates_closed);
             if !keep_new {
                 conn.close(CLOSE_DUPLICATE, b"duplicate connection");
@@ -469,26 +412,8 @@ impl Transport {
         let this = self.clone();
         let reader = conn.clone();
         tokio::spawn(async move { this.read_datagrams(reader, peer).await });
-        let this = self.clone();
-        let acceptor = conn.clone();
-        tokio::spawn(async move { this.accept_streams(acceptor, peer).await });
+        tokio::spawn(self.streams.clone().serve(conn.clone(), peer));
         conn
-    }
-
-    /// Hands every bi-stream the peer opens to the RPC server.
-    async fn accept_streams(self: Arc<Self>, conn: Connection, peer: NodeId) {
-        while let Ok((send, recv)) = conn.accept_bi().await {
-            // Waiting here when the inbox is full holds back only this peer,
-            // and QUIC's stream limit then bounds what it can open.
-            if self
-                .streams
-                .send(IncomingStream { peer, send, recv })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
     }
 
     async fn read_datagrams(self: Arc<Self>, conn: Connection, peer: NodeId) {
@@ -528,80 +453,7 @@ impl Transport {
         }
     }
 
-    /// Accepts node connections until `cancel` fires, and closes idle ones.
-    pub async fn serve(self: Arc<Self>, cancel: CancellationToken) {
-        let mut sweep = tokio::time::interval(SWEEP_PERIOD);
-        loop {
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => break,
-                _ = sweep.tick() => self.close_idle(),
-                incoming = self.endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
-                        bump(&self.stats.handshakes_refused);
-                        incoming.refuse();
-                        continue;
-                    };
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        this.accept_one(incoming).await;
-                    });
-                }
-            }
-        }
-    }
-
-    async fn accept_one(self: Arc<Self>, incoming: quinn::Incoming) {
-        let remote = incoming.remote_address();
-        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(err)) => {
-                bump(&self.stats.handshakes_failed);
-                tracing::info!(%remote, %err, "refused node connection");
-                return;
-            }
-            Err(_) => {
-                bump(&self.stats.handshakes_failed);
-                tracing::info!(%remote, "node handshake timed out");
-                return;
-            }
-        };
-        let alpn = conn
-            .handshake_data()
-            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-            .and_then(|d| d.protocol);
-        if alpn.as_deref() == Some(ALPN_CLIENT) {
-            if self.clients.try_send(conn.clone()).is_err() {
-                conn.close(CLOSE_BUSY, b"too many clients connecting");
-            }
-            return;
-        }
-        if alpn.as_deref() != Some(ALPN_NODE) {
-            conn.close(CLOSE_BAD_ALPN, b"unsupported protocol");
-            return;
-        }
-        // Node connections need a certificate from the cluster CA.
-        let chain = tls::peer_chain(&conn).unwrap_or_default();
-        if let Err(err) = self.tls.verify_node_chain(&chain) {
-            bump(&self.stats.handshakes_failed);
-            tracing::info!(%remote, %err, "refused node connection: certificate not from the cluster CA");
-            conn.close(CLOSE_NOT_MEMBER, b"certificate not from the cluster CA");
-            return;
-        }
-        let Some(peer) = tls::peer_node_id(&conn) else {
-            conn.close(CLOSE_WRONG_PEER, b"no certificate");
-            return;
-        };
-        if peer == self.local {
-            conn.close(CLOSE_WRONG_PEER, b"self");
-            return;
-        }
-        self.adopt(conn, peer, false);
-    }
-
-    fn close_idle(&self) {
+    pub(super) fn close_idle(&self) {
         let now = Instant::now();
         let mut pool = self.pool();
         pool.conns.retain(|peer, e| {
@@ -690,5 +542,39 @@ impl Transport {
             duplicates_closed: get(&s.duplicates_closed),
             idle_closed: get(&s.idle_closed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRESH: Duration = Duration::from_millis(10);
+    const OLD: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn simultaneous_dials_keep_the_one_dialed_by_the_lower_id_on_both_ends() {
+        // Lower end: its own (outbound) dial wins, the peer's (inbound) loses.
+        assert!(!keep_newer(FRESH, true, false, true));
+        assert!(keep_newer(FRESH, false, true, true));
+        // Higher end: the peer's dial (inbound there) wins.
+        assert!(keep_newer(FRESH, true, false, false));
+        assert!(!keep_newer(FRESH, false, true, false));
+    }
+
+    #[test]
+    fn a_newer_connection_replaces_an_old_one_or_one_from_the_same_side() {
+        // The peer restarted or dropped the old one as idle.
+        for (existing_out, new_out, lower) in [
+            (true, false, true),
+            (false, true, false),
+            (true, true, true),
+            (false, false, false),
+        ] {
+            assert!(keep_newer(OLD, existing_out, new_out, lower));
+        }
+        // Two dials from the same side: the newer one is the live one.
+        assert!(keep_newer(FRESH, true, true, true));
+        assert!(keep_newer(FRESH, false, false, false));
     }
 }

@@ -1,8 +1,10 @@
-//! The task that owns the node's [`DhtNode`]: it feeds it the live set from
-//! gossip, requests from other nodes, answers to its own requests and timers,
-//! sends its requests over QUIC, and serves lookups for the admin API.
+//! The task that owns the node's [`DhtNode`]: it feeds it membership
+//! changes from gossip, requests from other nodes, answers to its own
+//! requests and timers, and sends its requests over QUIC. Everyone else
+//! reaches it through a [`DhtHandle`] (get, put, status) over a bounded
+//! channel.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -10,11 +12,14 @@ use serde::Serialize;
 use specter_dht::messages::Response;
 use specter_dht::node::DhtStats;
 use specter_dht::{DhtEvent, DhtNode, Handled, OpId, Outcome, Peer, WriteOp};
-use tokio::sync::{mpsc, oneshot, watch};
+use specter_gossip::NodeId;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::rpc::{self, Served};
-use crate::transport::Transport;
+use super::membership::{MemberChange, Subscription, Update};
+use super::rpc::{self, Served};
+use crate::clock::now_ms;
+use crate::net::Transport;
 
 /// Requests from other nodes waiting for this task; beyond this they are
 /// answered `Unavailable` at once.
@@ -32,15 +37,7 @@ const RESPONSE_CAPACITY: usize = 4_096;
 /// The status is republished at most this often (and on ring changes).
 const STATUS_REFRESH: Duration = Duration::from_millis(500);
 
-/// Current Unix time in milliseconds (the DHT's clock).
-pub fn now_ms() -> u64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// An operation for the DHT task, from the admin API or the tunnels.
+/// An operation for the DHT task, sent by a [`DhtHandle`].
 pub enum Command {
     /// Read a name.
     Get {
@@ -97,12 +94,60 @@ pub struct DhtStatus {
     pub stats: DhtStats,
 }
 
-/// Shared handle on the published DHT status.
-pub type SharedDhtStatus = Arc<RwLock<DhtStatus>>;
+/// Where the driver publishes its status.
+type SharedDhtStatus = Arc<RwLock<DhtStatus>>;
 
-/// Reads the published status.
-pub fn read_status(s: &SharedDhtStatus) -> DhtStatus {
-    s.read().unwrap_or_else(PoisonError::into_inner).clone()
+/// The way to the DHT task: reads, writes and the published status. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct DhtHandle {
+    commands: mpsc::Sender<Command>,
+    status: SharedDhtStatus,
+}
+
+impl DhtHandle {
+    /// A handle and the command queue (at most [`COMMAND_CAPACITY`] waiting)
+    /// that the driver, or a test standing in for it, serves.
+    pub fn new() -> (DhtHandle, mpsc::Receiver<Command>) {
+        let (commands, rx) = mpsc::channel(COMMAND_CAPACITY);
+        let handle = DhtHandle {
+            commands,
+            status: SharedDhtStatus::default(),
+        };
+        (handle, rx)
+    }
+
+    async fn run(
+        &self,
+        command: impl FnOnce(oneshot::Sender<(Outcome, Duration)>) -> Command,
+    ) -> Option<(Outcome, Duration)> {
+        let (tx, rx) = oneshot::channel();
+        // A burst waits for room rather than failing: the driver drains
+        // commands quickly and each one is bounded by its RPC timeouts.
+        self.commands.send(command(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Reads `name`: the outcome and how long it took; `None` if the DHT
+    /// task is gone (the node is stopping).
+    pub async fn get(&self, name: &str) -> Option<(Outcome, Duration)> {
+        let name = name.to_string();
+        self.run(|reply| Command::Get { name, reply }).await
+    }
+
+    /// Applies `op` to `name`; `None` if the DHT task is gone.
+    pub async fn put(&self, name: &str, op: WriteOp) -> Option<(Outcome, Duration)> {
+        let name = name.to_string();
+        self.run(|reply| Command::Put { name, op, reply }).await
+    }
+
+    /// The status last published by the driver.
+    pub fn status(&self) -> DhtStatus {
+        self.status
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// Inputs of the DHT task.
@@ -113,12 +158,12 @@ pub struct DhtDriver {
     pub transport: Arc<Transport>,
     /// Requests from other nodes.
     pub served: mpsc::Receiver<Served>,
-    /// Operations to run.
+    /// Operations to run (from [`DhtHandle::new`]).
     pub commands: mpsc::Receiver<Command>,
-    /// The live set from gossip (other nodes).
-    pub members: watch::Receiver<Vec<Peer>>,
-    /// Where the status goes.
-    pub status: SharedDhtStatus,
+    /// Membership changes from gossip.
+    pub members: Subscription,
+    /// The handle whose status this task publishes.
+    pub handle: DhtHandle,
     /// Stops the task.
     pub stop: CancellationToken,
 }
@@ -132,15 +177,18 @@ impl DhtDriver {
             mut served,
             mut commands,
             mut members,
-            status,
+            handle,
             stop,
         } = self;
+        let status = handle.status;
+        let mut live: BTreeMap<NodeId, Peer> =
+            members.snapshot.iter().map(|p| (p.id, *p)).collect();
+        node.set_members(live.values().copied());
         let (resp_tx, mut resp_rx) =
             mpsc::channel::<(u64, Result<Response, ()>)>(RESPONSE_CAPACITY);
         let mut replies: HashMap<u64, oneshot::Sender<Response>> = HashMap::new();
         let mut ops: HashMap<OpId, (oneshot::Sender<(Outcome, Duration)>, Instant)> =
             HashMap::new();
-        let mut known: BTreeSet<specter_gossip::NodeId> = BTreeSet::new();
         let mut published = Instant::now();
         loop {
             let wait = Duration::from_millis(node.poll_timeout().saturating_sub(now_ms()));
@@ -148,18 +196,29 @@ impl DhtDriver {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
-                changed = members.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let live: Vec<Peer> = members.borrow_and_update().clone();
+                update = members.next() => {
+                    let Some(update) = update else { return };
                     let now = now_ms();
-                    let ids: BTreeSet<_> = live.iter().map(|p| p.id).collect();
-                    for gone in known.difference(&ids) {
-                        node.member_down(now, *gone);
+                    match update {
+                        Update::Change(MemberChange::Up(peer)) => {
+                            live.insert(peer.id, peer);
+                        }
+                        Update::Change(MemberChange::Down(peer)) => {
+                            live.remove(&peer.id);
+                            node.member_down(now, peer.id);
+                        }
+                        Update::Resync(snapshot) => {
+                            // Fell behind: whatever left the set meanwhile
+                            // went down.
+                            let fresh: BTreeMap<NodeId, Peer> =
+                                snapshot.into_iter().map(|p| (p.id, p)).collect();
+                            for gone in live.keys().filter(|id| !fresh.contains_key(id)) {
+                                node.member_down(now, *gone);
+                            }
+                            live = fresh;
+                        }
                     }
-                    known = ids;
-                    node.set_members(live);
+                    node.set_members(live.values().copied());
                     ring_changed = true;
                 }
                 Some(s) = served.recv() => {
@@ -255,35 +314,15 @@ pub const ADMIN_LEASE_MS: u64 = 10 * 60 * 1_000;
 
 /// An operator test registration: the name is claimed by a client id derived
 /// from this node's id and attached at this node.
-pub fn admin_registration(node: &crate::node::NodeShared) -> WriteOp {
+pub fn admin_registration(me: Peer) -> WriteOp {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("specter-admin:{}", node.id));
+    let digest = sha2::Sha256::digest(format!("specter-admin:{}", me.id));
     WriteOp::Attach {
         client: specter_dht::ClientId(digest.into()),
-        node: node.id,
-        addr: node.advertise,
+        node: me.id,
+        addr: me.addr,
         version: now_ms(),
         lease_ms: ADMIN_LEASE_MS,
         claim_ms: ADMIN_LEASE_MS,
     }
-}
-
-/// A record as JSON for the admin API.
-pub fn record_json(record: &specter_dht::Record) -> serde_json::Value {
-    let now = now_ms();
-    serde_json::json!({
-        "claim": record.claim.map(|c| serde_json::json!({
-            "owner": c.owner.to_string(),
-            "version": c.version,
-            "claimed_at_ms": c.claimed_at,
-            "expires_at_ms": c.expires_at,
-        })),
-        "attachments": record.attachments.iter().map(|(node, a)| serde_json::json!({
-            "node": node.to_string(),
-            "addr": a.addr,
-            "version": a.version,
-            "lease_expiry_ms": a.lease_expiry,
-            "live": a.is_live(now),
-        })).collect::<Vec<_>>(),
-    })
 }

@@ -20,7 +20,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use specter_tunnel::protocol::{Visit, VisitKind};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::tunnels::{OpenError, Tunnels};
+use crate::node::tunnels::Tunnels;
+use crate::node::tunnels::visit::OpenError;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -175,7 +176,7 @@ async fn send_once(
     let visit = Visit {
         name: name.to_string(),
         visitor,
-        kind: VisitKind::Tcp,
+        kind: VisitKind::Http,
     };
     let (send, recv) = match tunnels.open(name, &visit).await {
         Ok(pair) => pair,
@@ -237,19 +238,8 @@ struct Replay {
 
 impl Replay {
     fn of(req: &Request<Incoming>) -> Option<Replay> {
-        use hyper::Method;
         use hyper::body::Body as _;
-        let idempotent = [
-            Method::GET,
-            Method::HEAD,
-            Method::OPTIONS,
-            Method::DELETE,
-            Method::PUT,
-        ]
-        .contains(req.method());
-        let plain =
-            req.body().is_end_stream() && !req.headers().contains_key(hyper::header::UPGRADE);
-        (idempotent && plain).then(|| Replay {
+        replayable(req.method(), req.headers(), req.body().is_end_stream()).then(|| Replay {
             method: req.method().clone(),
             uri: req.uri().clone(),
             headers: req.headers().clone(),
@@ -268,6 +258,21 @@ impl Replay {
         *req.headers_mut() = self.headers.clone();
         req
     }
+}
+
+/// Whether a request may be sent again on another path: an idempotent
+/// method, no body (`body_done`: the body is known empty) and no upgrade.
+fn replayable(method: &hyper::Method, headers: &hyper::HeaderMap, body_done: bool) -> bool {
+    use hyper::Method;
+    let idempotent = [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::DELETE,
+        Method::PUT,
+    ]
+    .contains(method);
+    idempotent && body_done && !headers.contains_key(hyper::header::UPGRADE)
 }
 
 /// Attempts at a replayable request.
@@ -344,4 +349,34 @@ async fn forward(
         });
     }
     resp.map(BodyExt::boxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::{HeaderMap, Method};
+
+    #[test]
+    fn only_idempotent_requests_without_body_or_upgrade_are_replayed() {
+        let plain = HeaderMap::new();
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::DELETE,
+            Method::PUT,
+        ] {
+            assert!(replayable(&m, &plain, true), "{m}");
+            assert!(!replayable(&m, &plain, false), "{m} with a body");
+        }
+        for m in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!replayable(&m, &plain, true), "{m}");
+        }
+        let mut upgrade = HeaderMap::new();
+        upgrade.insert(
+            hyper::header::UPGRADE,
+            HeaderValue::from_static("websocket"),
+        );
+        assert!(!replayable(&Method::GET, &upgrade, true));
+    }
 }

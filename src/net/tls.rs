@@ -4,11 +4,10 @@
 //! Both sides must present a chain to the cluster CA. The dialing side does not
 //! check a DNS name: nodes are addressed by the id their key proves, so after
 //! the handshake the transport compares the peer's cert-derived id with the id
-//! it meant to reach (see `transport`). Only TLS 1.3 is offered (QUIC needs it).
+//! it meant to reach (see `net::pool`). Only TLS 1.3 is offered (QUIC needs it).
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -31,15 +30,6 @@ pub const ALPN_CLIENT: &[u8] = b"specter-client/1";
 /// Server name sent when dialing a node. Not checked (see the module docs); it
 /// only has to be a valid DNS name.
 pub const NODE_SERVER_NAME: &str = "node.specter.invalid";
-
-/// QUIC keep-alive between nodes: well inside the idle timeout, so a quiet but
-/// healthy pair keeps its connection, and NAT bindings stay fresh.
-pub const NODE_KEEP_ALIVE: Duration = Duration::from_secs(2);
-
-/// QUIC idle timeout between nodes: a dead peer's connection is dropped within
-/// 10 s. Failure *detection* is SWIM's job (≈ 2 s); this only frees resources,
-/// so it is generous enough to ride out a busy peer.
-pub const NODE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why TLS material could not be loaded; nothing was bound or started.
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +193,7 @@ impl NodeTls {
         tls.alpn_protocols = vec![ALPN_NODE.to_vec(), ALPN_CLIENT.to_vec()];
         let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(Arc::new(node_transport()));
+        config.transport_config(Arc::new(super::quic::node_transport()));
         Ok(config)
     }
 
@@ -224,21 +214,10 @@ impl NodeTls {
         tls.alpn_protocols = vec![ALPN_NODE.to_vec()];
         let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(node_transport()));
+        config.transport_config(Arc::new(super::quic::node_transport()));
         Ok(config)
     }
 }
-
-/// QUIC keep-alive, client↔node: the node's acknowledgements of these tell
-/// the client it is alive; after four unanswered ones the client attaches a
-/// replacement (see `client::CLIENT_SILENCE`). A few dozen bytes each, ten
-/// a second per attachment.
-pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_millis(100);
-
-/// QUIC idle timeout, client↔node: a connection silent this long is closed.
-/// Longer than the silence that triggers a replacement, so a node that is
-/// only slow for a moment keeps its visitors.
-pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Server name a client sends to a node (nodes are identified by the CA, not
 /// by name).
@@ -267,44 +246,17 @@ pub fn client_quic_config(
     tls.alpn_protocols = vec![ALPN_CLIENT.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    let mut t = quinn::TransportConfig::default();
-    t.mtu_discovery_config(Some(mtu_discovery()));
-    t.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
-    // Nodes open one stream per visitor to the client.
-    t.max_concurrent_bidi_streams(crate::transport::MAX_STREAMS_PER_PEER.into());
-    t.receive_window(crate::transport::CONNECTION_RECEIVE_WINDOW.into());
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(CLIENT_IDLE_TIMEOUT).expect("3 s fits a QUIC varint"),
-    ));
-    config.transport_config(Arc::new(t));
+    config.transport_config(Arc::new(super::quic::client_transport()));
     Ok(config)
 }
 
-/// Largest UDP payload path-MTU discovery probes for: a 9,000-byte jumbo
-/// frame less IPv6 and UDP headers. quinn's default stops at 1,452 (a 1,500
-/// MTU); on paths that carry more (a data centre's jumbo frames, loopback)
-/// larger packets mean fewer of them, so less per-packet work. Where the path
-/// is smaller the probes are simply lost and packets stay at what it carries.
-pub const MTU_UPPER_BOUND: u16 = 8_952;
-
-fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MTU_UPPER_BOUND);
-    mtu
-}
-
-/// Transport settings for node↔node connections.
-pub fn node_transport() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.mtu_discovery_config(Some(mtu_discovery()));
-    t.keep_alive_interval(Some(NODE_KEEP_ALIVE));
-    t.max_concurrent_bidi_streams(crate::transport::MAX_STREAMS_PER_PEER.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.receive_window(crate::transport::CONNECTION_RECEIVE_WINDOW.into());
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(NODE_IDLE_TIMEOUT).expect("10 s fits a QUIC varint"),
-    ));
-    t
+/// The id of the tunnel client behind a connection: SHA-256 of its
+/// certificate's public key.
+pub fn peer_client_id(conn: &quinn::Connection) -> Option<specter_dht::ClientId> {
+    use sha2::{Digest, Sha256};
+    let chain = peer_chain(conn)?;
+    let spki = pki::spki_of(chain.first()?).ok()?;
+    Some(specter_dht::ClientId(Sha256::digest(spki).into()))
 }
 
 /// The id proven by the certificate a connection's peer presented.

@@ -1,23 +1,28 @@
 //! The task that owns the node's [`Membership`]: it feeds it datagrams and
-//! timers, hands its packets to the transport, and publishes its view.
+//! timers, hands its packets to the transport, and publishes its view: the
+//! member list for `/status`, and [`Members`], the live set of other nodes
+//! with a stream of [`MemberChange`]s that every consumer reacts to.
 //!
 //! One task owns the state machine, so foca's timers are delivered in order
 //! from one queue (the state machine's own heap) and nothing locks it. Sending
 //! never waits on a handshake: the transport queues or drops (SWIM tolerates
 //! loss).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use specter_dht::Peer;
 use specter_gossip::{
-    GossipError, GossipStats, MemberEvent, MemberState, Membership, NodeIdentity,
+    GossipError, GossipStats, MemberEvent, MemberState, Membership, NodeId, NodeIdentity,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::transport::{DialError, Inbox, Transport};
+use crate::net::pool::Inbox;
+use crate::net::{DialError, Transport};
 
 /// After a graceful leave, how long the packets announcing it get to leave
 /// before the endpoint closes. Loopback and LAN need far less.
@@ -35,6 +40,119 @@ const SEED_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Capacity of the channel that brings reached seeds to the owner task; each
 /// seed sends once, so this only needs to exceed the seed list.
 const SEED_CHANNEL: usize = 64;
+
+/// Changes a subscriber may fall behind by before it has to start again
+/// from a snapshot ([`Update::Resync`]). Changes come at the pace of
+/// gossip (a few per node that joins or dies), and every consumer handles
+/// each in microseconds.
+pub const MEMBER_EVENTS_CAPACITY: usize = 1_024;
+
+/// A change in the live set of other nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// The node is up (joined, returned, or restarted under a new generation
+    /// after its old run went [`MemberChange::Down`]).
+    Up(Peer),
+    /// The node was declared down or left.
+    Down(Peer),
+}
+
+/// The live set of other nodes as gossip sees it, and its changes. Cheap to
+/// clone; the membership task is the only writer.
+#[derive(Clone)]
+pub struct Members {
+    inner: Arc<Mutex<LiveSet>>,
+}
+
+struct LiveSet {
+    peers: BTreeMap<NodeId, Peer>,
+    changes: broadcast::Sender<MemberChange>,
+}
+
+impl Default for Members {
+    fn default() -> Self {
+        Members {
+            inner: Arc::new(Mutex::new(LiveSet {
+                peers: BTreeMap::new(),
+                changes: broadcast::channel(MEMBER_EVENTS_CAPACITY).0,
+            })),
+        }
+    }
+}
+
+impl Members {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LiveSet> {
+        // Only whole inserts and removes happen under the lock.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The live nodes, by id.
+    pub fn live(&self) -> Vec<Peer> {
+        self.lock().peers.values().copied().collect()
+    }
+
+    /// Whether gossip holds `id` live.
+    pub fn is_live(&self, id: NodeId) -> bool {
+        self.lock().peers.contains_key(&id)
+    }
+
+    /// The live set now and every change after it, with nothing missed or
+    /// seen twice in between.
+    pub fn subscribe(&self) -> Subscription {
+        let live = self.lock();
+        Subscription {
+            snapshot: live.peers.values().copied().collect(),
+            changes: live.changes.subscribe(),
+            members: self.clone(),
+        }
+    }
+
+    /// Applies a change and tells the subscribers (the membership task, and
+    /// tests that stand in for it).
+    pub fn publish(&self, change: MemberChange) {
+        let mut live = self.lock();
+        match change {
+            MemberChange::Up(peer) => live.peers.insert(peer.id, peer),
+            MemberChange::Down(peer) => live.peers.remove(&peer.id),
+        };
+        // No subscriber is not an error.
+        let _ = live.changes.send(change);
+    }
+}
+
+/// What a [`Subscription`] delivers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// The next change.
+    Change(MemberChange),
+    /// The subscriber fell more than [`MEMBER_EVENTS_CAPACITY`] changes
+    /// behind: this is the live set now, and changes continue from it.
+    Resync(Vec<Peer>),
+}
+
+/// A consumer's view of [`Members`]: the set when it subscribed, then each
+/// change.
+pub struct Subscription {
+    /// The live set when the subscription started.
+    pub snapshot: Vec<Peer>,
+    changes: broadcast::Receiver<MemberChange>,
+    members: Members,
+}
+
+impl Subscription {
+    /// The next update; `None` once the membership is gone. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Update> {
+        match self.changes.recv().await {
+            Ok(change) => Some(Update::Change(change)),
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let fresh = self.members.subscribe();
+                self.changes = fresh.changes;
+                Some(Update::Resync(fresh.snapshot))
+            }
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
 
 /// One member as shown in `/status`.
 #[derive(Clone, Debug, Serialize)]
@@ -90,8 +208,8 @@ pub struct Driver {
     pub stop: CancellationToken,
     /// Leaves the cluster gracefully, then stops.
     pub leave: CancellationToken,
-    /// The live set (other nodes), for the ring; updated on every change.
-    pub live: tokio::sync::watch::Sender<Vec<specter_dht::Peer>>,
+    /// The live set (other nodes), updated on every change.
+    pub members: Members,
 }
 
 impl Driver {
@@ -105,7 +223,7 @@ impl Driver {
             view,
             stop,
             leave,
-            live,
+            members,
         } = self;
         let (seed_tx, mut seed_rx) = mpsc::channel(SEED_CHANNEL);
         for seed in seeds {
@@ -160,10 +278,12 @@ impl Driver {
                 changed = true;
                 match event {
                     MemberEvent::Up(m) => {
-                        tracing::info!(member = %m.id, addr = %m.addr, generation = m.generation, "member up")
+                        tracing::info!(member = %m.id, addr = %m.addr, generation = m.generation, "member up");
+                        members.publish(MemberChange::Up(peer_of(&m)));
                     }
                     MemberEvent::Down(m) => {
-                        tracing::info!(member = %m.id, addr = %m.addr, generation = m.generation, "member down")
+                        tracing::info!(member = %m.id, addr = %m.addr, generation = m.generation, "member down");
+                        members.publish(MemberChange::Down(peer_of(&m)));
                     }
                     MemberEvent::Joined => {
                         joined = true;
@@ -179,28 +299,18 @@ impl Driver {
                     ),
                 }
             }
-            if changed {
-                let peers = membership
-                    .up_members()
-                    .map(|m| specter_dht::Peer {
-                        id: m.id,
-                        addr: m.addr,
-                    })
-                    .collect();
-                // Wake the consumers only when the set changed.
-                live.send_if_modified(|current| {
-                    let modified = *current != peers;
-                    if modified {
-                        *current = peers;
-                    }
-                    modified
-                });
-            }
             if changed || published.elapsed() >= VIEW_REFRESH {
                 publish(&membership, joined, &view);
                 published = Instant::now();
             }
         }
+    }
+}
+
+fn peer_of(identity: &NodeIdentity) -> Peer {
+    Peer {
+        id: identity.id,
+        addr: identity.addr,
     }
 }
 
@@ -271,5 +381,70 @@ async fn reach_seed(
             () = tokio::time::sleep(wait) => {}
         }
         wait = (wait * 2).min(SEED_RETRY_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: u64) -> Peer {
+        Peer {
+            id: NodeId(id),
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + u16::try_from(id).unwrap())),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_that_goes_down_and_returns_between_reads_is_seen_doing_both() {
+        let members = Members::default();
+        members.publish(MemberChange::Up(peer(1)));
+        let mut sub = members.subscribe();
+        assert_eq!(sub.snapshot, vec![peer(1)]);
+        // Both happen before the consumer looks: a set diff would see nothing.
+        members.publish(MemberChange::Down(peer(1)));
+        members.publish(MemberChange::Up(peer(1)));
+        assert_eq!(
+            sub.next().await,
+            Some(Update::Change(MemberChange::Down(peer(1))))
+        );
+        assert_eq!(
+            sub.next().await,
+            Some(Update::Change(MemberChange::Up(peer(1))))
+        );
+        assert!(members.is_live(NodeId(1)));
+    }
+
+    #[tokio::test]
+    async fn a_late_subscriber_starts_from_the_snapshot_and_misses_nothing_after_it() {
+        let members = Members::default();
+        members.publish(MemberChange::Up(peer(1)));
+        members.publish(MemberChange::Up(peer(2)));
+        members.publish(MemberChange::Down(peer(1)));
+        let mut sub = members.subscribe();
+        assert_eq!(sub.snapshot, vec![peer(2)]);
+        members.publish(MemberChange::Up(peer(3)));
+        assert_eq!(
+            sub.next().await,
+            Some(Update::Change(MemberChange::Up(peer(3))))
+        );
+        assert_eq!(members.live(), vec![peer(2), peer(3)]);
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_gets_the_live_set_again() {
+        let members = Members::default();
+        let mut sub = members.subscribe();
+        for i in 0..u64::try_from(MEMBER_EVENTS_CAPACITY).unwrap() + 10 {
+            members.publish(MemberChange::Up(peer(i % 50)));
+            members.publish(MemberChange::Down(peer(i % 50)));
+        }
+        members.publish(MemberChange::Up(peer(7)));
+        assert_eq!(sub.next().await, Some(Update::Resync(vec![peer(7)])));
+        members.publish(MemberChange::Down(peer(7)));
+        assert_eq!(
+            sub.next().await,
+            Some(Update::Change(MemberChange::Down(peer(7))))
+        );
     }
 }

@@ -1,0 +1,52 @@
+//! `/metrics`: the node's counters in Prometheus' text format.
+
+use std::fmt::Write as _;
+
+use crate::node::status::NodeStatus;
+
+/// The status as Prometheus text.
+pub(super) fn render(s: &NodeStatus) -> String {
+    let mut out = String::new();
+    let count = |state| s.members.iter().filter(|m| m.state == state).count();
+    let alive = count(specter_gossip::MemberState::Alive);
+    let suspect = count(specter_gossip::MemberState::Suspect);
+    let down = count(specter_gossip::MemberState::Down);
+    let _ = writeln!(out, "# TYPE specter_members gauge");
+    for (state, n) in [("alive", alive), ("suspect", suspect), ("down", down)] {
+        let _ = writeln!(out, "specter_members{{state=\"{state}\"}} {n}");
+    }
+    let g = s.gossip;
+    let t = s.transport;
+    for (name, v) in [
+        ("specter_gossip_packets_out_total", g.packets_out),
+        ("specter_gossip_bytes_out_total", g.bytes_out),
+        ("specter_gossip_packets_in_total", g.packets_in),
+        ("specter_gossip_bytes_in_total", g.bytes_in),
+        ("specter_gossip_spoofed_dropped_total", g.spoofed_dropped),
+        ("specter_gossip_invalid_dropped_total", g.invalid_dropped),
+        ("specter_quic_datagrams_sent_total", t.datagrams_sent),
+        (
+            "specter_quic_datagrams_received_total",
+            t.datagrams_received,
+        ),
+        (
+            "specter_quic_datagram_send_errors_total",
+            t.datagram_send_errors,
+        ),
+        ("specter_quic_inbox_dropped_total", t.inbox_dropped),
+        ("specter_quic_handshakes_failed_total", t.handshakes_failed),
+        (
+            "specter_quic_handshakes_refused_total",
+            t.handshakes_refused,
+        ),
+        ("specter_quic_wrong_peer_total", t.wrong_peer),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# TYPE specter_quic_connections gauge\nspecter_quic_connections {}",
+        t.connections
+    );
+    out
+}

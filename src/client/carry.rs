@@ -1,0 +1,65 @@
+//! Carrying one visitor: the node opened a stream and wrote a [`Visit`]
+//! header; dial the tunnel's local target, answer `Ready` (or
+//! `TargetRefused`), then splice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use specter_tunnel::protocol::{Visit, VisitReply};
+
+use super::target::Target;
+use crate::wire::{read_frame, write_frame, write_msg};
+
+/// A visitor stream must deliver its header this soon.
+const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A target that has not accepted a connection by then is reported as
+/// refused. Long enough for two SYN retransmits (1 s, then 2 s more) when a
+/// burst overflows the target's accept queue; well below the node's 10 s
+/// deadline for an answer.
+const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Carries one visitor: reads the header, dials the target, splices.
+pub(super) async fn carry(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    targets: Arc<HashMap<String, Target>>,
+) {
+    let header = tokio::time::timeout(VISIT_HEADER_TIMEOUT, read_frame::<Visit>(&mut recv));
+    let visit = match header.await {
+        Ok(Ok(v)) => v,
+        _ => return,
+    };
+    let Some(target) = targets.get(&visit.name) else {
+        tracing::warn!(tunnel = %visit.name, "visit for a tunnel this client does not serve");
+        let _ = write_frame(&mut send, &VisitReply::TargetRefused).await;
+        return;
+    };
+    // Answer well inside the node's wait for `Ready`, so a target that drops
+    // connection attempts is reported as refused instead of making the node
+    // give up on this whole attachment.
+    let connecting = tokio::time::timeout(
+        TARGET_CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(target.addr.as_str()),
+    );
+    let mut local = match connecting
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(tunnel = %visit.name, visitor = %visit.visitor, kind = ?visit.kind, target = %target.addr, %err, "target refused the visitor");
+            let _ = write_frame(&mut send, &VisitReply::TargetRefused).await;
+            return;
+        }
+    };
+    if write_msg(&mut send, &VisitReply::Ready).await.is_err() {
+        return;
+    }
+    let _ = local.set_nodelay(true);
+    let mut stream = tokio::io::join(&mut recv, &mut send);
+    if let Err(err) = specter_tunnel::splice::splice(&mut stream, &mut local).await {
+        tracing::debug!(tunnel = %visit.name, %err, "visitor stream ended with an error");
+    }
+}

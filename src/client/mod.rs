@@ -1,0 +1,345 @@
+//! The client daemon (`specter tunnel`): keeps a key and a name in its state
+//! directory, attaches to `k` distinct nodes, and carries each visitor stream
+//! a node opens to the local target.
+//!
+//! - this module: options, state, and the loop that keeps k healthy
+//!   attachments (with the pure [`Dialer`] choosing whom to dial);
+//! - [`attachment`]: one attachment's task;
+//! - [`carry`]: one visitor.
+
+mod attachment;
+mod carry;
+mod target;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use quinn::Endpoint;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use specter_dht::Peer;
+use specter_gossip::NodeId;
+use specter_tunnel::dialer::Dialer;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use self::attachment::CLIENT_SILENCE;
+use self::attachment::{Handle, SILENCE_CHECK, Session, Update, attachment};
+pub use self::target::{Scheme, Target};
+
+/// Attachments a client keeps (k): two nodes can fail at once and the tunnel
+/// still has a path.
+pub const ATTACHMENTS: usize = 3;
+/// Backoff of one node's address after it failed, from this (jittered,
+/// doubling per failure)...
+const RETRY_MIN: Duration = Duration::from_millis(200);
+/// ...up to this, forever: a client whose network is gone comes back within
+/// this long of its return.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// File names in the state directory.
+const KEY_FILE: &str = "client.key";
+const NAME_FILE: &str = "name";
+
+/// What the client serves and where it attaches.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Seeds (`host:port` of node QUIC endpoints).
+    pub via: Vec<String>,
+    /// The cluster CA (PEM).
+    pub ca_pem: String,
+    /// Where the key and name are kept.
+    pub state_dir: PathBuf,
+    /// Local service visitors are carried to.
+    pub target: Target,
+    /// Requested name; otherwise the saved one, or a new random one.
+    pub name: Option<String>,
+    /// How many nodes to attach to.
+    pub attachments: usize,
+    /// Client token, for nodes that require one.
+    pub token: Option<String>,
+    /// More tunnels served by the same client: `(name, target)`.
+    pub extra: Vec<(String, Target)>,
+    /// Written (JSON: names, public URLs, attachments) on every change.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// The client's key and name, created on first run.
+pub struct ClientState {
+    /// PEM of the private key.
+    pub key_pem: String,
+    /// The tunnel name.
+    pub name: String,
+}
+
+/// Loads or creates the key (mode 0600) and the name in `dir`.
+pub fn load_state(dir: &Path, requested: Option<&str>) -> Result<ClientState> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key_path = dir.join(KEY_FILE);
+    let key_pem = match std::fs::read_to_string(&key_path) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = rcgen::KeyPair::generate().context("generating the client key")?;
+            let pem = key.serialize_pem();
+            crate::pki::write_file(&key_path, &pem, true, false)?;
+            pem
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", key_path.display())),
+    };
+    let name_path = dir.join(NAME_FILE);
+    let name = match requested {
+        Some(n) => {
+            specter_tunnel::names::validate(n).map_err(|e| anyhow::anyhow!("--name {n:?}: {e}"))?;
+            n.to_string()
+        }
+        None => match std::fs::read_to_string(&name_path) {
+            Ok(n) => n.trim().to_string(),
+            Err(_) => specter_tunnel::names::random_name(&mut rand::rng()),
+        },
+    };
+    std::fs::write(&name_path, &name)
+        .with_context(|| format!("writing {}", name_path.display()))?;
+    Ok(ClientState { key_pem, name })
+}
+
+fn client_config(options: &ClientOptions, state: &ClientState) -> Result<quinn::ClientConfig> {
+    let key = rcgen::KeyPair::from_pem(&state.key_pem).context("reading the client key")?;
+    let mut params = rcgen::CertificateParams::new(vec!["specter-client.invalid".to_string()])?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let cert = params
+        .self_signed(&key)
+        .context("self-signing the client certificate")?;
+    let key_der = PrivateKeyDer::from_pem_slice(state.key_pem.as_bytes())
+        .context("reading the client key")?;
+    Ok(crate::net::tls::client_quic_config(
+        &options.ca_pem,
+        CertificateDer::from(cert.der().to_vec()),
+        key_der,
+    )?)
+}
+
+/// An attachment the client holds.
+struct Held {
+    peer: Peer,
+    dialed: SocketAddr,
+    /// Silent for a while: it does not count toward k until heard again.
+    silent: bool,
+    handle: Handle,
+}
+
+/// What the ready file says: written on every change, so scripts and tests
+/// can wait for a state instead of reading the human output.
+#[derive(serde::Serialize)]
+struct Ready<'a> {
+    /// Tunnel names served.
+    names: &'a [String],
+    /// Each tunnel's public URL (or `specter connect` command), once a node
+    /// with an ingress said where it serves.
+    public: &'a std::collections::BTreeMap<String, String>,
+    /// The attachments held.
+    attachments: Vec<ReadyAttachment>,
+    /// Attachments that count toward k (not silent).
+    healthy: usize,
+    /// The k asked for.
+    k: usize,
+    pid: u32,
+}
+
+#[derive(serde::Serialize)]
+struct ReadyAttachment {
+    node: String,
+    addr: SocketAddr,
+    silent: bool,
+}
+
+fn write_ready(
+    path: &Path,
+    names: &[String],
+    public: &std::collections::BTreeMap<String, String>,
+    held: &HashMap<NodeId, Held>,
+    k: usize,
+) {
+    let mut attachments: Vec<ReadyAttachment> = held
+        .values()
+        .map(|h| ReadyAttachment {
+            node: h.peer.id.to_string(),
+            addr: h.peer.addr,
+            silent: h.silent,
+        })
+        .collect();
+    attachments.sort_by(|a, b| a.node.cmp(&b.node));
+    let ready = Ready {
+        names,
+        public,
+        healthy: attachments.iter().filter(|a| !a.silent).count(),
+        attachments,
+        k,
+        pid: std::process::id(),
+    };
+    let json = serde_json::to_string(&ready).unwrap_or_default();
+    if let Err(err) = crate::files::write_atomically(path, &json) {
+        tracing::warn!("{err:#}");
+    }
+}
+
+/// Runs the client until `stop` fires or a node refuses it.
+pub async fn run(
+    options: ClientOptions,
+    endpoint: Endpoint,
+    stop: CancellationToken,
+) -> Result<()> {
+    let state = load_state(&options.state_dir, options.name.as_deref())?;
+    let config = client_config(&options, &state)?;
+    let mut targets: HashMap<String, Target> = HashMap::new();
+    targets.insert(state.name.clone(), options.target.clone());
+    for (extra, target) in &options.extra {
+        specter_tunnel::names::validate(extra)
+            .map_err(|e| anyhow::anyhow!("tunnel name {extra:?}: {e}"))?;
+        if targets.insert(extra.clone(), target.clone()).is_some() {
+            bail!("tunnel name {extra:?} is listed twice");
+        }
+    }
+    let mut names: Vec<String> = targets.keys().cloned().collect();
+    names.sort();
+    let targets = Arc::new(targets);
+    for (n, t) in targets.iter() {
+        println!(
+            "tunnel {n}: attaching to {} node(s) for {}://{}",
+            options.attachments,
+            match t.scheme {
+                Scheme::Tcp => "tcp",
+                Scheme::Http => "http",
+            },
+            t.addr
+        );
+    }
+    let name = names.join(",");
+    let k = options.attachments;
+    let mut public = std::collections::BTreeMap::new();
+    let (tx, mut rx) = mpsc::channel::<Update>(64);
+    let mut held: HashMap<NodeId, Held> = HashMap::new();
+    let mut pending: HashMap<SocketAddr, Handle> = HashMap::new();
+    let mut seeds = Vec::new();
+    for seed in &options.via {
+        seeds.extend(
+            tokio::net::lookup_host(seed.as_str())
+                .await
+                .with_context(|| format!("resolving {seed}"))?,
+        );
+    }
+    if seeds.is_empty() {
+        bail!("no seed to attach through (--via)");
+    }
+    let mut dialer = Dialer::new(seeds, RETRY_MIN, RETRY_MAX);
+    let healthy = |held: &HashMap<NodeId, Held>| held.values().filter(|h| !h.silent).count();
+    let mut tick = tokio::time::interval(SILENCE_CHECK);
+    loop {
+        // Top up to k healthy attachments from whatever is not backing off.
+        while healthy(&held) + pending.len() < k {
+            let busy: HashSet<SocketAddr> = held
+                .values()
+                .flat_map(|h| [h.peer.addr, h.dialed])
+                .chain(pending.keys().copied())
+                .collect();
+            let Some(addr) = dialer.next(Instant::now(), &busy, &mut rand::rng()) else {
+                break;
+            };
+            let handle = Handle {
+                drop: stop.child_token(),
+                suspect: Arc::default(),
+            };
+            pending.insert(addr, handle.clone());
+            let session = Session {
+                endpoint: endpoint.clone(),
+                config: config.clone(),
+                names: names.clone(),
+                token: options.token.clone(),
+                targets: targets.clone(),
+                updates: tx.clone(),
+                handle,
+            };
+            tokio::spawn(attachment(session, addr));
+        }
+        let changed = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ok(()),
+            Some(update) = rx.recv() => match update {
+                Update::Attached(dialed, peer, ingress) => {
+                    if let Some(ingress) = ingress.filter(|_| public.is_empty()) {
+                        for n in &names {
+                            let url = targets[n].public(n, &ingress);
+                            println!("tunnel {n}: {url}");
+                            public.insert(n.clone(), url);
+                        }
+                    }
+                    let handle = pending.remove(&dialed).unwrap_or_default();
+                    dialer.succeeded(dialed);
+                    // Reached a node we hold under another address: the node
+                    // has just replaced our older connection with this one,
+                    // so keep this one.
+                    if let Some(old) = held.remove(&peer.id) {
+                        old.handle.drop.cancel();
+                    }
+                    held.insert(peer.id, Held { peer, dialed, silent: false, handle });
+                    println!("tunnel {name}: attached to node {} at {} ({}/{k})", peer.id, peer.addr, healthy(&held));
+                    true
+                }
+                Update::Lost(dialed, peer, why) => {
+                    pending.remove(&dialed);
+                    dialer.failed(dialed, Instant::now(), &mut rand::rng());
+                    match peer {
+                        // Only the attachment this task held (not one to the
+                        // same node under another address).
+                        Some(peer) if held.get(&peer.id).is_some_and(|h| h.dialed == dialed) => {
+                            held.remove(&peer.id);
+                            println!("tunnel {name}: lost node {} ({why}); {}/{k} attached", peer.id, healthy(&held));
+                            true
+                        }
+                        _ => {
+                            tracing::info!(addr = %dialed, %why, "attach attempt failed");
+                            false
+                        }
+                    }
+                }
+                Update::Silent(dialed, node, silent) => {
+                    match held.get_mut(&node).filter(|h| h.dialed == dialed && h.silent != silent) {
+                        Some(h) => {
+                            h.silent = silent;
+                            if silent {
+                                println!("tunnel {name}: node {node} is silent; attaching a replacement; {}/{k} attached", healthy(&held));
+                            } else {
+                                println!("tunnel {name}: node {node} answers again; {}/{k} attached", healthy(&held));
+                            }
+                            true
+                        }
+                        None => false,
+                    }
+                }
+                Update::Peers(nodes) => {
+                    dialer.set_sample(nodes.iter().map(|p| p.addr).collect());
+                    false
+                }
+                Update::Down(nodes) => {
+                    for node in nodes {
+                        if let Some(h) = held.get(&node) {
+                            // Not dropped at once: a node restarted since, or
+                            // declared dead while it still answers, keeps
+                            // serving; the attachment task decides.
+                            tracing::info!(%node, "the cluster declared an attached node dead");
+                            h.handle.suspect.notify_one();
+                        }
+                    }
+                    false
+                }
+                Update::Refused(why) => bail!("tunnel {name}: refused: {why}"),
+            },
+            // Backoffs expire without an update: look again.
+            _ = tick.tick() => false,
+        };
+        if changed && let Some(path) = &options.ready_file {
+            write_ready(path, &names, &public, &held, k);
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! QUIC transport settings: keep-alives, idle timeouts, stream and
+//! flow-control limits, and path-MTU discovery, for node↔node and
+//! client↔node connections. TLS builds its configs from these; nothing here
+//! knows about certificates.
+
+use std::time::Duration;
+
+/// QUIC keep-alive between nodes: well inside the idle timeout, so a quiet but
+/// healthy pair keeps its connection, and NAT bindings stay fresh.
+pub const NODE_KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// QUIC idle timeout between nodes: a dead peer's connection is dropped within
+/// 10 s. Failure *detection* is SWIM's job (≈ 2 s); this only frees resources,
+/// so it is generous enough to ride out a busy peer.
+pub const NODE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// QUIC keep-alive, client↔node: the node's acknowledgements of these tell
+/// the client it is alive; after four unanswered ones the client attaches a
+/// replacement (see `client::CLIENT_SILENCE`). A few dozen bytes each, ten
+/// a second per attachment.
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_millis(100);
+
+/// QUIC idle timeout, client↔node: a connection silent this long is closed.
+/// Longer than the silence that triggers a replacement, so a node that is
+/// only slow for a moment keeps its visitors.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Bi-streams a peer may have open to us at once (QUIC enforces it). Each
+/// forwarded visitor holds one for its whole life, so this bounds concurrent
+/// visitors per pair of nodes (and per client attachment); 64 stalled the
+/// 65th visitor. Memory stays bounded by [`CONNECTION_RECEIVE_WINDOW`], not
+/// by the stream count.
+pub const MAX_STREAMS_PER_PEER: u32 = 4_096;
+
+/// Bytes a peer may have in flight to us across all streams of a connection,
+/// so many open streams cannot make us buffer without bound.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
+
+/// Largest UDP payload path-MTU discovery probes for: a 9,000-byte jumbo
+/// frame less IPv6 and UDP headers. quinn's default stops at 1,452 (a 1,500
+/// MTU); on paths that carry more (a data centre's jumbo frames, loopback)
+/// larger packets mean fewer of them, so less per-packet work. Where the path
+/// is smaller the probes are simply lost and packets stay at what it carries.
+pub const MTU_UPPER_BOUND: u16 = 8_952;
+
+fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    mtu
+}
+
+/// Transport settings for node↔node connections (and the node's side of
+/// client connections, which share the endpoint's server config).
+pub fn node_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.mtu_discovery_config(Some(mtu_discovery()));
+    t.keep_alive_interval(Some(NODE_KEEP_ALIVE));
+    t.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(NODE_IDLE_TIMEOUT).expect("10 s fits a QUIC varint"),
+    ));
+    t
+}
+
+/// Transport settings for a tunnel client's connections to nodes.
+pub fn client_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.mtu_discovery_config(Some(mtu_discovery()));
+    t.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
+    // Nodes open one stream per visitor to the client.
+    t.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
+    t.receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(CLIENT_IDLE_TIMEOUT).expect("3 s fits a QUIC varint"),
+    ));
+    t
+}

@@ -1,0 +1,62 @@
+//! What a node shows of itself (`/status`, the admin API, the demo): one
+//! snapshot assembled from what each task publishes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+use specter_dht::Peer;
+
+use super::dht::{DhtHandle, DhtStatus};
+use super::membership::{MemberStatus, SharedView, read_view};
+use crate::net::{Transport, TransportCounters};
+
+/// Everything `/status` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeStatus {
+    /// This node's id (hex).
+    pub id: String,
+    /// Its advertised QUIC address.
+    pub addr: SocketAddr,
+    /// Its current generation.
+    pub generation: u64,
+    /// Whether another member knows it.
+    pub joined: bool,
+    /// Every member it tracks (not itself).
+    pub members: Vec<MemberStatus>,
+    /// Gossip counters.
+    pub gossip: specter_gossip::GossipStats,
+    /// Transport counters.
+    pub transport: TransportCounters,
+    /// Ring neighbours, fingers and records held.
+    pub dht: DhtStatus,
+}
+
+/// What the admin API needs of a node: its identity, its DHT, and the views
+/// its tasks publish. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeState {
+    /// This node's id and advertised address.
+    pub me: Peer,
+    /// The DHT.
+    pub dht: DhtHandle,
+    pub(super) view: SharedView,
+    pub(super) transport: Arc<Transport>,
+}
+
+impl NodeState {
+    /// A consistent snapshot for `/status`.
+    pub fn status(&self) -> NodeStatus {
+        let view = read_view(&self.view);
+        NodeStatus {
+            id: self.me.id.to_string(),
+            addr: self.me.addr,
+            generation: view.generation,
+            joined: view.joined,
+            members: view.members,
+            gossip: view.gossip,
+            transport: self.transport.counters(),
+            dht: self.dht.status(),
+        }
+    }
+}

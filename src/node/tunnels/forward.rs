@@ -1,0 +1,81 @@
+//! Visitors that other nodes forward here (streams of kind `Forward`): read
+//! the [`Visit`] header, open a stream to the tunnel's client attached here,
+//! answer `Ready` (or why not), then splice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use specter_tunnel::protocol::{Visit, VisitReply};
+use tokio_util::sync::CancellationToken;
+
+use super::Tunnels;
+use super::visit::{OpenError, Path, Paths};
+use crate::net::IncomingStream;
+use crate::net::streams::StreamInbox;
+use crate::wire::{STREAM_NOT_HERE, read_frame, write_frame, write_msg};
+
+/// A forwarded stream must deliver its [`Visit`] header this soon.
+pub const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves forwarded visitors from `forwards` until `stop` fires.
+pub async fn serve(tunnels: Arc<Tunnels>, mut forwards: StreamInbox, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            s = forwards.recv() => match s {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        tokio::spawn(tunnels.clone().serve_forward(stream));
+    }
+}
+
+impl Tunnels {
+    /// Serves a forwarded visitor that another node sent here.
+    async fn serve_forward(self: Arc<Self>, stream: IncomingStream) {
+        let IncomingStream {
+            peer,
+            mut send,
+            mut recv,
+        } = stream;
+        let header = tokio::time::timeout(VISIT_HEADER_TIMEOUT, read_frame::<Visit>(&mut recv));
+        let visit = match header.await {
+            Ok(Ok(v)) => v,
+            _ => {
+                let _ = send.reset(STREAM_NOT_HERE);
+                return;
+            }
+        };
+        let paths = Paths {
+            queue: self
+                .local(&visit.name)
+                .into_iter()
+                .map(Path::Local)
+                .collect(),
+            route_pending: false,
+        };
+        let (mut c_send, mut c_recv) = match self.race(&visit.name, &visit, paths).await {
+            Ok(pair) => pair,
+            Err(OpenError::TargetRefused) => {
+                let _ = write_frame(&mut send, &VisitReply::TargetRefused).await;
+                return;
+            }
+            Err(_) => {
+                tracing::info!(from = %peer, tunnel = %visit.name, "forwarded visitor for a tunnel not attached here");
+                let _ = send.reset(STREAM_NOT_HERE);
+                let _ = recv.stop(STREAM_NOT_HERE);
+                return;
+            }
+        };
+        if write_msg(&mut send, &VisitReply::Ready).await.is_err() {
+            return;
+        }
+        let mut entry = tokio::io::join(recv, send);
+        let mut client = tokio::io::join(&mut c_recv, &mut c_send);
+        if let Err(err) = specter_tunnel::splice::splice(&mut entry, &mut client).await {
+            tracing::debug!(tunnel = %visit.name, %err, "forwarded stream ended with an error");
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The node side of tunnels:
+//!
+//! - this module: the registry of names attached here (client connections
+//!   by name), the route cache, and what tunnels are built from;
+//! - [`session`]: a client's connection (hello, registration, lease renewal,
+//!   peer samples, down notices);
+//! - [`visit`]: opening a stream to a tunnel's client for a visitor, directly
+//!   or through another node, racing slow attachments (the ordering and
+//!   racing rules are pure and tested beside it);
+//! - [`forward`]: serving visitors that other nodes forward here.
+
+pub mod forward;
+pub mod session;
+pub mod visit;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use quinn::Connection;
+use specter_dht::Peer;
+use specter_gossip::NodeId;
+use specter_tunnel::protocol::Ingress;
+use specter_tunnel::route_cache::RouteCache;
+
+use super::dht::DhtHandle;
+use super::membership::Members;
+use crate::net::Transport;
+
+/// Attachment lease: a node that stops renewing (it crashed) stops being
+/// listed after this, even if nobody declared it dead.
+pub const LEASE: Duration = Duration::from_secs(30);
+/// Leases are renewed this often while the client stays connected, so two
+/// renewals can be lost before a lease lapses.
+pub const RENEW: Duration = Duration::from_secs(10);
+/// After a node joins (or returns), attachments are renewed this soon rather
+/// than at the next [`RENEW`].
+pub const REASSERT_AFTER: Duration = Duration::from_millis(300);
+/// A name's claim outlives its last attachment by this much, so a client that
+/// crashes and returns gets its name back, and nobody else can take it.
+pub const CLAIM_KEEP: Duration = Duration::from_secs(7 * 24 * 3_600);
+
+/// Who may register tunnels at a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Any client (names are still owned by the first key that claims them).
+    #[default]
+    Open,
+    /// Only clients holding a token from `specter ca issue-client-token`.
+    Token,
+}
+
+/// What tunnels are built from: narrow handles, so tests can build them
+/// around a stand-in DHT.
+pub struct TunnelParts {
+    /// This node's id and advertised QUIC address.
+    pub me: Peer,
+    /// The DHT (registrations and lookups).
+    pub dht: DhtHandle,
+    /// Node connections (forwarding, silence marks).
+    pub transport: Arc<Transport>,
+    /// The live set from gossip.
+    pub members: Members,
+    /// CA certificates (DER) client tokens must be signed by; `None` when
+    /// clients need no token.
+    pub token_cas: Option<Vec<Vec<u8>>>,
+}
+
+/// Local attachments and the route cache.
+pub struct Tunnels {
+    me: Peer,
+    dht: DhtHandle,
+    transport: Arc<Transport>,
+    members: Members,
+    token_cas: Option<Vec<Vec<u8>>>,
+    /// Client connections by tunnel name.
+    attached: Mutex<HashMap<String, Vec<Connection>>>,
+    routes: RouteCache<Vec<Peer>>,
+    /// Nodes that lately failed or were slow to answer a visit, and until
+    /// when they are tried last.
+    slow: Mutex<HashMap<NodeId, std::time::Instant>>,
+    public: std::sync::OnceLock<Ingress>,
+}
+
+impl Tunnels {
+    /// Tunnels served by this node.
+    pub fn new(parts: TunnelParts) -> Arc<Self> {
+        let TunnelParts {
+            me,
+            dht,
+            transport,
+            members,
+            token_cas,
+        } = parts;
+        Arc::new(Tunnels {
+            me,
+            dht,
+            transport,
+            members,
+            token_cas,
+            attached: Mutex::new(HashMap::new()),
+            routes: RouteCache::new(),
+            slow: Mutex::new(HashMap::new()),
+            public: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Open client connections attached here for `name`.
+    fn local(&self, name: &str) -> Vec<Connection> {
+        let mut attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(conns) = attached.get_mut(name) {
+            conns.retain(|c| c.close_reason().is_none());
+            return conns.clone();
+        }
+        Vec::new()
+    }
+
+    /// Records where this node serves visitors, so clients can print their
+    /// public URLs.
+    pub fn set_public(&self, domain: &str, https_port: u16) {
+        let _ = self.public.set(Ingress {
+            domain: domain.trim_end_matches('.').to_string(),
+            https_port,
+        });
+    }
+
+    /// Names attached here, with their client connection counts.
+    pub fn attached_names(&self) -> Vec<(String, usize)> {
+        let attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut v: Vec<_> = attached.iter().map(|(n, c)| (n.clone(), c.len())).collect();
+        v.sort();
+        v
+    }
+
+    /// Takes a node that was declared dead out of cached routes (the rest of
+    /// each route stays: looking every name up again while the ring is
+    /// changing is when lookups are least reliable), and closes the
+    /// connection to it if it is silent too (see [`Transport::forget`]).
+    pub fn node_down(&self, node: NodeId) {
+        self.transport.forget(node);
+        self.routes.rewrite(|route| {
+            let rest: Vec<Peer> = route.iter().copied().filter(|p| p.id != node).collect();
+            (!rest.is_empty()).then_some(rest)
+        });
+    }
+}
+
+/// Drops cached routes through nodes as soon as gossip declares them dead,
+/// until `stop` fires.
+pub async fn forget_dead_routes(tunnels: Arc<Tunnels>, stop: tokio_util::sync::CancellationToken) {
+    use super::membership::{MemberChange, Update};
+    let mut members = tunnels.members.subscribe();
+    loop {
+        let update = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            u = members.next() => u,
+        };
+        match update {
+            None => return,
+            Some(Update::Change(MemberChange::Down(peer))) => tunnels.node_down(peer.id),
+            Some(Update::Change(MemberChange::Up(_))) => {}
+            Some(Update::Resync(live)) => {
+                tunnels.routes.rewrite(|route| {
+                    let rest: Vec<Peer> = route
+                        .iter()
+                        .copied()
+                        .filter(|p| live.iter().any(|l| l.id == p.id))
+                        .collect();
+                    (!rest.is_empty()).then_some(rest)
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use specter_dht::{Attachment, Item, Outcome, Record};
+    use specter_tunnel::protocol::{Visit, VisitKind, VisitReply};
+    use tokio::sync::mpsc;
+
+    use super::visit::OpenError;
+    use super::*;
+    use crate::net::IncomingStream;
+    use crate::net::tls::NodeTls;
+    use crate::node::dht::Command;
+    use crate::node::membership::MemberChange;
+    use crate::pki::{CaPem, make_ca, make_node_cert};
+    use crate::wire::{STREAM_NOT_HERE, read_frame, write_msg};
+
+    /// A node's transport on loopback, serving until the test ends.
+    fn transport(ca: &CaPem, name: &str) -> (Arc<Transport>, crate::net::pool::Inboxes) {
+        let pem = make_node_cert(ca, name, &[]).unwrap();
+        let tls = NodeTls::from_pem(&ca.cert, &pem.cert, &pem.key).unwrap();
+        let endpoint = crate::net::bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (transport, inboxes) = Transport::new(endpoint, &tls).unwrap();
+        tokio::spawn(
+            transport
+                .clone()
+                .serve(tokio_util::sync::CancellationToken::new()),
+        );
+        (transport, inboxes)
+    }
+
+    fn peer_of(t: &Transport) -> Peer {
+        Peer {
+            id: t.local_id(),
+            addr: t.local_addr().unwrap(),
+        }
+    }
+
+    /// Tunnels around a stand-in DHT that knows `records`; also returns how
+    /// many reads it served.
+    fn tunnels(
+        ca: &CaPem,
+        records: BTreeMap<String, Record>,
+        members: Members,
+    ) -> (Arc<Tunnels>, Arc<AtomicUsize>) {
+        let (transport, _inboxes) = transport(ca, "me");
+        let (dht, mut commands) = DhtHandle::new();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let counter = reads.clone();
+        tokio::spawn(async move {
+            while let Some(command) = commands.recv().await {
+                if let Command::Get { name, reply } = command {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let item = records.get(&name).map(|record| Item {
+                        key: specter_dht::key_of(&name),
+                        name: name.clone(),
+                        record: record.clone(),
+                    });
+                    let _ = reply.send((Outcome::Got { item, hops: 0 }, Duration::ZERO));
+                }
+            }
+        });
+        let me = peer_of(&transport);
+        let tunnels = Tunnels::new(TunnelParts {
+            me,
+            dht,
+            transport,
+            members,
+            token_cas: None,
+        });
+        (tunnels, reads)
+    }
+
+    fn attached_at(nodes: &[Peer]) -> Record {
+        let lease_expiry = crate::clock::now_ms() + 60_000;
+        Record {
+            claim: None,
+            attachments: nodes
+                .iter()
+                .map(|p| {
+                    let a = Attachment {
+                        addr: p.addr,
+                        version: 1,
+                        lease_expiry,
+                        detached: false,
+                    };
+                    (p.id, a)
+                })
+                .collect(),
+        }
+    }
+
+    fn visit(name: &str) -> Visit {
+        Visit {
+            name: name.into(),
+            visitor: SocketAddr::from(([127, 0, 0, 9], 5555)),
+            kind: VisitKind::Http,
+        }
+    }
+
+    /// Plays an attached node: answers every forwarded visit with `Ready`
+    /// and echoes its bytes (`ready`), or refuses it with a reset; sends
+    /// each visit's tunnel name to the returned channel.
+    fn attached_node(
+        mut forwards: mpsc::Receiver<IncomingStream>,
+        ready: bool,
+    ) -> mpsc::UnboundedReceiver<String> {
+        let (seen, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(IncomingStream {
+                mut send, mut recv, ..
+            }) = forwards.recv().await
+            {
+                let Ok(v) = read_frame::<Visit>(&mut recv).await else {
+                    continue;
+                };
+                let _ = seen.send(v.name);
+                if !ready {
+                    let _ = send.reset(STREAM_NOT_HERE);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    write_msg(&mut send, &VisitReply::Ready).await.unwrap();
+                    let mut buf = [0u8; 5];
+                    recv.read_exact(&mut buf).await.unwrap();
+                    send.write_all(&buf).await.unwrap();
+                    let _ = send.finish();
+                });
+            }
+        });
+        rx
+    }
+
+    #[tokio::test]
+    async fn an_unknown_name_is_answered_from_the_cache_after_one_lookup() {
+        let ca = make_ca("t").unwrap();
+        let (tunnels, reads) = tunnels(&ca, BTreeMap::new(), Members::default());
+        for _ in 0..3 {
+            let opened = tunnels.open("nobody-here", &visit("nobody-here")).await;
+            assert!(matches!(opened, Err(OpenError::Unknown)));
+        }
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_visit_goes_through_an_attached_node_and_carries_bytes_both_ways() {
+        let ca = make_ca("t").unwrap();
+        let (node, inboxes) = transport(&ca, "x");
+        let mut seen = attached_node(inboxes.forwards, true);
+        let x = peer_of(&node);
+        let members = Members::default();
+        members.publish(MemberChange::Up(x));
+        let records = BTreeMap::from([("web".to_string(), attached_at(&[x]))]);
+        let (tunnels, _) = tunnels(&ca, records, members);
+        let (mut send, mut recv) = tunnels.open("web", &visit("web")).await.unwrap();
+        assert_eq!(seen.recv().await.unwrap(), "web");
+        send.write_all(b"hello").await.unwrap();
+        let mut echo = [0u8; 5];
+        recv.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_failing_attachment_costs_a_retry_not_an_error_and_is_tried_last_afterwards() {
+        let ca = make_ca("t").unwrap();
+        let (bad, bad_inboxes) = transport(&ca, "bad");
+        let (good, good_inboxes) = transport(&ca, "good");
+        let mut bad_seen = attached_node(bad_inboxes.forwards, false);
+        let mut good_seen = attached_node(good_inboxes.forwards, true);
+        let (bad, good) = (peer_of(&bad), peer_of(&good));
+        let members = Members::default();
+        members.publish(MemberChange::Up(bad));
+        members.publish(MemberChange::Up(good));
+        let records = BTreeMap::from([("web".to_string(), attached_at(&[bad, good]))]);
+        let (tunnels, _) = tunnels(&ca, records, members);
+        // Until the failing node has been tried once, either may come first.
+        let mut tried_bad = false;
+        for _ in 0..20 {
+            let opened = tunnels.open("web", &visit("web")).await;
+            assert!(opened.is_ok(), "a visit failed while a path answered");
+            assert_eq!(good_seen.recv().await.unwrap(), "web");
+            if bad_seen.try_recv().is_ok() {
+                tried_bad = true;
+                break;
+            }
+        }
+        assert!(tried_bad, "the failing node was never tried");
+        // Now it is marked slow: the answering node comes first every time.
+        for _ in 0..10 {
+            tunnels.open("web", &visit("web")).await.unwrap();
+            assert_eq!(good_seen.recv().await.unwrap(), "web");
+        }
+        assert!(
+            bad_seen.try_recv().is_err(),
+            "a node marked slow was tried first"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_gossip_holds_dead_is_tried_after_a_live_one() {
+        let ca = make_ca("t").unwrap();
+        let (dead, dead_inboxes) = transport(&ca, "dead");
+        let (live, live_inboxes) = transport(&ca, "live");
+        let mut dead_seen = attached_node(dead_inboxes.forwards, true);
+        let mut live_seen = attached_node(live_inboxes.forwards, true);
+        let (dead, live) = (peer_of(&dead), peer_of(&live));
+        let members = Members::default();
+        members.publish(MemberChange::Up(live));
+        let records = BTreeMap::from([("web".to_string(), attached_at(&[dead, live]))]);
+        let (tunnels, _) = tunnels(&ca, records, members);
+        for _ in 0..10 {
+            tunnels.open("web", &visit("web")).await.unwrap();
+            assert_eq!(live_seen.recv().await.unwrap(), "web");
+        }
+        assert!(dead_seen.try_recv().is_err());
+    }
+}

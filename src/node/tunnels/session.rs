@@ -1,0 +1,300 @@
+//! A tunnel client's connection to this node: the hello (names, token),
+//! registration of each name in the DHT, the session that renews the leases,
+//! answers peer-sample requests and pushes down notices, and the detach when
+//! the connection ends.
+
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use quinn::{Connection, SendStream};
+use rand::seq::SliceRandom;
+use specter_dht::{ClientId, Outcome, Peer, WriteOp};
+use specter_tunnel::names;
+use specter_tunnel::protocol::{
+    ClientMsg, MAX_NAMES_PER_CLIENT, NodeMsg, RefuseCode, TUNNEL_PROTOCOL_VERSION,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{CLAIM_KEEP, LEASE, REASSERT_AFTER, RENEW, Tunnels};
+use crate::clock::now_ms;
+use crate::net::tls::peer_client_id;
+use crate::node::membership::{MemberChange, Update};
+use crate::wire::{CLOSE_REFUSED, CLOSE_REPLACED, FrameReader, read_frame, write_msg};
+
+/// A client must send its hello this soon after connecting.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Nodes in a peer sample.
+pub const PEER_SAMPLE: usize = 8;
+/// A lease renewal that could not be stored (the DHT was unreachable) is
+/// tried again this soon, well inside [`LEASE`], instead of at the next
+/// [`RENEW`].
+pub const RENEW_RETRY: Duration = Duration::from_secs(2);
+/// After a refusal is written, how long the client gets to read it before the
+/// connection closes.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+impl Tunnels {
+    /// Serves one client connection until it closes or `stop` fires.
+    pub async fn serve_client(self: Arc<Self>, conn: Connection, stop: CancellationToken) {
+        let remote = conn.remote_address();
+        let Some(client) = peer_client_id(&conn) else {
+            conn.close(CLOSE_REFUSED, b"no client certificate");
+            return;
+        };
+        let accepted = tokio::time::timeout(HELLO_TIMEOUT, async {
+            let (send, mut recv) = conn.accept_bi().await.ok()?;
+            let hello: ClientMsg = read_frame(&mut recv).await.ok()?;
+            Some((send, recv, hello))
+        })
+        .await;
+        let Ok(Some((mut send, recv, hello))) = accepted else {
+            tracing::info!(%remote, "client sent no hello in time");
+            conn.close(CLOSE_REFUSED, b"no hello");
+            return;
+        };
+        let mut names = match self.register(client, hello).await {
+            Ok(names) => names,
+            Err((code, name)) => {
+                tracing::info!(%remote, %client, ?name, %code, "refused client");
+                let _ = write_msg(&mut send, &NodeMsg::Refused { code, name }).await;
+                let _ = send.finish();
+                // Give the refusal time to arrive before closing.
+                let _ = tokio::time::timeout(REFUSAL_LINGER, conn.closed()).await;
+                return;
+            }
+        };
+        self.attach_here(client, &names, &conn);
+        tracing::info!(%remote, %client, ?names, "client attached");
+        let welcome = NodeMsg::Welcome {
+            node: self.me,
+            ingress: self.public.get().cloned(),
+        };
+        if write_msg(&mut send, &welcome).await.is_ok() {
+            let mut control = FrameReader::new(recv);
+            self.session(&conn, client, &mut names, &mut send, &mut control, &stop)
+                .await;
+        }
+        let gone = self.detach_here(&names, &conn);
+        tracing::info!(%remote, %client, ?names, "client detached");
+        for n in &gone {
+            // The client may have reconnected here while we waited on the DHT:
+            // a detach now would tombstone its fresh attachment.
+            if !self.local(n).is_empty() {
+                continue;
+            }
+            let op = WriteOp::Detach {
+                client,
+                node: self.me.id,
+                version: now_ms(),
+            };
+            let _ = self.dht.put(n, op).await;
+        }
+    }
+
+    /// Lists `conn` under `names`, dropping the client's older connections
+    /// here: the owner reconnected, so those are stale (it restarted or lost
+    /// its network), and waiting for their idle timeout would only delay.
+    fn attach_here(&self, client: ClientId, names: &[String], conn: &Connection) {
+        let mut attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+        for n in names {
+            let conns = attached.entry(n.clone()).or_default();
+            for old in conns.iter().filter(|c| peer_client_id(c) == Some(client)) {
+                old.close(
+                    CLOSE_REPLACED,
+                    b"replaced by a newer connection of the same client",
+                );
+            }
+            conns.retain(|c| peer_client_id(c) != Some(client) && c.close_reason().is_none());
+            conns.push(conn.clone());
+        }
+    }
+
+    /// Takes `conn` off `names`; returns the names no connection holds here
+    /// any more (a reconnect may already have replaced this one).
+    fn detach_here(&self, names: &[String], conn: &Connection) -> Vec<String> {
+        let mut gone = Vec::new();
+        let mut attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+        for n in names {
+            if let Some(conns) = attached.get_mut(n) {
+                conns.retain(|c| c.stable_id() != conn.stable_id());
+                if conns.is_empty() {
+                    attached.remove(n);
+                    gone.push(n.clone());
+                }
+            }
+        }
+        gone
+    }
+
+    async fn session(
+        &self,
+        conn: &Connection,
+        client: ClientId,
+        names: &mut Vec<String>,
+        send: &mut SendStream,
+        control: &mut FrameReader,
+        stop: &CancellationToken,
+    ) {
+        let mut renew = tokio::time::interval(RENEW);
+        renew.tick().await;
+        let mut members = self.members.subscribe();
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                _ = conn.closed() => return,
+                update = members.next() => match update {
+                    None => return,
+                    Some(Update::Change(MemberChange::Down(peer))) => {
+                        let down = NodeMsg::Down { nodes: vec![peer.id] };
+                        if write_msg(send, &down).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Update::Change(MemberChange::Up(_)) | Update::Resync(_)) => {
+                        // A node came (back): records may have a new owner,
+                        // or one that dropped this attachment when it took
+                        // us for dead. Renew soon, once the ring settled.
+                        renew.reset_after(REASSERT_AFTER);
+                    }
+                },
+                _ = renew.tick() => {
+                    if !self.renew(conn, client, names, send, &mut renew).await {
+                        return;
+                    }
+                }
+                // Cancel-safe: a frame split across packets survives the
+                // other branches firing.
+                msg = control.next::<ClientMsg>() => match msg {
+                    Ok(ClientMsg::Peers) => {
+                        let nodes = self.peer_sample();
+                        if write_msg(send, &NodeMsg::Peers { nodes }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(ClientMsg::Hello { .. }) | Err(_) => return,
+                },
+            }
+        }
+    }
+
+    /// Renews every name's lease. A name another client now holds is
+    /// detached here and the client told; a renewal the DHT could not store
+    /// is retried after [`RENEW_RETRY`]. False when the session should end
+    /// (nothing left attached, or the client is gone).
+    async fn renew(
+        &self,
+        conn: &Connection,
+        client: ClientId,
+        names: &mut Vec<String>,
+        send: &mut SendStream,
+        renew: &mut tokio::time::Interval,
+    ) -> bool {
+        let mut taken = Vec::new();
+        let mut retry = false;
+        for n in names.iter() {
+            match self.attach(client, n).await {
+                Ok(()) => {}
+                Err(RefuseCode::NameTaken) => taken.push(n.clone()),
+                Err(code) => {
+                    tracing::warn!(tunnel = %n, %client, %code, "lease renewal failed; retrying");
+                    retry = true;
+                }
+            }
+        }
+        if retry {
+            renew.reset_after(RENEW_RETRY);
+        }
+        for n in taken {
+            tracing::warn!(tunnel = %n, %client, "name now claimed by another client; detaching it");
+            names.retain(|m| *m != n);
+            // Locally only: the record belongs to its new owner.
+            self.detach_here(std::slice::from_ref(&n), conn);
+            let refused = NodeMsg::Refused {
+                code: RefuseCode::NameTaken,
+                name: Some(n),
+            };
+            if write_msg(send, &refused).await.is_err() {
+                return false;
+            }
+        }
+        !names.is_empty()
+    }
+
+    fn peer_sample(&self) -> Vec<Peer> {
+        let mut nodes = self.members.live();
+        nodes.push(self.me);
+        nodes.shuffle(&mut rand::rng());
+        nodes.truncate(PEER_SAMPLE);
+        nodes
+    }
+
+    async fn attach(&self, client: ClientId, name: &str) -> Result<(), RefuseCode> {
+        let op = WriteOp::Attach {
+            client,
+            node: self.me.id,
+            addr: self.me.addr,
+            version: now_ms(),
+            lease_ms: u64::try_from(LEASE.as_millis()).unwrap_or(u64::MAX),
+            claim_ms: u64::try_from(CLAIM_KEEP.as_millis()).unwrap_or(u64::MAX),
+        };
+        match self.dht.put(name, op).await {
+            Some((Outcome::Wrote { .. }, _)) => {
+                self.routes.invalidate(name);
+                Ok(())
+            }
+            Some((
+                Outcome::Refused(specter_dht::messages::ErrorCode::Write(
+                    specter_dht::WriteError::NameTaken(_),
+                )),
+                _,
+            )) => Err(RefuseCode::NameTaken),
+            _ => Err(RefuseCode::Unavailable),
+        }
+    }
+
+    async fn register(
+        &self,
+        client: ClientId,
+        hello: ClientMsg,
+    ) -> Result<Vec<String>, (RefuseCode, Option<String>)> {
+        let ClientMsg::Hello {
+            version,
+            names,
+            token,
+        } = hello
+        else {
+            return Err((RefuseCode::Version, None));
+        };
+        if version != TUNNEL_PROTOCOL_VERSION {
+            return Err((RefuseCode::Version, None));
+        }
+        if names.is_empty() || names.len() > MAX_NAMES_PER_CLIENT {
+            return Err((
+                RefuseCode::NameCount {
+                    max: MAX_NAMES_PER_CLIENT,
+                },
+                None,
+            ));
+        }
+        for n in &names {
+            names::validate(n).map_err(|_| (RefuseCode::InvalidName, Some(n.clone())))?;
+        }
+        if let Some(cas) = &self.token_cas {
+            let now = now_ms() / 1_000;
+            let token = token.ok_or((RefuseCode::Unauthorized, None))?;
+            let valid = cas
+                .iter()
+                .any(|ca| crate::token::verify(ca, &token, now, &names).is_ok());
+            if !valid {
+                return Err((RefuseCode::Unauthorized, None));
+            }
+        }
+        for n in &names {
+            self.attach(client, n)
+                .await
+                .map_err(|code| (code, Some(n.clone())))?;
+        }
+        Ok(names)
+    }
+}
