@@ -286,6 +286,8 @@ async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> (En
             .args(["--cert", nd.join("node.crt").to_str().unwrap()])
             .args(["--key", nd.join("node.key").to_str().unwrap()])
             .args(["--ready-file", ready.to_str().unwrap()])
+            // Every visitor of the benchmark comes from 127.0.0.1.
+            .args(["--visitors-per-source", "4096"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if i > 0 {

@@ -71,6 +71,28 @@ pub struct NodeSettings {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Visitor connections held at once (default 4096, lowered to fit the
+    /// descriptor limit).
+    #[arg(long)]
+    #[serde(skip)]
+    pub max_visitors: Option<usize>,
+    /// Visitor connections one source address (IPv4, IPv6 /64) may hold.
+    #[arg(long)]
+    #[serde(skip)]
+    pub visitors_per_source: Option<usize>,
+    /// Seconds a raw-TCP visitor may stay idle (default 7200).
+    #[arg(long)]
+    #[serde(skip)]
+    pub raw_tcp_idle: Option<u64>,
+    /// Keep X-Forwarded-* and Forwarded arriving on the plain-HTTP port
+    /// (behind the operator's own proxy) instead of replacing them.
+    #[arg(long)]
+    #[serde(skip)]
+    pub trust_proxy_headers: bool,
+    /// Every ingress bound (`[ingress]` in node.toml; see the README's
+    /// "Limits and deadlines"); the flags above override it.
+    #[arg(skip)]
+    pub ingress: Option<crate::ingress::limits::IngressLimits>,
 }
 
 /// A complete, checked node configuration.
@@ -100,6 +122,8 @@ pub struct NodeConfig {
     pub client_auth: crate::node::tunnels::ClientAuth,
     /// Plain-HTTP ingress address, mode and domain.
     pub http: Option<(SocketAddr, crate::ingress::http::HttpMode, String)>,
+    /// What a visitor may hold, and for how long.
+    pub ingress_limits: crate::ingress::limits::IngressLimits,
 }
 
 /// Where and how the node serves visitors.
@@ -183,6 +207,11 @@ impl NodeSettings {
             client_auth: self.client_auth.or(file.client_auth),
             http: self.http.or(file.http),
             http_mode: self.http_mode.or(file.http_mode),
+            max_visitors: self.max_visitors.or(file.max_visitors),
+            visitors_per_source: self.visitors_per_source.or(file.visitors_per_source),
+            raw_tcp_idle: self.raw_tcp_idle.or(file.raw_tcp_idle),
+            trust_proxy_headers: self.trust_proxy_headers || file.trust_proxy_headers,
+            ingress: self.ingress.or(file.ingress),
         }
     }
 
@@ -217,7 +246,19 @@ impl NodeSettings {
                 domain.ok_or(ConfigError::Missing("domain"))?,
             )),
         };
+        let mut ingress_limits = self.ingress.unwrap_or_default();
+        if let Some(n) = self.max_visitors {
+            ingress_limits.max_visitors = n;
+        }
+        if let Some(n) = self.visitors_per_source {
+            ingress_limits.visitors_per_source = n;
+        }
+        if let Some(secs) = self.raw_tcp_idle {
+            ingress_limits.raw_tcp_idle = std::time::Duration::from_secs(secs);
+        }
+        ingress_limits.trust_proxy_headers |= self.trust_proxy_headers;
         Ok(NodeConfig {
+            ingress_limits,
             http,
             client_auth: self.client_auth.unwrap_or_default(),
             ingress,

@@ -78,6 +78,7 @@ pub fn start_on_loopback(
             generation: generation_now(),
             rng_seed,
             client_auth: ClientAuth::Open,
+            ingress: crate::ingress::limits::IngressLimits::default(),
         },
     )?)
 }

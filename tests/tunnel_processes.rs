@@ -14,8 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::procs::*;
-
-const DOMAIN: &str = "tun.test";
+use common::web::{DOMAIN, curl, http_service, ingress_cluster};
 
 /// Reads each connection to EOF, then answers `len=<n>;` followed by the
 /// request, and closes.
@@ -84,45 +83,6 @@ fn visit(dir: &Path, via: &str, name: &str, data: &[u8]) -> std::process::Output
 /// Starts one node per IP with TLS ingress for `DOMAIN` (edge certificate
 /// from the test CA) plus `extra(i)` flags, the first as the seed of the
 /// others, and waits until the ring holds them all.
-fn ingress_cluster(
-    dir: &Path,
-    ca_dir: &Path,
-    ips: &[String],
-    extra: impl Fn(usize) -> Vec<String>,
-) -> Vec<Proc> {
-    let edge_dir = issue_edge(dir, ca_dir, DOMAIN);
-    let dirs = issue_all(dir, ca_dir, ips);
-    let edge = |f: &str| edge_dir.join(f).to_str().unwrap().to_string();
-    let (cert, key) = (edge("edge.crt"), edge("edge.key"));
-    let start = |i: usize, seed: Option<&str>| {
-        let mut flags = vec![
-            "--https".to_string(),
-            format!("{}:0", ips[i]),
-            "--domain".into(),
-            DOMAIN.into(),
-            "--edge-cert".into(),
-            cert.clone(),
-            "--edge-key".into(),
-            key.clone(),
-        ];
-        flags.extend(extra(i));
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        start_node_with(dir, &dirs[i], &ips[i], seed, &flags)
-    };
-    let mut procs = vec![start(0, None)];
-    let seed = procs[0].quic();
-    for i in 1..ips.len() {
-        procs.push(start(i, Some(&seed)));
-    }
-    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
-    let n = u64::try_from(ips.len()).unwrap();
-    let formed = wait_for(Duration::from_secs(20), || {
-        procs.iter().all(|p| ring(p) == n)
-    });
-    assert!(formed.is_some(), "the ring did not form");
-    procs
-}
-
 #[test]
 fn visitors_reach_the_service_through_every_node_with_half_close() {
     let dir = tempfile::tempdir().unwrap();
@@ -197,13 +157,14 @@ fn visitors_reach_the_service_through_every_node_with_half_close() {
         "100 MB corrupted through the forwarded path"
     );
 
-    // Unknown names are refused on every node with a TLS unrecognized_name alert.
+    // Unknown names are refused on every node with a TLS unrecognized_name
+    // alert, which `specter connect` reads back as a sentence.
     for p in &procs {
         let out = visit(dir.path(), &p.https(), "no-such-tunnel", b"x");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && out.stdout.is_empty(), "{stderr}");
         assert!(
-            stderr.contains("UnrecognisedName") || stderr.contains("unrecognized"),
+            stderr.contains("no tunnel named no-such-tunnel.tun.test is registered"),
             "{stderr}"
         );
     }
@@ -350,72 +311,6 @@ fn under_token_auth_a_client_needs_a_valid_token() {
 /// An HTTP/1.1 service: answers `path=<path> xff=<X-Forwarded-For>
 /// proto=<X-Forwarded-Proto>`; a request with `Upgrade` gets `101` and then
 /// every byte echoed back.
-fn http_service() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if conn.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).to_string();
-                let header = |name: &str| {
-                    head.lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-                        })
-                        .unwrap_or_default()
-                };
-                if !header("upgrade").is_empty() {
-                    let _ = conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n");
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = conn.read(&mut buf) {
-                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    return;
-                }
-                let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                let body = format!(
-                    "path={path} xff={} proto={}",
-                    header("x-forwarded-for"),
-                    header("x-forwarded-proto")
-                );
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
-        }
-    });
-    addr
-}
-
-fn curl(dir: &Path, https: &str, host: &str, path: &str, http2: bool) -> (String, String) {
-    let (ip, port) = https.rsplit_once(':').unwrap();
-    let out = Command::new("curl")
-        .args(["-s", "-m", "10", "-w", "\n%{http_version} %{http_code}"])
-        .arg(if http2 { "--http2" } else { "--http1.1" })
-        .args(["--cacert", dir.join("ca/ca.crt").to_str().unwrap()])
-        .args(["--resolve", &format!("{host}:{port}:{ip}")])
-        .arg(format!("https://{host}:{port}{path}"))
-        .output()
-        .expect("curl is installed");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, status) = text.rsplit_once('\n').unwrap_or(("", ""));
-    (body.to_string(), status.to_string())
-}
-
 #[test]
 fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -636,7 +531,14 @@ async fn tls_to(
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    // Visitors come from many addresses (127.0.1.1–100), as a crowd does: a
+    // node serves one address only a share of its connections.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+    let source = std::net::SocketAddr::from(([127, 0, 1, u8::try_from(1 + n).unwrap()], 0));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(source).unwrap();
+    let tcp = socket.connect(https.parse().unwrap()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
         .connect(name, tcp)

@@ -48,5 +48,49 @@ pub(super) fn render(s: &NodeStatus) -> String {
         "# TYPE specter_quic_connections gauge\nspecter_quic_connections {}",
         t.connections
     );
+    let i = &s.ingress;
+    let c = i.counters;
+    let _ = writeln!(
+        out,
+        "# TYPE specter_ingress_visitors gauge\nspecter_ingress_visitors {}",
+        i.visitors
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE specter_ingress_max_visitors gauge\nspecter_ingress_max_visitors {}",
+        i.limits.max_visitors
+    );
+    for (name, v) in [
+        ("specter_ingress_accepted_total", c.accepted),
+        ("specter_ingress_accept_errors_total", c.accept_errors),
+        ("specter_ingress_misdirected_total", c.misdirected),
+        ("specter_ingress_shed_total", c.shed),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
+    }
+    let _ = writeln!(out, "# TYPE specter_ingress_refused_total counter");
+    for (reason, v) in [
+        ("source_full", c.refused_source_full),
+        ("source_handshakes", c.refused_source_handshakes),
+    ] {
+        let _ = writeln!(
+            out,
+            "specter_ingress_refused_total{{reason=\"{reason}\"}} {v}"
+        );
+    }
+    let _ = writeln!(out, "# TYPE specter_ingress_timeouts_total counter");
+    for (stage, v) in [
+        ("handshake", c.timeout_handshake),
+        ("first_request", c.timeout_first_request),
+        ("idle", c.timeout_idle),
+        ("body_rate", c.timeout_body_rate),
+        ("write_stall", c.timeout_write_stall),
+        ("raw_idle", c.timeout_raw_idle),
+    ] {
+        let _ = writeln!(
+            out,
+            "specter_ingress_timeouts_total{{stage=\"{stage}\"}} {v}"
+        );
+    }
     out
 }

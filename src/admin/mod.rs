@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use self::routes::Route;
+use crate::ingress::accept::AcceptBackoff;
 use crate::node::status::NodeState;
 
 /// Largest request head accepted; the API takes no bodies.
@@ -28,6 +29,7 @@ const MAX_CONNECTIONS: usize = 64;
 /// Serves the admin API on `listener` until `cancel` fires.
 pub async fn serve(listener: TcpListener, node: NodeState, cancel: CancellationToken) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = AcceptBackoff::new("admin");
     loop {
         let permit = tokio::select! {
             biased;
@@ -40,11 +42,15 @@ pub async fn serve(listener: TcpListener, node: NodeState, cancel: CancellationT
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
-                    tracing::warn!(%err, "admin accept failed");
-                    continue;
+                    let wait = backoff.failed(&err);
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(wait) => continue,
+                    }
                 }
             },
         };
+        backoff.succeeded();
         let node = node.clone();
         tokio::spawn(async move {
             let _permit = permit;

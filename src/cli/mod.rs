@@ -234,6 +234,8 @@ pub fn main() -> ExitCode {
                 Err(err) => return usage_error(&err),
             };
             init_tracing(LogFormat::Human);
+            // One descriptor per visitor, for the connection to the target.
+            crate::files::raise_descriptor_limit();
             block_on(async move {
                 let endpoint = bind_endpoint("0.0.0.0:0".parse()?)?;
                 let stop = tokio_util::sync::CancellationToken::new();
@@ -260,6 +262,7 @@ pub fn main() -> ExitCode {
                 return usage_error(&anyhow::anyhow!("pass --listen ADDR or --stdio"));
             }
             init_tracing(LogFormat::Human);
+            crate::files::raise_descriptor_limit();
             block_on(run_connect(host, via, ca_pem, listen))
         }
         Command::Dht(cmd) => {

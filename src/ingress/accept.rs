@@ -1,48 +1,129 @@
-//! The accept loop every visitor-facing listener shares (the ingress ports
-//! and `specter connect --listen`): a bound on connections served at once,
-//! one task per connection.
+//! The accept loop every TCP listener shares (the ingress ports, `specter
+//! connect --listen`, the admin API): admission (see [`Admission`]) decides
+//! who is served, each connection gets its own task, and accept errors back
+//! off instead of spinning (a process out of descriptors gets `EMFILE` at
+//! once, every time it asks).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-/// Visitor connections served at once; beyond this they wait in the kernel's
-/// accept queue.
-pub const MAX_VISITORS: usize = 4_096;
+use super::admission::{Admission, Ticket};
+use super::limits::IngressStats;
 
-/// Accepts visitors until `stop` fires, at most [`MAX_VISITORS`] served at
-/// once (more wait in the kernel's accept queue), each in its own task.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, stop: CancellationToken, serve: F)
-where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+/// First wait after a failed `accept`...
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// ...doubling up to this while it keeps failing.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one log line about failing accepts this often; the rest are
+/// counted (`accept_errors` on `/metrics`) and summed in the next line.
+pub const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Backoff and rate-limited logging for a failing `accept`.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    what: &'static str,
+    wait: Duration,
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptBackoff {
+    /// For the listener described by `what` (in log lines).
+    pub fn new(what: &'static str) -> Self {
+        AcceptBackoff {
+            what,
+            wait: ACCEPT_BACKOFF_MIN,
+            logged: None,
+            unlogged: 0,
+        }
+    }
+
+    /// An accept succeeded.
+    pub fn succeeded(&mut self) {
+        self.wait = ACCEPT_BACKOFF_MIN;
+    }
+
+    /// An accept failed with `err`: logs (at most every
+    /// [`ACCEPT_LOG_EVERY`]) and returns how long to wait before the next.
+    pub fn failed(&mut self, err: &std::io::Error) -> Duration {
+        let now = Instant::now();
+        if self
+            .logged
+            .is_none_or(|at| now.duration_since(at) >= ACCEPT_LOG_EVERY)
+        {
+            tracing::warn!(what = self.what, %err, also_failed = self.unlogged, backoff = ?self.wait, "accept failed");
+            self.logged = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        let wait = self.wait;
+        self.wait = (self.wait * 2).min(ACCEPT_BACKOFF_MAX);
+        wait
+    }
+}
+
+/// Accepts connections until `stop` fires. Each is admitted (or refused by
+/// `admission`, see [`Admission::admit`]) and served in its own task with its
+/// [`Ticket`].
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    admission: Arc<Admission>,
+    stats: Arc<IngressStats>,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Ticket) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let limit = Arc::new(Semaphore::new(MAX_VISITORS));
+    let mut backoff = AcceptBackoff::new("visitors");
     loop {
-        let permit = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
         let (tcp, visitor) = tokio::select! {
             biased;
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
-                    tracing::warn!(%err, "ingress accept failed");
-                    continue;
+                    stats.accept_error();
+                    let wait = backoff.failed(&err);
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(wait) => continue,
+                    }
                 }
             },
         };
+        backoff.succeeded();
+        stats.accepted();
+        let Ok(ticket) = admission.admit(visitor) else {
+            // Over its source's share: closed at once (counted by admit).
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let task = serve(tcp, visitor);
-        tokio::spawn(async move {
-            let _permit = permit;
-            task.await;
-        });
+        let task = serve(tcp, visitor, ticket);
+        tokio::spawn(task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_accepts_back_off_doubling_to_a_cap_and_reset_on_success() {
+        let mut b = AcceptBackoff::new("test");
+        let err = std::io::Error::from_raw_os_error(24); // EMFILE
+        let waits: Vec<Duration> = (0..10).map(|_| b.failed(&err)).collect();
+        assert_eq!(waits[0], ACCEPT_BACKOFF_MIN);
+        assert_eq!(waits[1], ACCEPT_BACKOFF_MIN * 2);
+        assert_eq!(*waits.last().unwrap(), ACCEPT_BACKOFF_MAX);
+        // One line logged, the other nine counted for the next.
+        assert_eq!(b.unlogged, 9);
+        b.succeeded();
+        assert_eq!(b.failed(&err), ACCEPT_BACKOFF_MIN);
     }
 }

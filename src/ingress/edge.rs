@@ -1,20 +1,15 @@
 //! The node's public TLS identity: the operator's wildcard certificate for
-//! `*.<domain>`, one rustls config per ALPN family, and the alert sent for a
-//! name that is not a tunnel.
+//! `*.<domain>`, one rustls config per ALPN family, and the alerts that
+//! refuse a raw-TCP visitor before the handshake ([`Refusal`]).
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use specter_tunnel::protocol::ALPN_TCP;
-use tokio::net::TcpStream;
-
-/// A visitor must finish its TLS handshake this soon; a stalled one costs a
-/// task for no longer.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// The public TLS configuration of a node.
 pub struct Edge {
@@ -56,13 +51,79 @@ impl Edge {
     }
 }
 
-/// Answers a ClientHello with a fatal `unrecognized_name` alert (sent in the
-/// clear, as alerts before the handshake are) and closes.
-pub(crate) async fn unrecognized_name(io: &mut TcpStream) {
-    use tokio::io::AsyncWriteExt;
-    // TLS record: alert (21), legacy version 3.3, length 2; fatal (2),
-    // unrecognized_name (112).
-    const ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
-    let _ = io.write_all(&ALERT).await;
+/// Why a visitor is refused before its TLS handshake, sent as a fatal TLS
+/// alert (the only thing a TLS client reads at that point). `specter
+/// connect` turns each back into a sentence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such tunnel (or a name outside the domain): `unrecognized_name`.
+    UnknownName,
+    /// The tunnel is registered but no attachment answered: `internal_error`.
+    Unreachable,
+    /// The tunnel's client could not reach its target: `access_denied`.
+    TargetRefused,
+}
+
+impl Refusal {
+    /// The TLS alert description code.
+    pub const fn alert(self) -> u8 {
+        match self {
+            Refusal::UnknownName => 112,
+            Refusal::Unreachable => 80,
+            Refusal::TargetRefused => 49,
+        }
+    }
+
+    /// The refusal a received alert stands for, if any.
+    pub fn of_alert(alert: rustls::AlertDescription) -> Option<Refusal> {
+        match alert {
+            rustls::AlertDescription::UnrecognisedName => Some(Refusal::UnknownName),
+            rustls::AlertDescription::InternalError => Some(Refusal::Unreachable),
+            rustls::AlertDescription::AccessDenied => Some(Refusal::TargetRefused),
+            _ => None,
+        }
+    }
+
+    /// What a visitor is told.
+    pub fn explain(self, host: &str) -> String {
+        match self {
+            Refusal::UnknownName => format!("no tunnel named {host} is registered"),
+            Refusal::Unreachable => {
+                format!("tunnel {host} is registered, but none of its attachments answered")
+            }
+            Refusal::TargetRefused => {
+                format!("tunnel {host}: its client could not reach the service it exposes")
+            }
+        }
+    }
+}
+
+/// Answers a ClientHello with the fatal alert for `why` (sent in the clear,
+/// as alerts before the handshake are) and closes.
+pub(crate) async fn refuse<IO: AsyncWrite + Unpin>(io: &mut IO, why: Refusal) {
+    // TLS record: alert (21), legacy version 3.3, length 2; fatal (2), code.
+    let alert: [u8; 7] = [21, 3, 3, 0, 2, 2, why.alert()];
+    let _ = io.write_all(&alert).await;
     let _ = io.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_reads_back_from_its_alert() {
+        for why in [
+            Refusal::UnknownName,
+            Refusal::Unreachable,
+            Refusal::TargetRefused,
+        ] {
+            let alert = rustls::AlertDescription::from(why.alert());
+            assert_eq!(Refusal::of_alert(alert), Some(why));
+        }
+        assert_eq!(
+            Refusal::of_alert(rustls::AlertDescription::HandshakeFailure),
+            None
+        );
+    }
 }

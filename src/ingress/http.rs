@@ -1,69 +1,49 @@
-//! HTTPS visitors: TLS is terminated at the entry node, requests (HTTP/1.1 or
-//! HTTP/2 from the visitor) are sent to the tunnel's target as HTTP/1.1 over a
-//! tunnel stream per request, with `X-Forwarded-For`, `X-Forwarded-Proto` and
-//! `X-Forwarded-Host`. Bodies stream both ways and are never buffered whole;
-//! WebSocket (and other) upgrades are carried as raw bytes once both sides
-//! switched protocols. Unknown names get a 404 page, unreachable tunnels and
-//! failing targets a 502 page naming the cause.
+//! HTTP visitors, on the HTTPS port (TLS terminated at the entry node) and
+//! the plain-HTTP port: requests (HTTP/1.1 or HTTP/2 from the visitor) go
+//! to the tunnel's target as HTTP/1.1 over a tunnel stream per request, with
+//! `X-Forwarded-*`, `Forwarded` and `X-Real-IP` set by the node
+//! ([`super::headers`]). Bodies stream both ways and are never buffered
+//! whole; WebSocket (and other) upgrades are carried as raw bytes once both
+//! sides switched protocols. Unknown names get a 404 page, unreachable
+//! tunnels and failing targets a 502 page naming the cause, a request for
+//! another tunnel than the TLS name 421.
+//!
+//! Every stage has a deadline ([`super::limits`]): the first request, the
+//! head, HTTP/2 idle time and pings, the request body's rate, and the
+//! visitor's reading of the answer. A watchdog per connection enforces those
+//! hyper does not.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{HOST, HeaderValue};
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use specter_tunnel::protocol::{Visit, VisitKind};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::admission::Slot;
+use super::bodies::{BoxError, RateBody, Tracked};
+use super::headers::{misdirected, set_forwarding};
+use super::limits::{BODY_RATE_WINDOW, CLOSE_GRACE, Cut, IngressLimits};
+use super::shared::{Ingress, idle};
 use crate::node::tunnels::Tunnels;
 use crate::node::tunnels::visit::OpenError;
 
-type Body = BoxBody<Bytes, hyper::Error>;
-
-/// A visitor must send a complete request head within this; one that stalls
-/// mid-header is cut off (its connection and task freed).
-pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+type Body = BoxBody<Bytes, BoxError>;
 
 /// Largest request head accepted (HTTP/1.1 buffer, HTTP/2 header list); a
 /// larger one is refused with bounded memory.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// Serves one visitor connection (already TLS-terminated) for tunnel `name`.
-pub async fn serve<IO>(
-    io: IO,
-    name: String,
-    visitor: SocketAddr,
-    tunnels: Arc<Tunnels>,
-    proto: &'static str,
-) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service = hyper::service::service_fn(move |req| {
-        let (name, tunnels) = (name.clone(), tunnels.clone());
-        async move { Ok::<_, Infallible>(forward(req, name, visitor, tunnels, proto).await) }
-    });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
-    if let Err(err) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
-    {
-        tracing::debug!(%visitor, %err, "visitor connection ended with an error");
-    }
-}
+/// How often a connection's watchdog looks at it.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 /// What the plain-HTTP port does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -77,71 +57,265 @@ pub enum HttpMode {
     Proxy,
 }
 
+/// One visitor connection, as every request on it sees it.
+#[derive(Clone)]
+struct Conn {
+    ingress: Arc<Ingress>,
+    slot: Arc<Slot>,
+    visitor: SocketAddr,
+}
+
+impl Conn {
+    /// The request, held to the body rate, with the node's forwarding
+    /// headers.
+    fn prepare(&self, req: Request<Incoming>, proto: &'static str) -> Request<Body> {
+        let limits = &self.ingress.limits;
+        let trust = proto == "http" && limits.trust_proxy_headers;
+        let (mut parts, body) = req.into_parts();
+        // The target speaks HTTP/1.1: carry the authority of HTTP/2
+        // requests as Host.
+        let host = host_of(&parts.headers, &parts.uri);
+        if let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+            parts.headers.insert(HOST, v);
+        }
+        set_forwarding(
+            &mut parts.headers,
+            self.visitor.ip(),
+            proto,
+            host.as_deref(),
+            trust,
+        );
+        parts.version = Version::HTTP_11;
+        if let Some(pq) = parts.uri.path_and_query().cloned() {
+            parts.uri = pq.as_str().parse().unwrap_or_default();
+        }
+        let body = RateBody::new(
+            body,
+            self.slot.clone(),
+            self.ingress.stats.clone(),
+            limits.body_min_rate,
+            BODY_RATE_WINDOW,
+        );
+        Request::from_parts(parts, body.boxed())
+    }
+}
+
+/// `Host`, else the HTTP/2 `:authority`.
+fn host_of(headers: &hyper::HeaderMap, uri: &hyper::Uri) -> Option<String> {
+    headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| uri.authority().map(|a| a.to_string()))
+}
+
+/// Serves one HTTPS visitor connection (TLS done) whose TLS name chose
+/// tunnel `name`.
+pub async fn serve<IO>(
+    io: IO,
+    name: String,
+    visitor: SocketAddr,
+    slot: Arc<Slot>,
+    ingress: Arc<Ingress>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Conn {
+        ingress: ingress.clone(),
+        slot: slot.clone(),
+        visitor,
+    };
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (conn, name) = (conn.clone(), name.clone());
+        async move {
+            let in_flight = conn.slot.request();
+            let head = req.method() == Method::HEAD;
+            let host = host_of(req.headers(), req.uri());
+            let resp = if misdirected(&name, host.as_deref(), conn.ingress.edge_domain()) {
+                conn.ingress.stats.misdirected();
+                tracing::info!(visitor = %conn.visitor, tunnel = %name, ?host, "421: the request names another tunnel");
+                page(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    &format!("This connection is for {name:?}; open a new one for {host:?}."),
+                    head,
+                )
+            } else {
+                let req = conn.prepare(req, "https");
+                forward(req, &name, &conn, head).await
+            };
+            Ok::<_, Infallible>(track(resp, &conn.slot, in_flight))
+        }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let limits = &ingress.limits;
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(super::limits::H2_PING_INTERVAL)
+        .keep_alive_timeout(super::limits::H2_PING_TIMEOUT)
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        why = watch(&slot, limits) => {
+            ingress.stats.cut(why);
+            tracing::debug!(%visitor, ?why, "closing a visitor connection");
+            if why == Cut::Idle {
+                // Tell the visitor (HTTP/2 GOAWAY) so a request racing the
+                // close is retried on a new connection.
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+            } else {
+                Ok(())
+            }
+        }
+        () = slot.closed() => Ok(()),
+    };
+    if let Err(err) = result {
+        tracing::debug!(%visitor, %err, "visitor connection ended with an error");
+    }
+}
+
+/// Completes when the connection has outstayed a deadline hyper does not
+/// enforce: no first request, HTTP/2 idle, or an answer the visitor stopped
+/// taking. Returns which.
+async fn watch(slot: &Slot, limits: &IngressLimits) -> Cut {
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        if slot.stalled_for() >= limits.write_stall_timeout {
+            return Cut::WriteStall;
+        }
+        if slot.in_flight() > 0 {
+            continue;
+        }
+        let (limit, why) = if slot.requests() == 0 {
+            (limits.first_request_timeout, Cut::FirstRequest)
+        } else {
+            (limits.http_idle_timeout, Cut::Idle)
+        };
+        if slot.idle() >= limit {
+            return why;
+        }
+    }
+}
+
+/// The response, its body tracked on the connection's slot and the request
+/// kept in flight until the body is done.
+fn track(
+    resp: Response<Body>,
+    slot: &Arc<Slot>,
+    in_flight: super::admission::InFlight,
+) -> Response<Body> {
+    resp.map(|body| Tracked::new(body, slot.clone(), in_flight).boxed())
+}
+
 /// Serves one plain-HTTP visitor connection: `Host` names the tunnel.
 pub async fn serve_plain<IO>(
     io: IO,
     visitor: SocketAddr,
+    slot: Arc<Slot>,
+    ingress: Arc<Ingress>,
     domain: Arc<str>,
     mode: HttpMode,
     https_port: Option<u16>,
-    tunnels: Arc<Tunnels>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let conn = Conn {
+        ingress: ingress.clone(),
+        slot: slot.clone(),
+        visitor,
+    };
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (domain, tunnels) = (domain.clone(), tunnels.clone());
+        let (conn, domain) = (conn.clone(), domain.clone());
         async move {
+            let in_flight = conn.slot.request();
+            let head = req.method() == Method::HEAD;
             let host = req
                 .headers()
                 .get(HOST)
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            let Some(name) = specter_tunnel::names::name_in_host(&host, &domain) else {
-                tracing::info!(%visitor, %host, "404: unknown host");
-                return Ok::<_, Infallible>(page(
-                    StatusCode::NOT_FOUND,
-                    &format!("{host:?} is not a tunnel under {domain}."),
-                ));
-            };
-            match mode {
-                HttpMode::Proxy => Ok(forward(req, name, visitor, tunnels, "http").await),
-                HttpMode::Redirect => {
-                    let bare = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
-                    let port = https_port
-                        .filter(|p| *p != 443)
-                        .map(|p| format!(":{p}"))
-                        .unwrap_or_default();
-                    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-                    let location = format!("https://{bare}{port}{path}");
-                    let mut r = page(
-                        StatusCode::PERMANENT_REDIRECT,
-                        &format!("Moved to {location}"),
-                    );
-                    if let Ok(v) = HeaderValue::from_str(&location) {
-                        r.headers_mut().insert(hyper::header::LOCATION, v);
-                    }
-                    Ok(r)
+            let resp = match specter_tunnel::names::name_in_host(&host, &domain) {
+                None => {
+                    tracing::info!(visitor = %conn.visitor, %host, "404: unknown host");
+                    page(
+                        StatusCode::NOT_FOUND,
+                        &format!("{host:?} is not a tunnel under {domain}."),
+                        head,
+                    )
                 }
-            }
+                Some(name) => match mode {
+                    HttpMode::Proxy => {
+                        let req = conn.prepare(req, "http");
+                        forward(req, &name, &conn, head).await
+                    }
+                    HttpMode::Redirect => redirect(&req, &host, https_port, head),
+                },
+            };
+            Ok::<_, Infallible>(track(resp, &conn.slot, in_flight))
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
+    let limits = &ingress.limits;
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES);
-    if let Err(err) = builder
+    let conn = builder
         .serve_connection(TokioIo::new(io), service)
-        .with_upgrades()
-        .await
-    {
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        why = watch(&slot, limits) => {
+            ingress.stats.cut(why);
+            tracing::debug!(%visitor, ?why, "closing a plain-HTTP visitor connection");
+            Ok(())
+        }
+        () = slot.closed() => Ok(()),
+    };
+    if let Err(err) = result {
         tracing::debug!(%visitor, %err, "plain-HTTP visitor connection ended with an error");
     }
 }
 
-/// A small HTML page for errors a visitor sees.
-pub fn page(status: StatusCode, message: &str) -> Response<Body> {
+/// The 308 to the same URL over HTTPS.
+fn redirect(
+    req: &Request<Incoming>,
+    host: &str,
+    https_port: Option<u16>,
+    head: bool,
+) -> Response<Body> {
+    let bare = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let port = https_port
+        .filter(|p| *p != 443)
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = format!("https://{bare}{port}{path}");
+    let mut r = page(
+        StatusCode::PERMANENT_REDIRECT,
+        &format!("Moved to {location}"),
+        head,
+    );
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(hyper::header::LOCATION, v);
+    }
+    r
+}
+
+/// A small HTML page for errors a visitor sees. A `head` request gets the
+/// headers alone (an HTTP/2 HEAD answer must carry no body, nor announce
+/// one it does not send).
+pub fn page(status: StatusCode, message: &str, head: bool) -> Response<Body> {
     let title = format!(
         "{} {}",
         status.as_u16(),
@@ -151,11 +325,16 @@ pub fn page(status: StatusCode, message: &str) -> Response<Body> {
         "<!doctype html><html><head><title>{title}</title></head><body><h1>{title}</h1><p>{}</p><hr><p>specter</p></body></html>\n",
         message.replace('&', "&amp;").replace('<', "&lt;")
     );
-    let mut r = Response::new(
+    let body = if head {
+        Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed()
+    } else {
         Full::new(Bytes::from(html))
             .map_err(|never| match never {})
-            .boxed(),
-    );
+            .boxed()
+    };
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     r.headers_mut().insert(
         "content-type",
@@ -172,6 +351,7 @@ async fn send_once(
     name: &str,
     visitor: SocketAddr,
     tunnels: &Tunnels,
+    head: bool,
 ) -> Result<Response<Incoming>, (Response<Body>, bool)> {
     let visit = Visit {
         name: name.to_string(),
@@ -198,14 +378,18 @@ async fn send_once(
                 ),
             };
             tracing::info!(%visitor, tunnel = %name, %err, "{}", status.as_u16());
-            return Err((page(status, &message), false));
+            return Err((page(status, &message, head), false));
         }
     };
     let io = TokioIo::new(tokio::io::join(recv, send));
     let (mut sender, conn) = match hyper::client::conn::http1::handshake::<_, Body>(io).await {
         Ok(x) => x,
         Err(err) => {
-            let page = page(StatusCode::BAD_GATEWAY, &format!("Tunnel {name:?}: {err}"));
+            let page = page(
+                StatusCode::BAD_GATEWAY,
+                &format!("Tunnel {name:?}: {err}"),
+                head,
+            );
             return Err((page, true));
         }
     };
@@ -221,6 +405,7 @@ async fn send_once(
             &format!(
                 "Tunnel {name:?}: the client could not reach its target, or the target did not answer ({err})."
             ),
+            head,
         );
         (page, true)
     })
@@ -237,7 +422,7 @@ struct Replay {
 }
 
 impl Replay {
-    fn of(req: &Request<Incoming>) -> Option<Replay> {
+    fn of(req: &Request<Body>) -> Option<Replay> {
         use hyper::body::Body as _;
         replayable(req.method(), req.headers(), req.body().is_end_stream()).then(|| Replay {
             method: req.method().clone(),
@@ -278,48 +463,15 @@ fn replayable(method: &hyper::Method, headers: &hyper::HeaderMap, body_done: boo
 /// Attempts at a replayable request.
 const REPLAY_ATTEMPTS: usize = 3;
 
-async fn forward(
-    mut req: Request<Incoming>,
-    name: String,
-    visitor: SocketAddr,
-    tunnels: Arc<Tunnels>,
-    proto: &'static str,
-) -> Response<Body> {
-    // The target speaks HTTP/1.1: carry the authority of HTTP/2 requests as Host.
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    if let Some(host) = &host {
-        if let Ok(v) = HeaderValue::from_str(host) {
-            req.headers_mut().insert(HOST, v.clone());
-            req.headers_mut().insert("x-forwarded-host", v);
-        }
-    }
-    *req.version_mut() = Version::HTTP_11;
-    if let Some(pq) = req.uri().path_and_query().cloned() {
-        *req.uri_mut() = pq.as_str().parse().unwrap_or_default();
-    }
-    let xff = match req
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => format!("{prev}, {}", visitor.ip()),
-        None => visitor.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        req.headers_mut().insert("x-forwarded-for", v);
-    }
-    req.headers_mut()
-        .insert("x-forwarded-proto", HeaderValue::from_static(proto));
-
+/// Sends a prepared request through the tunnel (again on another path if
+/// it is replayable and its path died before the answer), and splices an
+/// upgrade once both sides switched.
+async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) -> Response<Body> {
+    let (visitor, tunnels) = (conn.visitor, &conn.ingress.tunnels);
     let wants_upgrade = req.headers().contains_key(hyper::header::UPGRADE);
     let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let replay = Replay::of(&req);
-    let mut next = Some(req.map(BodyExt::boxed));
+    let mut next = Some(req);
     let mut attempts = 0;
     let mut resp = loop {
         attempts += 1;
@@ -327,7 +479,7 @@ async fn forward(
         let Some(req) = req else {
             unreachable!("only replayable requests are attempted again")
         };
-        match send_once(req, &name, visitor, &tunnels).await {
+        match send_once(req, name, visitor, tunnels, head).await {
             Ok(resp) => break resp,
             Err((page, retry)) => match &replay {
                 Some(_) if retry && attempts < REPLAY_ATTEMPTS => {
@@ -341,14 +493,21 @@ async fn forward(
         && let Some(visitor_upgrade) = visitor_upgrade
     {
         let target_upgrade = hyper::upgrade::on(&mut resp);
+        let (slot, stats) = (conn.slot.clone(), conn.ingress.stats.clone());
+        let idle_limit = conn.ingress.limits.raw_tcp_idle;
         tokio::spawn(async move {
             if let (Ok(v), Ok(t)) = tokio::join!(visitor_upgrade, target_upgrade) {
                 let (mut v, mut t) = (TokioIo::new(v), TokioIo::new(t));
-                let _ = specter_tunnel::splice::splice(&mut v, &mut t).await;
+                // Upgraded (a WebSocket): raw bytes, with raw TCP's idle rule.
+                tokio::select! {
+                    _ = specter_tunnel::splice::splice(&mut v, &mut t) => {}
+                    () = idle(&slot, idle_limit) => stats.cut(Cut::RawIdle),
+                    () = slot.closed() => {}
+                }
             }
         });
     }
-    resp.map(BodyExt::boxed)
+    resp.map(|body| body.map_err(Into::into).boxed())
 }
 
 #[cfg(test)]

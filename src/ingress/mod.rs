@@ -5,14 +5,24 @@
 //! other ALPN (`h2`, `http/1.1`, or none) is HTTPS ([`http`]). The
 //! plain-HTTP port is [`http`] too, with `Host` naming the tunnel.
 //!
-//! Every listener here, `specter connect --listen` included, shares one
-//! accept loop ([`accept`]) and its concurrency bound; the certificate is
-//! [`edge`].
+//! Every listener here (and `specter connect --listen`) shares one accept
+//! loop ([`accept`]). What a visitor may hold and for how long is in
+//! [`limits`]; [`admission`] bounds connections overall and per source,
+//! [`watched`] records each one's activity and cuts stalled writes, and
+//! [`bodies`] hold request bodies to a rate. The certificate and the alerts
+//! that refuse a visitor are [`edge`]; the node's forwarding headers are
+//! [`headers`]; what all of a node's visitor tasks share is [`shared`].
 
 pub mod accept;
+pub mod admission;
+pub mod bodies;
 pub mod edge;
+pub mod headers;
 pub mod http;
+pub mod limits;
+pub mod shared;
 pub mod tcp;
+pub mod watched;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,74 +35,117 @@ use tokio_util::sync::CancellationToken;
 
 use self::accept::accept_loop;
 pub use self::edge::Edge;
-use self::edge::{HANDSHAKE_TIMEOUT, unrecognized_name};
-use crate::node::tunnels::Tunnels;
+use self::edge::{Refusal, refuse};
+use self::limits::Cut;
+pub use self::shared::Ingress;
+use self::watched::Watched;
 
-/// Serves visitors on `listener` until `stop` fires.
-pub async fn serve(
-    listener: TcpListener,
-    edge: Arc<Edge>,
-    tunnels: Arc<Tunnels>,
-    stop: CancellationToken,
-) {
-    accept_loop(listener, stop, move |tcp, visitor| {
-        let (edge, tunnels) = (edge.clone(), tunnels.clone());
-        async move {
-            if let Err(reason) = visit(tcp, visitor, &edge, &tunnels).await {
-                tracing::info!(%visitor, %reason, "visitor refused");
+/// Serves the HTTPS (and raw TCP over TLS) port until `stop` fires.
+pub async fn serve(listener: TcpListener, ingress: Arc<Ingress>, stop: CancellationToken) {
+    let Some(edge) = ingress.edge() else {
+        tracing::error!("the HTTPS ingress has no certificate");
+        return;
+    };
+    let (admission, stats) = (ingress.admission(), ingress.stats.clone());
+    accept_loop(
+        listener,
+        stop,
+        admission,
+        stats,
+        move |tcp, visitor, ticket| {
+            let (edge, ingress) = (edge.clone(), ingress.clone());
+            async move {
+                let io = ingress.watch(tcp, ticket);
+                let slot = io.slot().clone();
+                tokio::select! {
+                    r = visit(io, visitor, &edge, &ingress) => if let Err(reason) = r {
+                        tracing::info!(%visitor, %reason, "visitor refused");
+                    },
+                    () = slot.closed() => {}
+                }
             }
-        }
-    })
+        },
+    )
     .await;
 }
 
+/// A TLS visitor: read the ClientHello, refuse unknown names, then raw TCP
+/// or HTTPS by ALPN.
 async fn visit(
-    tcp: TcpStream,
+    io: Watched<TcpStream>,
     visitor: SocketAddr,
     edge: &Edge,
-    tunnels: &Arc<Tunnels>,
+    ingress: &Arc<Ingress>,
 ) -> Result<(), String> {
-    let mut start = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp),
+    let handshake = ingress.limits.handshake_timeout;
+    let start = tokio::time::timeout(
+        handshake,
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io),
     )
-    .await
-    .map_err(|_| "no TLS client hello in time".to_string())?
-    .map_err(|e| format!("not a TLS client hello: {e}"))?;
+    .await;
+    let mut start = match start {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            // Not TLS at all: nothing worth a line each.
+            tracing::debug!(%visitor, err = %e, "not a TLS client hello");
+            return Ok(());
+        }
+        Err(_) => {
+            ingress.stats.cut(Cut::Handshake);
+            tracing::debug!(%visitor, "no TLS client hello in time");
+            return Ok(());
+        }
+    };
     let hello = start.client_hello();
     let sni = hello.server_name().unwrap_or_default().to_string();
     let tcp_alpn = hello.alpn().is_some_and(|mut a| a.any(|p| p == ALPN_TCP));
     let Some(name) = name_in_host(&sni, &edge.domain) else {
-        unrecognized_name(&mut start.io).await;
+        refuse(&mut start.io, Refusal::UnknownName).await;
         return Err(format!(
             "unknown host {sni:?} (not a tunnel under {})",
             edge.domain
         ));
     };
     if tcp_alpn {
-        return tcp::visit(start, name, visitor, edge.tcp.clone(), tunnels).await;
+        return tcp::visit(start, name, visitor, edge.tcp.clone(), ingress).await;
     }
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(edge.http.clone()))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    http::serve(tls, name, visitor, tunnels.clone(), "https").await;
+    let tls = match tokio::time::timeout(handshake, start.into_stream(edge.http.clone())).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+        Err(_) => {
+            ingress.stats.cut(Cut::Handshake);
+            return Err("TLS handshake timed out".into());
+        }
+    };
+    tls.get_ref().0.ticket().handshake_done();
+    let slot = tls.get_ref().0.slot().clone();
+    http::serve(tls, name, visitor, slot, ingress.clone()).await;
     Ok(())
 }
 
-/// Serves plain-HTTP visitors on `listener` until `stop` fires.
+/// Serves the plain-HTTP port until `stop` fires.
 pub async fn serve_plain(
     listener: TcpListener,
+    ingress: Arc<Ingress>,
     domain: String,
     mode: http::HttpMode,
     https_port: Option<u16>,
-    tunnels: Arc<Tunnels>,
     stop: CancellationToken,
 ) {
     let domain: Arc<str> = domain.trim_end_matches('.').to_ascii_lowercase().into();
-    accept_loop(listener, stop, move |tcp, visitor| {
-        let (domain, tunnels) = (domain.clone(), tunnels.clone());
-        http::serve_plain(tcp, visitor, domain, mode, https_port, tunnels)
+    let (admission, stats) = (ingress.admission(), ingress.stats.clone());
+    accept_loop(listener, stop, admission, stats, move |tcp, visitor, ticket| {
+        let (domain, ingress) = (domain.clone(), ingress.clone());
+        async move {
+            // No handshake on this port.
+            ticket.handshake_done();
+            let io = ingress.watch(tcp, ticket);
+            let slot = io.slot().clone();
+            tokio::select! {
+                () = http::serve_plain(io, visitor, slot.clone(), ingress.clone(), domain, mode, https_port) => {}
+                () = slot.closed() => {}
+            }
+        }
     })
     .await;
 }

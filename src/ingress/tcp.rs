@@ -14,47 +14,67 @@ use tokio_rustls::StartHandshake;
 use tokio_util::sync::CancellationToken;
 
 use super::accept::accept_loop;
-use super::edge::{HANDSHAKE_TIMEOUT, unrecognized_name};
-use crate::node::tunnels::Tunnels;
+use super::admission::{Admission, Bounds};
+use super::edge::{Refusal, refuse};
+use super::limits::{Cut, IngressStats};
+use super::shared::{Ingress, idle};
+use super::watched::Watched;
 use crate::node::tunnels::visit::OpenError;
 
-/// Carries one raw-TCP visitor whose ClientHello named tunnel `name`.
+/// Carries one raw-TCP visitor whose ClientHello named tunnel `name`. A
+/// tunnel that cannot be opened is refused with the alert that says why
+/// ([`Refusal`]); a visitor that simply hangs up is a normal end.
 pub(super) async fn visit(
-    mut start: StartHandshake<TcpStream>,
+    mut start: StartHandshake<Watched<TcpStream>>,
     name: String,
     visitor: SocketAddr,
     config: Arc<rustls::ServerConfig>,
-    tunnels: &Arc<Tunnels>,
+    ingress: &Arc<Ingress>,
 ) -> Result<(), String> {
     let header = Visit {
         name: name.clone(),
         visitor,
         kind: VisitKind::Tcp,
     };
-    let (mut send, mut recv) = match tunnels.open(&name, &header).await {
+    let (mut send, mut recv) = match ingress.tunnels.open(&name, &header).await {
         Ok(pair) => pair,
-        Err(OpenError::Unknown) => {
-            unrecognized_name(&mut start.io).await;
-            return Err(format!("tunnel {name} is not registered"));
-        }
-        Err(OpenError::TargetRefused) => {
-            return Err(format!(
-                "tunnel {name}: the client could not reach its target"
-            ));
-        }
-        Err(OpenError::Unreachable) => {
-            return Err(format!("tunnel {name} is registered but unreachable"));
+        Err(err) => {
+            let why = match err {
+                OpenError::Unknown => Refusal::UnknownName,
+                OpenError::Unreachable => Refusal::Unreachable,
+                OpenError::TargetRefused => Refusal::TargetRefused,
+            };
+            refuse(&mut start.io, why).await;
+            return Err(why.explain(&name));
         }
     };
-    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let handshake = ingress.limits.handshake_timeout;
+    let mut tls = match tokio::time::timeout(handshake, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+        Err(_) => {
+            ingress.stats.cut(Cut::Handshake);
+            return Err("TLS handshake timed out".into());
+        }
+    };
+    tls.get_ref().0.ticket().handshake_done();
+    let slot = tls.get_ref().0.slot().clone();
     let mut tunnel = tokio::io::join(&mut recv, &mut send);
-    specter_tunnel::splice::splice(&mut tls, &mut tunnel)
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("tunnel {name}: stream ended: {e}"))
+    let idle_limit = ingress.limits.raw_tcp_idle;
+    tokio::select! {
+        spliced = specter_tunnel::splice::splice(&mut tls, &mut tunnel) => match spliced {
+            Ok(_) => {}
+            // Most TCP clients hang up without a TLS close_notify: an end,
+            // not a failure.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            Err(e) => tracing::debug!(%visitor, tunnel = %name, err = %e, "raw TCP visitor ended with an error"),
+        },
+        () = idle(&slot, idle_limit) => {
+            ingress.stats.cut(Cut::RawIdle);
+            tracing::debug!(%visitor, tunnel = %name, "closing an idle raw TCP visitor");
+        }
+    }
+    Ok(())
 }
 
 /// The visitor side of `specter connect`: TLS to one node's ingress for one
@@ -84,19 +104,39 @@ impl Visitor {
         })
     }
 
-    /// Opens one TLS connection through the ingress.
+    /// Opens one TLS connection through the ingress. A node's refusal
+    /// (unknown tunnel, no attachment answered, target refused) is an error
+    /// that says so.
     pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let via = &self.via;
         let tcp = TcpStream::connect(via)
             .await
             .with_context(|| format!("connecting to {via}"))?;
         let _ = tcp.set_nodelay(true);
-        self.connector
-            .connect(self.host.clone(), tcp)
-            .await
-            .with_context(|| format!("TLS with {via} for {}", self.host.to_str()))
+        match self.connector.connect(self.host.clone(), tcp).await {
+            Ok(tls) => Ok(tls),
+            Err(err) => {
+                let host = self.host.to_str();
+                if let Some(why) = refusal_in(&err) {
+                    anyhow::bail!("{} (via {via})", why.explain(&host));
+                }
+                Err(err).with_context(|| format!("TLS with {via} for {host}"))
+            }
+        }
     }
 }
+
+/// The node's refusal an error from the TLS handshake carries, if any.
+pub fn refusal_in(err: &std::io::Error) -> Option<Refusal> {
+    match err.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => Refusal::of_alert(*alert),
+        _ => None,
+    }
+}
+
+/// Local connections `specter connect --listen` serves at once; all come
+/// from this machine, so no per-source share applies.
+pub const CONNECT_MAX_LOCAL: usize = 1_024;
 
 /// `specter connect --listen`: each local connection gets its own TLS
 /// connection through `visitor`, until `stop` fires.
@@ -105,9 +145,19 @@ pub async fn connect_listener(
     visitor: Arc<Visitor>,
     stop: CancellationToken,
 ) {
-    accept_loop(listener, stop, |mut local, _| {
+    let stats = Arc::new(IngressStats::default());
+    let admission = Admission::new(
+        Bounds {
+            total: CONNECT_MAX_LOCAL,
+            per_source: CONNECT_MAX_LOCAL,
+            handshakes_per_source: CONNECT_MAX_LOCAL,
+        },
+        stats.clone(),
+    );
+    accept_loop(listener, stop, admission, stats, |mut local, _, ticket| {
         let visitor = visitor.clone();
         async move {
+            let _ticket = ticket;
             match visitor.connect().await {
                 Ok(mut tls) => {
                     if let Err(err) = specter_tunnel::splice::splice(&mut local, &mut tls).await {

@@ -38,8 +38,9 @@ use self::membership::{Driver, Members, SharedView};
 use self::status::{NodeState, NodeStatus};
 use self::tunnels::{ClientAuth, TunnelParts, Tunnels};
 use crate::config::NodeConfig;
-use crate::ingress::Edge;
 use crate::ingress::http::HttpMode;
+use crate::ingress::limits::{IngressLimits, IngressStats};
+use crate::ingress::{Edge, Ingress};
 use crate::net::tls::{NodeTls, TlsError};
 use crate::net::{Transport, bind_endpoint};
 
@@ -59,6 +60,8 @@ pub struct NodeOptions {
     pub rng_seed: u64,
     /// Whether tunnel clients need a token signed by the cluster CA.
     pub client_auth: ClientAuth,
+    /// What a visitor may hold, and for how long.
+    pub ingress: IngressLimits,
 }
 
 /// The plain-HTTP ingress.
@@ -235,11 +238,22 @@ impl Node {
             members,
             token_cas,
         });
+        let (https_listener, edge) = match https {
+            Some(Https { listener, edge }) => (Some(listener), Some(edge)),
+            None => (None, None),
+        };
+        let ingress = Ingress::new(
+            tunnels.clone(),
+            options.ingress,
+            edge,
+            Arc::new(IngressStats::default()),
+        );
         let state = NodeState {
             me,
             dht,
             view,
             transport: transport.clone(),
+            ingress: ingress.clone(),
         };
         let mut tasks = vec![
             tokio::spawn(driver.run()),
@@ -266,12 +280,11 @@ impl Node {
             )));
         }
         let https_port = addresses.https.map(|a| a.port());
-        if let Some(Https { listener, edge }) = https {
+        if let (Some(listener), Some(edge)) = (https_listener, ingress.edge()) {
             tunnels.set_public(edge.domain(), https_port.unwrap_or(443));
             tasks.push(tokio::spawn(crate::ingress::serve(
                 listener,
-                edge,
-                tunnels.clone(),
+                ingress.clone(),
                 stop.clone(),
             )));
         }
@@ -283,13 +296,14 @@ impl Node {
         {
             tasks.push(tokio::spawn(crate::ingress::serve_plain(
                 listener,
+                ingress.clone(),
                 domain,
                 mode,
                 https_port,
-                tunnels.clone(),
                 stop.clone(),
             )));
         }
+
         tracing::info!(id = %tls.id, advertise = %options.advertise, generation = options.generation, "node started");
         Ok(Node {
             state,
@@ -423,6 +437,15 @@ pub async fn run(
     tls: NodeTls,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let mut config = config;
+    let fds = crate::files::raise_descriptor_limit();
+    if config.ingress_limits.fit_descriptors(fds) {
+        tracing::warn!(
+            descriptors = fds,
+            max_visitors = config.ingress_limits.max_visitors,
+            "the descriptor limit caps visitor connections"
+        );
+    }
     let sockets = bind(&config).await?;
     let mut advertise = config.advertise;
     // `--listen IP:0` lets the OS pick the port; advertise the one it picked.
@@ -439,6 +462,7 @@ pub async fn run(
             generation: crate::clock::generation_now(),
             rng_seed: rand::random(),
             client_auth: config.client_auth,
+            ingress: config.ingress_limits.clone(),
         },
     )?;
     if let Some(path) = &config.ready_file {

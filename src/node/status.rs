@@ -9,6 +9,8 @@ use specter_dht::Peer;
 
 use super::dht::{DhtHandle, DhtStatus};
 use super::membership::{MemberStatus, SharedView, read_view};
+use crate::ingress::Ingress;
+use crate::ingress::limits::{IngressCounters, IngressLimits};
 use crate::net::{Transport, TransportCounters};
 
 /// Everything `/status` shows.
@@ -30,6 +32,19 @@ pub struct NodeStatus {
     pub transport: TransportCounters,
     /// Ring neighbours, fingers and records held.
     pub dht: DhtStatus,
+    /// Visitor connections held now, the bounds, and the ingress counters.
+    pub ingress: IngressStatus,
+}
+
+/// The ingress part of `/status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct IngressStatus {
+    /// Visitor connections held now.
+    pub visitors: usize,
+    /// The bounds in force.
+    pub limits: IngressLimits,
+    /// Counters.
+    pub counters: IngressCounters,
 }
 
 /// What the admin API needs of a node: its identity, its DHT, and the views
@@ -42,6 +57,7 @@ pub struct NodeState {
     pub dht: DhtHandle,
     pub(super) view: SharedView,
     pub(super) transport: Arc<Transport>,
+    pub(super) ingress: Arc<Ingress>,
 }
 
 impl NodeState {
@@ -57,6 +73,11 @@ impl NodeState {
             gossip: view.gossip,
             transport: self.transport.counters(),
             dht: self.dht.status(),
+            ingress: IngressStatus {
+                visitors: self.ingress.visitors(),
+                limits: self.ingress.limits.clone(),
+                counters: self.ingress.stats.counters(),
+            },
         }
     }
 }

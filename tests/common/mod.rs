@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod procs;
+pub mod web;
 
 use std::time::{Duration, Instant};
 

@@ -225,8 +225,28 @@ pub fn start_node_with(
     join: Option<&str>,
     extra: &[&str],
 ) -> Proc {
+    start_node_via(&[], dir, node_dir, ip, join, extra)
+}
+
+/// [`start_node_with`], run through `launcher` (e.g. `prlimit
+/// --nofile=1024:1024`) when it is not empty.
+pub fn start_node_via(
+    launcher: &[&str],
+    dir: &Path,
+    node_dir: &Path,
+    ip: &str,
+    join: Option<&str>,
+    extra: &[&str],
+) -> Proc {
     let ready = node_dir.join(format!("ready-{:016x}", rand::random::<u64>()));
-    let mut cmd = Command::new(BIN);
+    let mut cmd = match launcher.split_first() {
+        None => Command::new(BIN),
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(BIN);
+            cmd
+        }
+    };
     cmd.args([
         "node",
         "--listen",

@@ -1,0 +1,95 @@
+//! What all of a node's visitor tasks share: the tunnels, the bounds and
+//! counters, one admission for every visitor port, and the certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::admission::{Admission, Bounds, Slot, Ticket};
+use super::edge::Edge;
+use super::limits::{IngressLimits, IngressStats};
+use super::watched::Watched;
+use crate::node::tunnels::Tunnels;
+
+/// What every visitor connection of a node shares: the tunnels, the bounds,
+/// the counters, and one admission for all its visitor ports.
+pub struct Ingress {
+    /// Where visitors go.
+    pub tunnels: Arc<Tunnels>,
+    /// The bounds.
+    pub limits: IngressLimits,
+    /// The counters.
+    pub stats: Arc<IngressStats>,
+    admission: Arc<Admission>,
+    /// The HTTPS port's certificate, if it has one.
+    edge: Option<Arc<Edge>>,
+}
+
+impl Ingress {
+    /// The ingress of a node serving `tunnels` under `limits`, with `edge`
+    /// on its HTTPS port.
+    pub fn new(
+        tunnels: Arc<Tunnels>,
+        limits: IngressLimits,
+        edge: Option<Arc<Edge>>,
+        stats: Arc<IngressStats>,
+    ) -> Arc<Self> {
+        let admission = Admission::new(
+            Bounds {
+                total: limits.max_visitors,
+                per_source: limits.visitors_per_source,
+                handshakes_per_source: limits.handshakes_per_source,
+            },
+            stats.clone(),
+        );
+        Arc::new(Ingress {
+            tunnels,
+            limits,
+            stats,
+            admission,
+            edge,
+        })
+    }
+
+    /// Visitor connections held now.
+    pub fn visitors(&self) -> usize {
+        self.admission.len()
+    }
+
+    /// The domain tunnels are named under (empty without an HTTPS port).
+    pub fn edge_domain(&self) -> &str {
+        self.edge.as_ref().map_or("", |e| e.domain())
+    }
+
+    /// The HTTPS port's certificate.
+    pub fn edge(&self) -> Option<Arc<Edge>> {
+        self.edge.clone()
+    }
+
+    /// The admission every visitor port shares.
+    pub fn admission(&self) -> Arc<Admission> {
+        self.admission.clone()
+    }
+
+    /// A visitor's connection, watched.
+    pub fn watch(&self, tcp: TcpStream, ticket: Ticket) -> Watched<TcpStream> {
+        Watched::new(
+            tcp,
+            ticket,
+            self.stats.clone(),
+            self.limits.write_stall_timeout,
+        )
+    }
+}
+
+/// Completes once `slot` has seen no byte either way for `limit`.
+pub async fn idle(slot: &Slot, limit: Duration) {
+    loop {
+        let left = limit.saturating_sub(slot.idle());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left).await;
+    }
+}

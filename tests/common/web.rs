@@ -1,0 +1,171 @@
+//! Web visitors against real nodes: a cluster of nodes with TLS ingress, a
+//! small HTTP service that reports what it received, and curl.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use super::procs::*;
+
+/// The domain the test nodes serve tunnels under.
+pub const DOMAIN: &str = "tun.test";
+
+/// Starts one node per address in `ips` with a TLS ingress for
+/// [`DOMAIN`] (plus `extra(i)` flags), the first as the seed, and waits for
+/// the ring to form.
+pub fn ingress_cluster(
+    dir: &Path,
+    ca_dir: &Path,
+    ips: &[String],
+    extra: impl Fn(usize) -> Vec<String>,
+) -> Vec<Proc> {
+    ingress_cluster_via(&[], dir, ca_dir, ips, extra)
+}
+
+/// [`ingress_cluster`], each node run through `launcher` (see
+/// [`start_node_via`]).
+pub fn ingress_cluster_via(
+    launcher: &[&str],
+    dir: &Path,
+    ca_dir: &Path,
+    ips: &[String],
+    extra: impl Fn(usize) -> Vec<String>,
+) -> Vec<Proc> {
+    let edge_dir = issue_edge(dir, ca_dir, DOMAIN);
+    let dirs = issue_all(dir, ca_dir, ips);
+    let edge = |f: &str| edge_dir.join(f).to_str().unwrap().to_string();
+    let (cert, key) = (edge("edge.crt"), edge("edge.key"));
+    let start = |i: usize, seed: Option<&str>| {
+        let mut flags = vec![
+            "--https".to_string(),
+            format!("{}:0", ips[i]),
+            "--domain".into(),
+            DOMAIN.into(),
+            "--edge-cert".into(),
+            cert.clone(),
+            "--edge-key".into(),
+            key.clone(),
+        ];
+        flags.extend(extra(i));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        start_node_via(launcher, dir, &dirs[i], &ips[i], seed, &flags)
+    };
+    let mut procs = vec![start(0, None)];
+    let seed = procs[0].quic();
+    for i in 1..ips.len() {
+        procs.push(start(i, Some(&seed)));
+    }
+    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
+    let n = u64::try_from(ips.len()).unwrap();
+    let formed = wait_for(Duration::from_secs(20), || {
+        procs.iter().all(|p| ring(p) == n)
+    });
+    assert!(formed.is_some(), "the ring did not form");
+    procs
+}
+
+/// An HTTP/1.1 service on 127.0.0.1: answers `path=… xff=… proto=…` (what
+/// reached it), echoes bytes after an `Upgrade`, and for `/big/N` sends N
+/// bytes.
+pub fn http_service() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if conn.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let header = |name: &str| {
+                    head.lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                        })
+                        .unwrap_or_default()
+                };
+                if !header("upgrade").is_empty() {
+                    let _ = conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n");
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    return;
+                }
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                if head.starts_with("POST ") {
+                    // Take the whole body before answering.
+                    let len: usize = header("content-length").parse().unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    if conn.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    return;
+                }
+                if let Some(n) = path
+                    .strip_prefix("/big/")
+                    .and_then(|n| n.parse::<usize>().ok())
+                {
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+                    );
+                    let chunk = vec![b'x'; 64 * 1024];
+                    let mut left = n;
+                    while left > 0 {
+                        let k = left.min(chunk.len());
+                        if conn.write_all(&chunk[..k]).is_err() {
+                            return;
+                        }
+                        left -= k;
+                    }
+                    return;
+                }
+                let body = format!(
+                    "path={path} xff={} proto={}",
+                    header("x-forwarded-for"),
+                    header("x-forwarded-proto")
+                );
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+/// `curl` over HTTPS to `https` (ip:port) for `host`, HTTP/1.1 or HTTP/2:
+/// `(body, "VERSION STATUS")`.
+pub fn curl(dir: &Path, https: &str, host: &str, path: &str, http2: bool) -> (String, String) {
+    let (ip, port) = https.rsplit_once(':').unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-m", "10", "-w", "\n%{http_version} %{http_code}"])
+        .arg(if http2 { "--http2" } else { "--http1.1" })
+        .args(["--cacert", dir.join("ca/ca.crt").to_str().unwrap()])
+        .args(["--resolve", &format!("{host}:{port}:{ip}")])
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", ""));
+    (body.to_string(), status.to_string())
+}
