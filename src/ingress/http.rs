@@ -14,7 +14,9 @@
 //! hyper does not.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -161,24 +163,41 @@ pub async fn serve<IO>(
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let result = tokio::select! {
+    let graceful = |conn: Pin<&mut _>| {
+        hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(conn)
+    };
+    if let Err(err) = supervise(conn, graceful, &slot, &ingress, visitor).await {
+        tracing::debug!(%visitor, %err, "visitor connection ended with an error");
+    }
+}
+
+/// Drives a visitor connection until it ends, the slot is closed, or
+/// [`watch`] finds a deadline passed. An idle connection is closed
+/// gracefully (an HTTP/2 GOAWAY, so a request racing the close is retried on
+/// a new connection), any other at once.
+async fn supervise<C, E>(
+    mut conn: Pin<&mut C>,
+    graceful: impl FnOnce(Pin<&mut C>),
+    slot: &Slot,
+    ingress: &Ingress,
+    visitor: SocketAddr,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::select! {
         r = conn.as_mut() => r,
-        why = watch(&slot, limits) => {
+        why = watch(slot, &ingress.limits) => {
             ingress.stats.cut(why);
             tracing::debug!(%visitor, ?why, "closing a visitor connection");
             if why == Cut::Idle {
-                // Tell the visitor (HTTP/2 GOAWAY) so a request racing the
-                // close is retried on a new connection.
-                conn.as_mut().graceful_shutdown();
-                tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+                graceful(conn.as_mut());
+                tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
             } else {
                 Ok(())
             }
         }
         () = slot.closed() => Ok(()),
-    };
-    if let Err(err) = result {
-        tracing::debug!(%visitor, %err, "visitor connection ended with an error");
     }
 }
 
@@ -273,16 +292,10 @@ pub async fn serve_plain<IO>(
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        why = watch(&slot, limits) => {
-            ingress.stats.cut(why);
-            tracing::debug!(%visitor, ?why, "closing a plain-HTTP visitor connection");
-            Ok(())
-        }
-        () = slot.closed() => Ok(()),
+    let graceful = |conn: Pin<&mut _>| {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(conn)
     };
-    if let Err(err) = result {
+    if let Err(err) = supervise(conn, graceful, &slot, &ingress, visitor).await {
         tracing::debug!(%visitor, %err, "plain-HTTP visitor connection ended with an error");
     }
 }

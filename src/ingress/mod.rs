@@ -109,16 +109,7 @@ async fn visit(
     if tcp_alpn {
         return tcp::visit(start, name, visitor, edge.tcp.clone(), ingress).await;
     }
-    let tls = match tokio::time::timeout(handshake, start.into_stream(edge.http.clone())).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
-        Err(_) => {
-            ingress.stats.cut(Cut::Handshake);
-            return Err("TLS handshake timed out".into());
-        }
-    };
-    tls.get_ref().0.ticket().handshake_done();
-    let slot = tls.get_ref().0.slot().clone();
+    let (tls, slot) = ingress.finish_handshake(start, edge.http.clone()).await?;
     http::serve(tls, name, visitor, slot, ingress.clone()).await;
     Ok(())
 }

@@ -72,6 +72,33 @@ impl Ingress {
         self.admission.clone()
     }
 
+    /// Completes a visitor's TLS handshake within its deadline (counted if
+    /// it passes); the connection then stops counting as a handshake.
+    pub async fn finish_handshake(
+        &self,
+        start: tokio_rustls::StartHandshake<Watched<TcpStream>>,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Result<
+        (
+            tokio_rustls::server::TlsStream<Watched<TcpStream>>,
+            Arc<Slot>,
+        ),
+        String,
+    > {
+        let handshake = self.limits.handshake_timeout;
+        let tls = match tokio::time::timeout(handshake, start.into_stream(config)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+            Err(_) => {
+                self.stats.cut(super::limits::Cut::Handshake);
+                return Err("TLS handshake timed out".into());
+            }
+        };
+        tls.get_ref().0.ticket().handshake_done();
+        let slot = tls.get_ref().0.slot().clone();
+        Ok((tls, slot))
+    }
+
     /// A visitor's connection, watched.
     pub fn watch(&self, tcp: TcpStream, ticket: Ticket) -> Watched<TcpStream> {
         Watched::new(

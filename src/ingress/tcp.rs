@@ -48,17 +48,7 @@ pub(super) async fn visit(
             return Err(why.explain(&name));
         }
     };
-    let handshake = ingress.limits.handshake_timeout;
-    let mut tls = match tokio::time::timeout(handshake, start.into_stream(config)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
-        Err(_) => {
-            ingress.stats.cut(Cut::Handshake);
-            return Err("TLS handshake timed out".into());
-        }
-    };
-    tls.get_ref().0.ticket().handshake_done();
-    let slot = tls.get_ref().0.slot().clone();
+    let (mut tls, slot) = ingress.finish_handshake(start, config).await?;
     let mut tunnel = tokio::io::join(&mut recv, &mut send);
     let idle_limit = ingress.limits.raw_tcp_idle;
     tokio::select! {
