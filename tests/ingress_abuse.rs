@@ -717,3 +717,53 @@ fn raw_tcp_refusals_say_why_and_normal_ends_are_not_refusals() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(refusals(), before, "a normal end was logged as a refusal");
 }
+
+#[test]
+fn http2_pings_do_not_keep_a_connection_that_asks_for_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = Fixture::start(
+        "127.0.10.8",
+        "first_request_timeout = 2\nhttp_idle_timeout = 3",
+        &[],
+    );
+    let (ca, entry, host) = (f.ca(), f.entry(), f.host.clone());
+    let ended = f.rt.block_on(async move {
+        let mut ended = Vec::new();
+        // One client that never asks, one that asks once; both ping every
+        // 500 ms and keep the connection busy with nothing else.
+        for requests in [0, 1] {
+            let tls = tls_from(source(16, 1), entry, &host, client_config(&ca, &[b"h2"]))
+                .await
+                .unwrap();
+            let (mut send, conn) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(Duration::from_millis(500))
+                    .keep_alive_while_idle(true)
+                    .handshake::<_, http_body_util::Empty<bytes::Bytes>>(
+                        hyper_util::rt::TokioIo::new(tls),
+                    )
+                    .await
+                    .unwrap();
+            let began = Instant::now();
+            let conn = tokio::spawn(conn);
+            for _ in 0..requests {
+                let req = hyper::Request::get(format!("https://{host}/once"))
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let resp = send.send_request(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            }
+            let done = tokio::time::timeout(Duration::from_secs(15), conn).await;
+            ended.push(done.ok().map(|_| began.elapsed()));
+        }
+        ended
+    });
+    let first = ended[0].expect("a pinging connection with no request was kept");
+    assert!(first < Duration::from_secs(4), "cut after {first:?}");
+    let idle = ended[1].expect("a pinging idle connection was kept");
+    assert!(idle < Duration::from_secs(6), "cut after {idle:?}");
+    assert!(f.metric("specter_ingress_timeouts_total{stage=\"first_request\"}") >= 1);
+    assert!(f.metric("specter_ingress_timeouts_total{stage=\"idle\"}") >= 1);
+}

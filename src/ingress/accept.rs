@@ -68,13 +68,14 @@ impl AcceptBackoff {
 }
 
 /// Accepts connections until `stop` fires. Each is admitted (or refused by
-/// `admission`, see [`Admission::admit`]) and served in its own task with its
-/// [`Ticket`].
+/// `admission`, see [`Admission::admit`]; `tls`: connections start with a
+/// TLS handshake) and served in its own task with its [`Ticket`].
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     stop: CancellationToken,
     admission: Arc<Admission>,
     stats: Arc<IngressStats>,
+    tls: bool,
     serve: F,
 ) where
     F: Fn(TcpStream, SocketAddr, Ticket) -> Fut,
@@ -99,7 +100,7 @@ pub async fn accept_loop<F, Fut>(
         };
         backoff.succeeded();
         stats.accepted();
-        let Ok(ticket) = admission.admit(visitor) else {
+        let Ok(ticket) = admission.admit(visitor, tls) else {
             // Over its source's share: closed at once (counted by admit).
             continue;
         };

@@ -43,6 +43,13 @@ pub struct Slot {
     started: Instant,
     /// Milliseconds after `started` of the last byte either way.
     last: AtomicU64,
+    /// Milliseconds after `started` of the last byte written to the visitor.
+    last_write: AtomicU64,
+    /// Milliseconds after `started` of the last HTTP exchange (a request
+    /// begun or ended, a response frame handed over): keep-alive pings and
+    /// other protocol chatter do not count, so they cannot keep a connection
+    /// that asks for nothing alive.
+    last_exchange: AtomicU64,
     handshaking: AtomicBool,
     /// Requests in flight (HTTP); while any is, the connection is not idle.
     in_flight: AtomicUsize,
@@ -60,21 +67,51 @@ pub struct Slot {
 impl Slot {
     /// Records activity (bytes moved) now.
     pub fn touch(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
+        self.stamp(&self.last);
     }
 
-    /// How long since the last activity.
-    pub fn idle(&self) -> Duration {
-        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+    /// Records bytes written to the visitor now (which is also activity).
+    pub fn wrote(&self) {
+        self.stamp(&self.last);
+        self.stamp(&self.last_write);
+    }
+
+    /// Records an HTTP exchange now (which is also activity).
+    pub fn exchanged(&self) {
+        self.stamp(&self.last);
+        self.stamp(&self.last_exchange);
+    }
+
+    fn stamp(&self, at: &AtomicU64) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        at.store(ms, Ordering::Relaxed);
+    }
+
+    fn since(&self, at: &AtomicU64) -> Duration {
+        let last = Duration::from_millis(at.load(Ordering::Relaxed));
         self.started.elapsed().saturating_sub(last)
+    }
+
+    /// How long since the last byte either way.
+    pub fn idle(&self) -> Duration {
+        self.since(&self.last)
+    }
+
+    /// How long since the last byte written to the visitor.
+    pub fn write_idle(&self) -> Duration {
+        self.since(&self.last_write)
+    }
+
+    /// How long since the last HTTP exchange (see [`Slot::exchanged`]).
+    pub fn exchange_idle(&self) -> Duration {
+        self.since(&self.last_exchange)
     }
 
     /// A request began; the returned guard ends it when dropped.
     pub fn request(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.touch();
+        self.exchanged();
         InFlight(self.clone())
     }
 
@@ -115,7 +152,7 @@ impl Slot {
     /// Response body `key` handed a frame over to the visitor's connection.
     pub fn handed(&self, key: u64) {
         self.handed_map().insert(key, Instant::now());
-        self.touch();
+        self.exchanged();
     }
 
     /// Response body `key` was asked for more (or ended).
@@ -141,7 +178,7 @@ pub struct InFlight(Arc<Slot>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        self.0.exchanged();
     }
 }
 
@@ -219,7 +256,9 @@ impl Admission {
 
     /// Admits a connection from `addr`, shedding the idlest one if the node
     /// is full; refuses it if its source is over its share.
-    pub fn admit(self: &Arc<Self>, addr: SocketAddr) -> Result<Ticket, Cut> {
+    /// `handshake`: whether the connection starts with a TLS handshake
+    /// (counted per source until [`Ticket::handshake_done`]).
+    pub fn admit(self: &Arc<Self>, addr: SocketAddr, handshake: bool) -> Result<Ticket, Cut> {
         let source = Source::of(addr.ip());
         let mut state = self.state();
         let per = state.sources.entry(source).or_default();
@@ -228,13 +267,15 @@ impl Admission {
             self.stats.cut(Cut::SourceFull);
             return Err(Cut::SourceFull);
         }
-        if per.handshakes >= self.bounds.handshakes_per_source {
+        if handshake && per.handshakes >= self.bounds.handshakes_per_source {
             drop(state);
             self.stats.cut(Cut::SourceHandshakes);
             return Err(Cut::SourceHandshakes);
         }
         per.connections += 1;
-        per.handshakes += 1;
+        if handshake {
+            per.handshakes += 1;
+        }
         if state.slots.len() >= self.bounds.total {
             // Shed the idlest: a connection with nothing in flight first,
             // then the one quiet for longest.
@@ -258,7 +299,9 @@ impl Admission {
             source,
             started: Instant::now(),
             last: AtomicU64::new(0),
-            handshaking: AtomicBool::new(true),
+            last_write: AtomicU64::new(0),
+            last_exchange: AtomicU64::new(0),
+            handshaking: AtomicBool::new(handshake),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             close: CancellationToken::new(),
@@ -295,13 +338,18 @@ impl Ticket {
     /// The TLS handshake is done: the connection no longer counts toward
     /// its source's handshakes, and its first-request time starts now.
     pub fn handshake_done(&self) {
-        if self.slot.handshaking.swap(false, Ordering::Relaxed) {
+        {
+            // Under the lock: a shed (which releases the slot) cannot slip in
+            // between the flag and the count.
             let mut state = self.admission.state();
-            if let Some(per) = state.sources.get_mut(&self.slot.source) {
+            if self.slot.handshaking.swap(false, Ordering::Relaxed)
+                && state.slots.contains_key(&self.slot.id)
+                && let Some(per) = state.sources.get_mut(&self.slot.source)
+            {
                 per.handshakes = per.handshakes.saturating_sub(1);
             }
         }
-        self.slot.touch();
+        self.slot.exchanged();
     }
 }
 
@@ -337,38 +385,56 @@ mod tests {
     #[test]
     fn one_source_cannot_take_more_than_its_share() {
         let a = admission(100, 3, 3);
-        let held: Vec<Ticket> = (0..3).map(|_| a.admit(from("10.0.0.1")).unwrap()).collect();
-        assert_eq!(a.admit(from("10.0.0.1")).unwrap_err(), Cut::SourceFull);
+        let held: Vec<Ticket> = (0..3)
+            .map(|_| a.admit(from("10.0.0.1"), true).unwrap())
+            .collect();
+        assert_eq!(
+            a.admit(from("10.0.0.1"), true).unwrap_err(),
+            Cut::SourceFull
+        );
         // Another source is not affected.
-        let other = a.admit(from("10.0.0.2")).unwrap();
+        let other = a.admit(from("10.0.0.2"), true).unwrap();
         drop(held);
         assert_eq!(a.len(), 1);
-        a.admit(from("10.0.0.1")).unwrap();
+        a.admit(from("10.0.0.1"), true).unwrap();
         drop(other);
     }
 
     #[test]
     fn handshakes_under_way_are_bounded_per_source_until_they_complete() {
         let a = admission(100, 10, 2);
-        let t1 = a.admit(from("10.0.0.1")).unwrap();
-        let _t2 = a.admit(from("10.0.0.1")).unwrap();
+        let t1 = a.admit(from("10.0.0.1"), true).unwrap();
+        let _t2 = a.admit(from("10.0.0.1"), true).unwrap();
         assert_eq!(
-            a.admit(from("10.0.0.1")).unwrap_err(),
+            a.admit(from("10.0.0.1"), true).unwrap_err(),
             Cut::SourceHandshakes
         );
         t1.handshake_done();
-        let _t3 = a.admit(from("10.0.0.1")).unwrap();
+        let _t3 = a.admit(from("10.0.0.1"), true).unwrap();
+    }
+
+    #[test]
+    fn connections_without_a_handshake_do_not_count_as_handshakes() {
+        let a = admission(100, 10, 1);
+        let _tls = a.admit(from("10.0.0.1"), true).unwrap();
+        let _plain: Vec<Ticket> = (0..5)
+            .map(|_| a.admit(from("10.0.0.1"), false).unwrap())
+            .collect();
+        assert_eq!(
+            a.admit(from("10.0.0.1"), true).unwrap_err(),
+            Cut::SourceHandshakes
+        );
     }
 
     #[test]
     fn a_full_node_sheds_its_idlest_connection_for_a_newcomer() {
         let a = admission(2, 10, 10);
-        let quiet = a.admit(from("10.0.0.1")).unwrap();
-        let busy = a.admit(from("10.0.0.2")).unwrap();
+        let quiet = a.admit(from("10.0.0.1"), true).unwrap();
+        let busy = a.admit(from("10.0.0.2"), true).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         busy.slot().touch();
         let _req = busy.slot().request();
-        let newcomer = a.admit(from("10.0.0.3")).unwrap();
+        let newcomer = a.admit(from("10.0.0.3"), true).unwrap();
         assert!(quiet.slot().close.is_cancelled(), "the idle one was shed");
         assert!(!busy.slot().close.is_cancelled());
         assert!(!newcomer.slot().close.is_cancelled());

@@ -216,7 +216,9 @@ mod tests {
             stats.clone(),
         );
         (
-            admission.admit("127.0.0.1:1".parse().unwrap()).unwrap(),
+            admission
+                .admit("127.0.0.1:1".parse().unwrap(), true)
+                .unwrap(),
             stats,
         )
     }

@@ -207,7 +207,11 @@ where
 async fn watch(slot: &Slot, limits: &IngressLimits) -> Cut {
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
-        if slot.stalled_for() >= limits.write_stall_timeout {
+        // A frame the visitor has not taken, and no byte written to it
+        // either: it stopped reading. (A stream paused while the connection
+        // still moves bytes is the visitor's choice, not a stall.)
+        let stall = slot.stalled_for().min(slot.write_idle());
+        if stall >= limits.write_stall_timeout {
             return Cut::WriteStall;
         }
         if slot.in_flight() > 0 {
@@ -218,7 +222,9 @@ async fn watch(slot: &Slot, limits: &IngressLimits) -> Cut {
         } else {
             (limits.http_idle_timeout, Cut::Idle)
         };
-        if slot.idle() >= limit {
+        // HTTP exchanges only: keep-alive pings do not keep a connection
+        // that asks for nothing.
+        if slot.exchange_idle() >= limit {
             return why;
         }
     }

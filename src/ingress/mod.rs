@@ -52,6 +52,7 @@ pub async fn serve(listener: TcpListener, ingress: Arc<Ingress>, stop: Cancellat
         stop,
         admission,
         stats,
+        true,
         move |tcp, visitor, ticket| {
             let (edge, ingress) = (edge.clone(), ingress.clone());
             async move {
@@ -125,11 +126,9 @@ pub async fn serve_plain(
 ) {
     let domain: Arc<str> = domain.trim_end_matches('.').to_ascii_lowercase().into();
     let (admission, stats) = (ingress.admission(), ingress.stats.clone());
-    accept_loop(listener, stop, admission, stats, move |tcp, visitor, ticket| {
+    accept_loop(listener, stop, admission, stats, false, move |tcp, visitor, ticket| {
         let (domain, ingress) = (domain.clone(), ingress.clone());
         async move {
-            // No handshake on this port.
-            ticket.handshake_done();
             let io = ingress.watch(tcp, ticket);
             let slot = io.slot().clone();
             tokio::select! {

@@ -144,19 +144,34 @@ pub async fn connect_listener(
         },
         stats.clone(),
     );
-    accept_loop(listener, stop, admission, stats, |mut local, _, ticket| {
-        let visitor = visitor.clone();
-        async move {
-            let _ticket = ticket;
-            match visitor.connect().await {
-                Ok(mut tls) => {
-                    if let Err(err) = specter_tunnel::splice::splice(&mut local, &mut tls).await {
-                        tracing::debug!(%err, "connection ended with an error");
+    accept_loop(
+        listener,
+        stop,
+        admission,
+        stats,
+        false,
+        |mut local, _, ticket| {
+            let visitor = visitor.clone();
+            async move {
+                let carry = async {
+                    match visitor.connect().await {
+                        Ok(mut tls) => {
+                            let spliced =
+                                specter_tunnel::splice::splice(&mut local, &mut tls).await;
+                            if let Err(err) = spliced {
+                                tracing::debug!(%err, "connection ended with an error");
+                            }
+                        }
+                        Err(err) => tracing::warn!("{err:#}"),
                     }
+                };
+                tokio::select! {
+                    () = carry => {}
+                    // Shed: the listener is full and this one was idlest.
+                    () = ticket.slot().closed() => {}
                 }
-                Err(err) => tracing::warn!("{err:#}"),
             }
-        }
-    })
+        },
+    )
     .await;
 }

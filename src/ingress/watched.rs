@@ -68,7 +68,7 @@ impl<IO> Watched<IO> {
 
     fn progressed(&mut self) {
         self.stalled = None;
-        self.ticket.slot().touch();
+        self.ticket.slot().wrote();
     }
 }
 
@@ -154,7 +154,9 @@ mod tests {
             },
             stats.clone(),
         );
-        admission.admit("127.0.0.1:1".parse().unwrap()).unwrap()
+        admission
+            .admit("127.0.0.1:1".parse().unwrap(), true)
+            .unwrap()
     }
 
     #[tokio::test(start_paused = true)]

@@ -140,7 +140,9 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The next update; `None` once the membership is gone. Cancel-safe.
+    /// The next update. Cancel-safe. `None` cannot happen while the
+    /// subscription holds its [`Members`] (it always does); callers still
+    /// treat it as the end, and stop with the node's cancellation token.
     pub async fn next(&mut self) -> Option<Update> {
         match self.changes.recv().await {
             Ok(change) => Some(Update::Change(change)),

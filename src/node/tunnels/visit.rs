@@ -404,6 +404,8 @@ impl Tunnels {
         let began = Instant::now();
         let mut race: Race<Option<Peer>> = Race::new(began);
         let mut running = tokio::task::JoinSet::new();
+        // Task ids of the attempts, so one that panicked can be told apart.
+        let mut tasks = std::collections::HashMap::new();
         let (hedge_tx, mut hedge_rx) = tokio::sync::mpsc::channel::<usize>(8);
         let reach = Reach {
             transport: self.transport.clone(),
@@ -422,10 +424,11 @@ impl Tunnels {
                         let index = race.launched(Instant::now(), path.node());
                         let (reach, visit, hedge) =
                             (reach.clone(), visit.clone(), hedge_tx.clone());
-                        running.spawn(async move {
+                        let task = running.spawn(async move {
                             let result = attempt(reach, path.clone(), visit, hedge, index).await;
                             (index, path, result)
                         });
+                        tasks.insert(task.id(), index);
                     }
                     None => race.exhausted(),
                 }
@@ -455,7 +458,13 @@ impl Tunnels {
                         }
                         tracing::info!(tunnel = name, via = %path, %err, "attachment failed, trying the next");
                     }
-                    Err(err) => tracing::warn!(tunnel = name, %err, "visit attempt panicked"),
+                    Err(err) => {
+                        // Counts as a failed attempt: the next path starts now.
+                        tracing::warn!(tunnel = name, %err, "visit attempt panicked");
+                        if let Some(index) = tasks.remove(&err.id()) {
+                            race.failed(index, Instant::now());
+                        }
+                    }
                 },
                 () = tokio::time::sleep_until(race.wake_at()) => {}
                 Some(index) = hedge_rx.recv() => race.silent(index, Instant::now()),
