@@ -235,11 +235,17 @@ impl Demo {
         false
     }
 
-    /// Stops everything; nodes leave gracefully.
+    /// Stops everything; nodes leave gracefully, all at once (one by one,
+    /// the last would find itself alone and warn about it).
     pub async fn shutdown(self) {
         self.cancel.cancel();
-        for node in self.nodes {
-            node.shutdown().await;
+        let leaving: Vec<_> = self
+            .nodes
+            .into_iter()
+            .map(|node| tokio::spawn(node.shutdown()))
+            .collect();
+        for node in leaving {
+            let _ = node.await;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -273,7 +279,8 @@ pub async fn run(n: usize) -> Result<()> {
         demo.name
     );
     for (url, public) in demo.urls.iter().zip(&demo.ingress) {
-        println!("  curl http://{url}/    (enters through the ingress at {public})");
+        println!("  # through the ingress at {public}");
+        println!("  curl http://{url}/");
     }
     println!();
     println!("Or over HTTPS straight to a node's ingress (HTTP/1.1 or HTTP/2):");
@@ -287,19 +294,25 @@ pub async fn run(n: usize) -> Result<()> {
     }
     println!();
     println!(
-        "Each http:// URL is a local `specter connect` listener: TLS to a node's ingress (SNI"
+        "Each http:// URL above is a local `specter connect` listener: TLS to a node's ingress"
     );
     println!(
-        "{}.{DEMO_DOMAIN}, ALPN specter-tcp), then QUIC through the overlay to the client.",
+        "(SNI {}.{DEMO_DOMAIN}, ALPN specter-tcp), then QUIC through the overlay to the client.",
         demo.name
     );
-    println!("The same from another terminal:");
+    println!("The same from another terminal, then visit it:");
+    // The running binary's path, so the line works without `specter` on
+    // PATH (e.g. after `cargo run`).
+    let me = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "specter".into());
     println!(
-        "  specter connect {}.{DEMO_DOMAIN} --via {} --ca {} --listen 127.0.0.1:8080",
+        "  {me} connect {}.{DEMO_DOMAIN} --via {} --ca {} --listen 127.0.0.1:8080 &",
         demo.name,
         demo.ingress[0],
         demo.dir.join("ca.crt").display()
     );
+    println!("  curl http://127.0.0.1:8080/");
     println!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c()
         .await

@@ -21,6 +21,7 @@ fn the_demo_serves_its_printed_urls_and_stops_on_ctrl_c() {
     let rx = stdout_lines(&mut child);
     let mut urls = Vec::new();
     let mut https = Vec::new();
+    let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else {
@@ -30,7 +31,13 @@ fn the_demo_serves_its_printed_urls_and_stops_on_ctrl_c() {
             continue;
         };
         assert!(!line.contains("Warning"), "{line}");
-        if let Some(rest) = line.trim().strip_prefix("curl http://") {
+        lines.push(line.clone());
+        // (The 8080 one goes with the printed `specter connect` line.)
+        if let Some(rest) = line
+            .trim()
+            .strip_prefix("curl http://")
+            .filter(|r| !r.starts_with("127.0.0.1:8080"))
+        {
             urls.push(rest.split('/').next().unwrap().to_string());
         }
         if line.trim().starts_with("curl --cacert") {
@@ -61,6 +68,57 @@ fn the_demo_serves_its_printed_urls_and_stops_on_ctrl_c() {
         let out = Command::new("curl")
             .args(["-s", "-m", "10"])
             .args(&args)
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            body.contains("Hello from behind the tunnel!"),
+            "{line}: {body}"
+        );
+    }
+    // Every command line the demo printed runs as printed (bash -c), the
+    // `specter connect` one in the background with the curl after it.
+    let commands: Vec<&String> = lines
+        .iter()
+        .filter(|l| {
+            let l = l.trim_start();
+            l.starts_with("curl ") || l.contains(" connect ")
+        })
+        .collect();
+    let connect = commands
+        .iter()
+        .find(|l| l.contains(" connect "))
+        .expect("the demo prints a specter connect line");
+    assert!(
+        connect.trim_start().starts_with('/'),
+        "{connect}: not a full path"
+    );
+    let visit = commands
+        .iter()
+        .find(|l| l.contains("127.0.0.1:8080/"))
+        .expect("the demo says what to visit after specter connect");
+    let script = format!(
+        "{}\nfor i in $(seq 50); do {} -s -m 5 && break; sleep 0.1; done\nkill %1",
+        connect.trim(),
+        visit.trim()
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("Hello from behind the tunnel!"),
+        "{script}: {body}"
+    );
+    for line in commands
+        .iter()
+        .filter(|l| l.trim_start().starts_with("curl ") && !l.contains("127.0.0.1:8080/"))
+    {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!("{} -s -m 10", line.trim()))
             .output()
             .unwrap();
         let body = String::from_utf8_lossy(&out.stdout);

@@ -100,6 +100,9 @@ enum Command {
         /// Number of nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Show the nodes' and the client's log (RUST_LOG also works).
+        #[arg(short, long)]
+        verbose: bool,
     },
 }
 
@@ -276,8 +279,9 @@ pub fn main() -> ExitCode {
                 Err(err) => usage_error(&err),
             }
         }
-        Command::Demo { nodes } => {
-            init_tracing(LogFormat::Human);
+        Command::Demo { nodes, verbose } => {
+            // Quiet by default: the demo prints what to do next.
+            init_tracing_with(LogFormat::Human, if verbose { "info" } else { "warn" });
             block_on(crate::demo::run(nodes))
         }
     }
@@ -308,8 +312,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn init_tracing(format: LogFormat) {
+    init_tracing_with(format, "info");
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`, else at `default` and above.
+fn init_tracing_with(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -400,6 +409,19 @@ async fn run_connect(
         specter_tunnel::splice::splice(&mut stdio, &mut tls).await?;
         return Ok(());
     };
+    // Check the name once, so a typo is an error now rather than a reset
+    // on every connection later.
+    match visitor.connect().await {
+        Ok(_) => {}
+        Err(err)
+            if err
+                .downcast_ref::<crate::ingress::tcp::UnknownTunnel>()
+                .is_some() =>
+        {
+            return Err(err);
+        }
+        Err(err) => tracing::warn!("{err:#}; listening anyway"),
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

@@ -107,14 +107,26 @@ impl Visitor {
             Ok(tls) => Ok(tls),
             Err(err) => {
                 let host = self.host.to_str();
-                if let Some(why) = refusal_in(&err) {
-                    anyhow::bail!("{} (via {via})", why.explain(&host));
+                match refusal_in(&err) {
+                    Some(Refusal::UnknownName) => {
+                        return Err(anyhow::Error::new(UnknownTunnel(format!(
+                            "{} (via {via})",
+                            Refusal::UnknownName.explain(&host)
+                        ))));
+                    }
+                    Some(why) => anyhow::bail!("{} (via {via})", why.explain(&host)),
+                    None => {}
                 }
                 Err(err).with_context(|| format!("TLS with {via} for {host}"))
             }
         }
     }
 }
+
+/// The node knows no tunnel by the name asked for.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UnknownTunnel(String);
 
 /// The node's refusal an error from the TLS handshake carries, if any.
 pub fn refusal_in(err: &std::io::Error) -> Option<Refusal> {
