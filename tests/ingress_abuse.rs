@@ -716,6 +716,28 @@ fn raw_tcp_refusals_say_why_and_normal_ends_are_not_refusals() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("HTTP/1.1 200"));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(refusals(), before, "a normal end was logged as a refusal");
+    // `specter status` shows the tunnel attached here and what was refused.
+    let admin = f.node.admin().to_string();
+    let out = Command::new(BIN)
+        .args(["status", "--admin", &admin])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("web (1 connection(s))"), "{text}");
+    assert!(text.contains(&format!("node {}", f.node.id())), "{text}");
+    let out = Command::new(BIN)
+        .args(["status", "--admin", &admin, "--json"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = json["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["refused", "web"]);
 }
 
 #[test]

@@ -92,6 +92,15 @@ enum Command {
         #[arg(long)]
         stdio: bool,
     },
+    /// Show the cluster as one node sees it (members, ring, tunnels, counters).
+    Status {
+        /// The node's admin address.
+        #[arg(long)]
+        admin: std::net::SocketAddr,
+        /// Print the node's /status JSON as it is.
+        #[arg(long)]
+        json: bool,
+    },
     /// Query the DHT through a node's admin API.
     #[command(subcommand)]
     Dht(DhtCommand),
@@ -268,6 +277,13 @@ pub fn main() -> ExitCode {
             crate::files::raise_descriptor_limit();
             block_on(run_connect(host, via, ca_pem, listen))
         }
+        Command::Status { admin, json } => match admin_client::status(admin, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Dht(cmd) => {
             let (write, name, admin) = match cmd {
                 DhtCommand::Get { name, admin } => (false, name, admin),

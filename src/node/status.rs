@@ -34,6 +34,17 @@ pub struct NodeStatus {
     pub dht: DhtStatus,
     /// Visitor connections held now, the bounds, and the ingress counters.
     pub ingress: IngressStatus,
+    /// Tunnels attached here, with their client connection counts.
+    pub tunnels: Vec<TunnelStatus>,
+}
+
+/// A tunnel attached at this node.
+#[derive(Clone, Debug, Serialize)]
+pub struct TunnelStatus {
+    /// Its name.
+    pub name: String,
+    /// Client connections holding it here.
+    pub connections: usize,
 }
 
 /// The ingress part of `/status`.
@@ -78,6 +89,13 @@ impl NodeState {
                 limits: self.ingress.limits.clone(),
                 counters: self.ingress.stats.counters(),
             },
+            tunnels: self
+                .ingress
+                .tunnels
+                .attached_names()
+                .into_iter()
+                .map(|(name, connections)| TunnelStatus { name, connections })
+                .collect(),
         }
     }
 }
