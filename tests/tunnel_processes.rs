@@ -692,3 +692,46 @@ fn a_thousand_concurrent_visitors_and_abusive_ones_leave_nothing_behind() {
         "descriptors before {baseline:?}, after {now:?}"
     );
 }
+
+#[test]
+fn http_visitors_reuse_upstream_connections_on_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = (21..=22).map(|i| format!("127.0.0.{i}")).collect();
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
+    let (service, accepted) = common::web::keepalive_service();
+    let child = tunnel_cmd(
+        dir.path(),
+        "reuse",
+        "reuse",
+        &format!("http://{service}"),
+        &procs[0].quic(),
+    )
+    .args(["--attachments", "1"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let _client = Reaped(child);
+    assert!(wait_attached(
+        &dir.path().join("reuse"),
+        1,
+        Duration::from_secs(20)
+    ));
+    let host = format!("reuse.{DOMAIN}");
+    // Twenty visitors, one after another, through the attached node and
+    // through the forwarding one: each a new visitor connection.
+    for p in &procs {
+        for i in 0..20 {
+            let (body, status) = curl(dir.path(), &p.https(), &host, &format!("/{i}"), i % 2 == 0);
+            assert!(status.ends_with(" 200") && body == "ok", "{status}: {body}");
+        }
+    }
+    // Each entry node opened one tunnel stream (the client one target
+    // connection) and reused it; a few more are allowed for timing.
+    let opened = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        opened <= 4,
+        "40 requests opened {opened} target connections"
+    );
+}

@@ -19,6 +19,9 @@ use super::limits::{Cut, IngressStats};
 /// Errors of the bodies the ingress passes on.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A body on its way through the HTTP ingress, either way.
+pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
 /// A visitor's request body held to a minimum rate: over each `window` of
 /// time spent waiting for the visitor (not for the tunnel), at least
 /// `min_rate` bytes per second on average must arrive, or the body fails and

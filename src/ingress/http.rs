@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{HOST, HeaderValue};
@@ -31,14 +30,15 @@ use specter_tunnel::protocol::{Visit, VisitKind};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::admission::Slot;
-use super::bodies::{BoxError, RateBody, Tracked};
+use super::bodies::{RateBody, Tracked};
 use super::headers::{misdirected, set_forwarding};
 use super::limits::{BODY_RATE_WINDOW, CLOSE_GRACE, Cut, IngressLimits};
 use super::shared::{Ingress, idle};
-use crate::node::tunnels::Tunnels;
+use super::upstream::{IDLE_TIMEOUT, Upstreams};
 use crate::node::tunnels::visit::OpenError;
+use hyper::client::conn::http1::SendRequest;
 
-type Body = BoxBody<Bytes, BoxError>;
+type Body = super::bodies::ProxyBody;
 
 /// Largest request head accepted (HTTP/1.1 buffer, HTTP/2 header list); a
 /// larger one is refused with bounded memory.
@@ -362,22 +362,44 @@ pub fn page(status: StatusCode, message: &str, head: bool) -> Response<Body> {
     r
 }
 
-/// Opens a stream to the tunnel's client and sends `req` over it as
-/// HTTP/1.1. `Err` is the page the visitor gets, and whether the request
-/// never reached the target's answer (so a replayable one may be retried).
+/// Sends `req` to tunnel `name`'s target as HTTP/1.1: on an idle pooled
+/// connection if there is one (see [`super::upstream`]), else over a new
+/// tunnel stream. `Err` is the page the visitor gets, and whether the
+/// request may not have reached the target's answer (so a replayable one may
+/// be retried). A connection whose answer is done goes back to the pool,
+/// unless the request asked for an upgrade.
 async fn send_once(
-    req: Request<Body>,
+    mut req: Request<Body>,
     name: &str,
-    visitor: SocketAddr,
-    tunnels: &Tunnels,
+    conn: &Conn,
     head: bool,
 ) -> Result<Response<Incoming>, (Response<Body>, bool)> {
+    let visitor = conn.visitor;
+    let upstreams = &conn.ingress.upstreams;
+    let reuse = !req.headers().contains_key(hyper::header::UPGRADE);
+    if reuse && let Some(mut pooled) = upstreams.take(name) {
+        match pooled.try_send_request(req).await {
+            Ok(resp) => {
+                keep_when_done(upstreams.clone(), name, pooled);
+                return Ok(resp);
+            }
+            Err(mut err) => match err.take_message() {
+                // Never sent (the connection had died): a fresh stream.
+                Some(unsent) => req = unsent,
+                None => {
+                    let err = err.into_error();
+                    tracing::info!(%visitor, tunnel = %name, %err, "502: a reused connection failed");
+                    return Err((bad_gateway(name, &err, head), true));
+                }
+            },
+        }
+    }
     let visit = Visit {
         name: name.to_string(),
         visitor,
         kind: VisitKind::Http,
     };
-    let (send, recv) = match tunnels.open(name, &visit).await {
+    let (send, recv) = match conn.ingress.tunnels.open(name, &visit).await {
         Ok(pair) => pair,
         Err(err) => {
             let (status, message) = match err {
@@ -401,7 +423,8 @@ async fn send_once(
         }
     };
     let io = TokioIo::new(tokio::io::join(recv, send));
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake::<_, Body>(io).await {
+    let (mut sender, connection) = match hyper::client::conn::http1::handshake::<_, Body>(io).await
+    {
         Ok(x) => x,
         Err(err) => {
             let page = page(
@@ -413,21 +436,44 @@ async fn send_once(
         }
     };
     tokio::spawn(async move {
-        if let Err(err) = conn.with_upgrades().await {
+        if let Err(err) = connection.with_upgrades().await {
             tracing::debug!(%err, "tunnel HTTP connection ended with an error");
         }
     });
-    sender.send_request(req).await.map_err(|err| {
-        tracing::info!(%visitor, tunnel = %name, %err, "502: target did not answer");
-        let page = page(
-            StatusCode::BAD_GATEWAY,
-            &format!(
-                "Tunnel {name:?}: the client could not reach its target, or the target did not answer ({err})."
-            ),
-            head,
-        );
-        (page, true)
-    })
+    match sender.send_request(req).await {
+        Ok(resp) => {
+            if reuse {
+                keep_when_done(upstreams.clone(), name, sender);
+            }
+            Ok(resp)
+        }
+        Err(err) => {
+            tracing::info!(%visitor, tunnel = %name, %err, "502: target did not answer");
+            Err((bad_gateway(name, &err, head), true))
+        }
+    }
+}
+
+fn bad_gateway(name: &str, err: &hyper::Error, head: bool) -> Response<Body> {
+    page(
+        StatusCode::BAD_GATEWAY,
+        &format!(
+            "Tunnel {name:?}: the client could not reach its target, or the target did not answer ({err})."
+        ),
+        head,
+    )
+}
+
+/// Returns `sender` to the pool once its answer has been read to the end
+/// (hyper reports it ready again); a connection the target closes, or whose
+/// answer takes longer than the idle time to finish, is dropped.
+fn keep_when_done(upstreams: Arc<Upstreams<Body>>, name: &str, mut sender: SendRequest<Body>) {
+    let name = name.to_string();
+    tokio::spawn(async move {
+        if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, sender.ready()).await {
+            upstreams.put(&name, sender);
+        }
+    });
 }
 
 /// What is needed to send a request again: one with an idempotent method,
@@ -486,7 +532,7 @@ const REPLAY_ATTEMPTS: usize = 3;
 /// it is replayable and its path died before the answer), and splices an
 /// upgrade once both sides switched.
 async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) -> Response<Body> {
-    let (visitor, tunnels) = (conn.visitor, &conn.ingress.tunnels);
+    let visitor = conn.visitor;
     let wants_upgrade = req.headers().contains_key(hyper::header::UPGRADE);
     let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let replay = Replay::of(&req);
@@ -498,7 +544,7 @@ async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) ->
         let Some(req) = req else {
             unreachable!("only replayable requests are attempted again")
         };
-        match send_once(req, name, visitor, tunnels, head).await {
+        match send_once(req, name, conn, head).await {
             Ok(resp) => break resp,
             Err((page, retry)) => match &replay {
                 Some(_) if retry && attempts < REPLAY_ATTEMPTS => {

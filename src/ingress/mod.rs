@@ -22,6 +22,7 @@ pub mod http;
 pub mod limits;
 pub mod shared;
 pub mod tcp;
+pub mod upstream;
 pub mod watched;
 
 use std::net::SocketAddr;

@@ -7,8 +7,10 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::admission::{Admission, Bounds, Slot, Ticket};
+use super::bodies::ProxyBody;
 use super::edge::Edge;
 use super::limits::{IngressLimits, IngressStats};
+use super::upstream::Upstreams;
 use super::watched::Watched;
 use crate::node::tunnels::Tunnels;
 
@@ -21,6 +23,8 @@ pub struct Ingress {
     pub limits: IngressLimits,
     /// The counters.
     pub stats: Arc<IngressStats>,
+    /// Idle HTTP connections to tunnels' targets, reused.
+    pub upstreams: Arc<Upstreams<ProxyBody>>,
     admission: Arc<Admission>,
     /// The HTTPS port's certificate, if it has one.
     edge: Option<Arc<Edge>>,
@@ -47,6 +51,7 @@ impl Ingress {
             tunnels,
             limits,
             stats,
+            upstreams: Arc::default(),
             admission,
             edge,
         })
