@@ -90,6 +90,26 @@ impl Fixture {
         fixture
     }
 
+    /// Attaches tunnel `name` (`scheme://` a port nobody listens on) to the
+    /// node, one attachment, and waits for it.
+    fn attach_refusing(&self, name: &str, scheme: &str) -> Reaped {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let to = format!("{scheme}://{closed}");
+        let child = tunnel_cmd(self.dir.path(), name, name, &to, &self.node.quic())
+            .args(["--attachments", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let client = Reaped(child);
+        let state = self.dir.path().join(name);
+        assert!(wait_attached(&state, 1, Duration::from_secs(20)));
+        client
+    }
+
     fn entry(&self) -> SocketAddr {
         self.node.https().parse().unwrap()
     }
@@ -595,28 +615,7 @@ fn misdirected_requests_forged_forwarding_headers_and_http2_head_are_answered_ri
     );
     // HEAD over HTTP/2 on the node's own pages: 404 (unknown name) and 502
     // (a tunnel whose target refuses).
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let down = tunnel_cmd(
-        f.dir.path(),
-        "down",
-        "down",
-        &format!("http://{closed}"),
-        &f.node.quic(),
-    )
-    .args(["--attachments", "1"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let _down = Reaped(down);
-    assert!(wait_attached(
-        &f.dir.path().join("down"),
-        1,
-        Duration::from_secs(20)
-    ));
+    let _down = f.attach_refusing("down", "http");
     for (name, code) in [("nobody", "404"), ("down", "502")] {
         let host = format!("{name}.{DOMAIN}");
         let out = curl_args(&host)
@@ -668,28 +667,7 @@ fn raw_tcp_refusals_say_why_and_normal_ends_are_not_refusals() {
         stderr.contains(&format!("no tunnel named nobody.{DOMAIN} is registered")),
         "{stderr}"
     );
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let refused = tunnel_cmd(
-        f.dir.path(),
-        "refused",
-        "refused",
-        &format!("tcp://{closed}"),
-        &f.node.quic(),
-    )
-    .args(["--attachments", "1"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let _refused = Reaped(refused);
-    assert!(wait_attached(
-        &f.dir.path().join("refused"),
-        1,
-        Duration::from_secs(20)
-    ));
+    let _refused = f.attach_refusing("refused", "tcp");
     let out = connect("refused", b"x");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
