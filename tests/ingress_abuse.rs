@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::procs::*;
-use common::web::{DOMAIN, curl, http_service, ingress_cluster_via};
+use common::web::{DOMAIN, client_config, curl, http_service, ingress_cluster_via};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The floods share the machine's two cores: one test at a time.
@@ -51,23 +51,13 @@ impl Fixture {
             });
         let node = procs.remove(0);
         let service = http_service();
-        let child = tunnel_cmd(
+        let client = attach_one(
             dir.path(),
             "web",
             "web",
             &format!("http://{service}"),
             &node.quic(),
-        )
-        .args(["--attachments", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-        assert!(wait_attached(
-            &dir.path().join("web"),
-            1,
-            Duration::from_secs(20)
-        ));
+        );
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -76,7 +66,7 @@ impl Fixture {
         let fixture = Fixture {
             dir,
             node,
-            _client: Reaped(child),
+            _client: client,
             host: format!("web.{DOMAIN}"),
             rt,
         };
@@ -98,16 +88,7 @@ impl Fixture {
             .local_addr()
             .unwrap();
         let to = format!("{scheme}://{closed}");
-        let child = tunnel_cmd(self.dir.path(), name, name, &to, &self.node.quic())
-            .args(["--attachments", "1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let client = Reaped(child);
-        let state = self.dir.path().join(name);
-        assert!(wait_attached(&state, 1, Duration::from_secs(20)));
-        client
+        attach_one(self.dir.path(), name, name, &to, &self.node.quic())
     }
 
     fn entry(&self) -> SocketAddr {
@@ -186,18 +167,6 @@ fn cpu_time(pid: u32) -> Duration {
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     let hz = 100; // USER_HZ on Linux
     Duration::from_millis(ticks * 1_000 / hz)
-}
-
-fn client_config(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-    let pem = std::fs::read(ca).unwrap();
-    let (roots, _) = specter::net::tls::roots_from_pem(&pem).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(specter::net::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    Arc::new(config)
 }
 
 async fn tcp_from(source: IpAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {

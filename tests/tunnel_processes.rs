@@ -448,24 +448,13 @@ fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let down = tunnel_cmd(
+    let _down = attach_one(
         dir.path(),
         "down",
         "down",
         &format!("http://{closed}"),
         &seed,
-    )
-    .args(["--attachments", "1"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    assert!(wait_attached(
-        &dir.path().join("down"),
-        1,
-        Duration::from_secs(20)
-    ));
-    let _down = Reaped(down);
+    );
     let (body, status) = curl(
         dir.path(),
         &procs[1].https(),
@@ -523,14 +512,7 @@ async fn tls_to(
     https: &str,
     host: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let ca = std::fs::read(dir.join("ca/ca.crt")).unwrap();
-    let (roots, _) = specter::net::tls::roots_from_pem(&ca).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(specter::net::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = common::web::client_config(&dir.join("ca/ca.crt"), &[b"http/1.1"]);
     // Visitors come from many addresses (127.0.1.1–100), as a crowd does: a
     // node serves one address only a share of its connections.
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -540,7 +522,7 @@ async fn tls_to(
     socket.bind(source).unwrap();
     let tcp = socket.connect(https.parse().unwrap()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
         .unwrap()
@@ -700,24 +682,13 @@ fn http_visitors_reuse_upstream_connections_on_both_paths() {
     let ips: Vec<String> = (21..=22).map(|i| format!("127.0.0.{i}")).collect();
     let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
     let (service, accepted) = common::web::keepalive_service();
-    let child = tunnel_cmd(
+    let _client = attach_one(
         dir.path(),
         "reuse",
         "reuse",
         &format!("http://{service}"),
         &procs[0].quic(),
-    )
-    .args(["--attachments", "1"])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let _client = Reaped(child);
-    assert!(wait_attached(
-        &dir.path().join("reuse"),
-        1,
-        Duration::from_secs(20)
-    ));
+    );
     let host = format!("reuse.{DOMAIN}");
     // Twenty visitors, one after another, through the attached node and
     // through the forwarding one: each a new visitor connection.

@@ -60,6 +60,11 @@ pub(super) fn render(s: &NodeStatus) -> String {
         "# TYPE specter_ingress_max_visitors gauge\nspecter_ingress_max_visitors {}",
         i.limits.max_visitors
     );
+    let _ = writeln!(
+        out,
+        "# TYPE specter_ingress_idle_upstreams gauge\nspecter_ingress_idle_upstreams {}",
+        i.idle_upstreams
+    );
     for (name, v) in [
         ("specter_ingress_accepted_total", c.accepted),
         ("specter_ingress_accept_errors_total", c.accept_errors),

@@ -62,6 +62,9 @@ pub struct Slot {
     /// asked for the next, and since when (the visitor is not reading).
     handed: Mutex<HashMap<u64, Instant>>,
     body_keys: AtomicU64,
+    /// Told when a request begins, so a watchdog asleep until an idle
+    /// deadline looks at the connection again.
+    request_began: tokio::sync::Notify,
 }
 
 impl Slot {
@@ -112,12 +115,18 @@ impl Slot {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.exchanged();
+        self.request_began.notify_one();
         InFlight(self.clone())
     }
 
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Completes when a request begins (or one began since the last call).
+    pub async fn request_began(&self) {
+        self.request_began.notified().await;
     }
 
     /// Requests begun so far.
@@ -133,11 +142,6 @@ impl Slot {
     /// Ends the connection now (its tasks see [`Slot::closed`]).
     pub fn close(&self) {
         self.close.cancel();
-    }
-
-    /// Whether the connection was told to end.
-    pub fn is_closed(&self) -> bool {
-        self.close.is_cancelled()
     }
 
     fn handed_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
@@ -307,6 +311,7 @@ impl Admission {
             close: CancellationToken::new(),
             handed: Mutex::default(),
             body_keys: AtomicU64::new(0),
+            request_began: tokio::sync::Notify::new(),
         });
         state.slots.insert(id, slot.clone());
         Ok(Ticket {
@@ -361,6 +366,22 @@ impl Drop for Ticket {
             release(&mut state, &self.slot);
         }
     }
+}
+
+/// A ticket from a small admission of its own, for tests of what holds one.
+#[cfg(test)]
+pub(crate) fn test_ticket(stats: &Arc<IngressStats>) -> Ticket {
+    let admission = Admission::new(
+        Bounds {
+            total: 4,
+            per_source: 4,
+            handshakes_per_source: 4,
+        },
+        stats.clone(),
+    );
+    admission
+        .admit("127.0.0.1:1".parse().expect("an address"), true)
+        .expect("room for one")
 }
 
 #[cfg(test)]

@@ -204,26 +204,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingress::admission::{Admission, Bounds};
     use http_body_util::BodyExt;
     use http_body_util::channel::Channel;
 
     fn slot() -> (crate::ingress::admission::Ticket, Arc<IngressStats>) {
         let stats = Arc::new(IngressStats::default());
-        let admission = Admission::new(
-            Bounds {
-                total: 4,
-                per_source: 4,
-                handshakes_per_source: 4,
-            },
-            stats.clone(),
-        );
-        (
-            admission
-                .admit("127.0.0.1:1".parse().unwrap(), true)
-                .unwrap(),
-            stats,
-        )
+        (crate::ingress::admission::test_ticket(&stats), stats)
     }
 
     #[tokio::test(start_paused = true)]

@@ -205,8 +205,14 @@ where
 /// enforce: no first request, HTTP/2 idle, or an answer the visitor stopped
 /// taking. Returns which.
 async fn watch(slot: &Slot, limits: &IngressLimits) -> Cut {
+    let mut wait = WATCH_EVERY;
     loop {
-        tokio::time::sleep(WATCH_EVERY).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            // A request began: its answer is now worth watching every tick.
+            () = slot.request_began() => {}
+        }
+        wait = WATCH_EVERY;
         // A frame the visitor has not taken, and no byte written to it
         // either: it stopped reading. (A stream paused while the connection
         // still moves bytes is the visitor's choice, not a stall.)
@@ -224,9 +230,13 @@ async fn watch(slot: &Slot, limits: &IngressLimits) -> Cut {
         };
         // HTTP exchanges only: keep-alive pings do not keep a connection
         // that asks for nothing.
-        if slot.exchange_idle() >= limit {
+        let idle = slot.exchange_idle();
+        if idle >= limit {
             return why;
         }
+        // Nothing in flight (so no answer to stall): an idle connection costs
+        // one wake-up per idle deadline, not one per tick.
+        wait = (limit - idle).max(WATCH_EVERY);
     }
 }
 

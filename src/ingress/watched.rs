@@ -46,11 +46,6 @@ impl<IO> Watched<IO> {
         &self.ticket
     }
 
-    /// The wrapped connection.
-    pub fn get_mut(&mut self) -> &mut IO {
-        &mut self.io
-    }
-
     /// A blocked write: arms the deadline, and fails once it passes.
     fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         let limit = self.write_stall;
@@ -142,22 +137,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingress::admission::{Admission, Bounds};
+    use crate::ingress::admission::test_ticket as ticket;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    fn ticket(stats: &Arc<IngressStats>) -> Ticket {
-        let admission = Admission::new(
-            Bounds {
-                total: 4,
-                per_source: 4,
-                handshakes_per_source: 4,
-            },
-            stats.clone(),
-        );
-        admission
-            .admit("127.0.0.1:1".parse().unwrap(), true)
-            .unwrap()
-    }
 
     #[tokio::test(start_paused = true)]
     async fn a_visitor_that_stops_reading_is_cut_off_after_the_write_deadline() {

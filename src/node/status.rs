@@ -52,6 +52,8 @@ pub struct TunnelStatus {
 pub struct IngressStatus {
     /// Visitor connections held now.
     pub visitors: usize,
+    /// Idle upstream HTTP connections kept for reuse.
+    pub idle_upstreams: usize,
     /// The bounds in force.
     pub limits: IngressLimits,
     /// Counters.
@@ -86,6 +88,7 @@ impl NodeState {
             dht: self.dht.status(),
             ingress: IngressStatus {
                 visitors: self.ingress.visitors(),
+                idle_upstreams: self.ingress.upstreams.len(),
                 limits: self.ingress.limits.clone(),
                 counters: self.ingress.stats.counters(),
             },

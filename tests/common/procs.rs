@@ -81,6 +81,24 @@ pub fn tunnel_cmd(dir: &Path, state: &str, name: &str, to: &str, via: &str) -> C
     cmd
 }
 
+/// A client serving `name` (`to`, e.g. `http://HOST:PORT`) through `via`
+/// with one attachment, its state in `dir/STATE`, quiet; returns once it is
+/// attached.
+pub fn attach_one(dir: &Path, state: &str, name: &str, to: &str, via: &str) -> Reaped {
+    let child = tunnel_cmd(dir, state, name, to, via)
+        .args(["--attachments", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = Reaped(child);
+    assert!(
+        wait_attached(&dir.join(state), 1, Duration::from_secs(20)),
+        "client {name} did not attach"
+    );
+    client
+}
+
 /// Where a client whose state is in `state_dir` writes its ready file.
 pub fn client_ready_file(state_dir: &Path) -> PathBuf {
     state_dir.join("ready.json")

@@ -205,3 +205,16 @@ pub fn keepalive_service() -> (
     });
     (addr, accepted)
 }
+
+/// A TLS client trusting the CA in `ca` (PEM file), offering `alpn`.
+pub fn client_config(ca: &Path, alpn: &[&[u8]]) -> std::sync::Arc<rustls::ClientConfig> {
+    let pem = std::fs::read(ca).unwrap();
+    let (roots, _) = specter::net::tls::roots_from_pem(&pem).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(specter::net::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    std::sync::Arc::new(config)
+}
