@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use procs::*;
 use rand::{RngExt, SeedableRng};
 use specter_gossip::sim::{Sim, SimConfig};
-use specter_gossip::{GossipConfig, MemberEvent, NodeId};
+use specter_gossip::{GossipConfig, MemberEvent, NodeId, Timing};
 
 struct Detection {
     first: Vec<Duration>,
@@ -33,9 +33,12 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
 
-fn simulate(members: usize, loss: f64, kills: usize, seed: u64) -> Detection {
+fn simulate(members: usize, net: SimConfig, kills: usize, seed: u64) -> Detection {
     let cfg = GossipConfig::lan(NonZeroU32::new(u32::try_from(members).unwrap()).unwrap());
-    let mut sim = Sim::new(members, cfg, SimConfig::lan(seed, loss));
+    let mut sim = Sim::new(members, cfg, net);
+    // Each member's timers follow the worst round trip it measures, as a
+    // node's do from its QUIC connections (a no-op on the LAN rows).
+    sim.adapt_timers();
     for i in 1..members {
         sim.add_seed(i, 0);
     }
@@ -186,16 +189,58 @@ fn main() {
         "| setting | first member sees the crash, median / max | all members see it, median / max | false downs | gossip B/s per node (idle) |"
     );
     println!("|---|---|---|---|---|");
-    let rows: &[(usize, f64)] = if std::env::args().any(|a| a == "--real-only") {
-        &[]
+    let ms_ = Duration::from_millis;
+    let rows: Vec<(usize, String, SimConfig)> = if std::env::args().any(|a| a == "--real-only") {
+        Vec::new()
     } else {
-        &[(10, 0.0), (10, 0.05), (100, 0.0), (100, 0.05)]
+        let mut rows = Vec::new();
+        for (members, loss) in [(10, 0.0), (10, 0.05), (100, 0.0), (100, 0.05)] {
+            let seed = 0xbe_4c + members as u64;
+            rows.push((
+                members,
+                format!("{:.0} % loss", loss * 100.0),
+                SimConfig::lan(seed, loss),
+            ));
+        }
+        for (name, net) in [
+            (
+                "RTT 40 ms, 0.5 % loss",
+                SimConfig::wan(0xbe_4d, 0.005, ms_(40)),
+            ),
+            (
+                "RTT 80 ms, 2 % loss",
+                SimConfig::wan(0xbe_4e, 0.02, ms_(80)),
+            ),
+            (
+                "two regions, RTT 5 / 150 ms, 0.5 % loss",
+                SimConfig::regions(0xbe_4f, 0.005, 2, ms_(5), ms_(150)),
+            ),
+            (
+                "two regions, RTT 5 / 220 ms, 0.5 % loss",
+                SimConfig::regions(0xbe_50, 0.005, 2, ms_(5), ms_(220)),
+            ),
+            (
+                "two regions, RTT 5 / 300 ms, 2 % loss",
+                SimConfig::regions(0xbe_51, 0.02, 2, ms_(5), ms_(300)),
+            ),
+        ] {
+            let t = Timing::for_rtt(cfg.timing(), net.worst_rtt(0, 20));
+            rows.push((
+                20,
+                format!(
+                    "{name} (probe RTT {:?}, period {:?}, suspicion {:?})",
+                    t.probe_rtt, t.probe_period, t.suspect_to_down_after
+                ),
+                net,
+            ));
+        }
+        rows
     };
-    for &(members, loss) in rows {
-        let mut d = simulate(members, loss, kills, 0xbe_4c + members as u64);
+    for (members, setting, net) in rows {
+        let seed = net.seed;
+        let mut d = simulate(members, net, kills, seed);
         println!(
-            "| simulated, {members} members, {:.0} % loss | {} / {} | {} / {} | {} | {:.0} |",
-            loss * 100.0,
+            "| simulated, {members} members, {setting} | {} / {} | {} / {} | {} | {:.0} |",
             ms(pct(&mut d.first, 50)),
             ms(pct(&mut d.first, 100)),
             ms(pct(&mut d.all, 50)),

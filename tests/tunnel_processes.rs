@@ -620,6 +620,14 @@ fn a_thousand_concurrent_visitors_and_abusive_ones_leave_nothing_behind() {
         let kept = dir.keep();
         panic!("every concurrent visitor is served; failures: {results:?}; logs in {kept:?}");
     }
+    // The burst starves both processes; neither may take the other for dead.
+    for ip in &ips {
+        let log = std::fs::read_to_string(dir.path().join(ip).join(format!("{ip}.log"))).unwrap();
+        assert!(
+            !log.contains("member down") && !log.contains("declared down while alive"),
+            "a false down under the burst at {ip}:\n{log}"
+        );
+    }
 
     // Abusive visitors, while a normal one is still served.
     rt.block_on(async {

@@ -1,7 +1,7 @@
 //! Timing and size settings for SWIM, with the reasons for each default.
 
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often each member probes one other member.
 ///
@@ -15,14 +15,26 @@ pub const PROBE_PERIOD: Duration = Duration::from_millis(500);
 /// for a busy 2-core machine running dozens of nodes without false suspicion.
 pub const PROBE_RTT: Duration = Duration::from_millis(200);
 
-/// How long a suspected member has to refute before it is declared down.
+/// Shortest time a suspected member has to refute before it is declared down.
 ///
-/// foca's LAN preset waits 4·log10(n) probe periods (8 s at 100 members), far
-/// beyond our < 2 s detection target. A live member refutes within one round
-/// trip of hearing the suspicion, and suspicion spreads in a few gossip rounds
-/// (every [`GOSSIP_PERIOD`]), so 600 ms is enough for live members to refute
-/// while keeping detection near 1.5 s. Measured false positives: see README.
-pub const SUSPECT_TO_DOWN: Duration = Duration::from_millis(600);
+/// foca's LAN preset waits 4·log10(n) probe periods (8 s at 100 members). A
+/// live member refutes within one round trip of hearing the suspicion, but a
+/// member whose process is starved (a 2-core node taking a thousand TLS
+/// handshakes at once) can go a second without running its gossip task: at
+/// 600 ms two such nodes declared each other down under a visitor burst. 2 s
+/// rides out such stalls; detection on loopback is then about 3 s. Longer
+/// links raise it further (see [`Timing::for_rtt`]).
+pub const SUSPECT_TO_DOWN: Duration = Duration::from_secs(2);
+
+/// Suspicion lasts at least this many probe periods, so that on slow links a
+/// suspected member hears of it (piggybacked on later probes and gossip) and
+/// its refutation travels back before the timer runs out.
+pub const SUSPECT_PERIODS: u32 = 3;
+
+/// Room in a probe period, beyond two round trips, for an indirect probe:
+/// prober → relay → target and back is two round trips when relays are as
+/// far as the target, plus each hop's processing.
+pub const INDIRECT_MARGIN: Duration = Duration::from_millis(200);
 
 /// How often updates are pushed to [`GOSSIP_FANOUT`] random members besides the
 /// piggybacking on probes (foca's LAN preset value).
@@ -65,14 +77,134 @@ pub const MAX_PACKET_SIZE: usize = 1_100;
 /// Cluster size assumed for dissemination counts when the caller gives none.
 pub const DEFAULT_EXPECTED_MEMBERS: u32 = 32;
 
+/// The SWIM timers that depend on how far apart members are. A
+/// [`GossipConfig`] gives their floors (fit for loopback and LAN); a node
+/// measures its members' round-trip times and widens them with
+/// [`Timing::for_rtt`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// How long a direct ping may go unanswered before asking others to probe.
+    pub probe_rtt: Duration,
+    /// How often a member probes one other member; the indirect probes get
+    /// what is left of the period after `probe_rtt`.
+    pub probe_period: Duration,
+    /// How long a suspected member has to refute.
+    pub suspect_to_down_after: Duration,
+}
+
+impl Timing {
+    /// The timers for a cluster whose worst member round trip is `rtt`:
+    /// probe RTT = max(floor, 2·rtt); period = max(floor, probe RTT plus
+    /// 2·rtt plus [`INDIRECT_MARGIN`]), so an indirect probe through a relay
+    /// as far as the target completes within the period; suspicion =
+    /// max(floor, [`SUSPECT_PERIODS`] periods).
+    pub fn for_rtt(floor: Timing, rtt: Duration) -> Timing {
+        let probe_rtt = floor.probe_rtt.max(2 * rtt);
+        let probe_period = floor
+            .probe_period
+            .max(probe_rtt + 2 * rtt + INDIRECT_MARGIN);
+        let suspect_to_down_after = floor
+            .suspect_to_down_after
+            .max(SUSPECT_PERIODS * probe_period);
+        Timing {
+            probe_rtt,
+            probe_period,
+            suspect_to_down_after,
+        }
+    }
+
+    /// An upper bound on how long after a crash every live member has seen
+    /// it as down, on a network that delivers most packets within `one_way`.
+    ///
+    /// foca probes members round-robin in a shuffled order, and every member
+    /// probes, so some member probes the crashed one within about two periods
+    /// (allowing for a member whose round restarts just before the crash).
+    /// The probe fails at the end of its period, suspicion lasts
+    /// `suspect_to_down_after`, and the "down" update then needs a few
+    /// gossip rounds (fanout [`GOSSIP_FANOUT`]; up to ten rounds for the last
+    /// member under 5 % loss) to reach everyone.
+    pub fn detection_bound(&self, gossip_period: Duration, one_way: Duration) -> Duration {
+        3 * self.probe_period + self.suspect_to_down_after + 10 * (gossip_period + one_way)
+    }
+}
+
+/// How often a node looks at its members' round-trip times.
+pub const RTT_SAMPLE_PERIOD: Duration = Duration::from_secs(2);
+
+/// Timers widen at once when round trips grow (a false "down" costs every
+/// tenant on that node its attachments), but narrow only after round trips
+/// have stayed lower for this long, so a brief calm between bursts does not
+/// bring back timers that the next burst would break.
+pub const NARROW_AFTER: Duration = Duration::from_secs(60);
+
+/// Narrowing is not worth a change below this fraction of the probe period.
+const NARROW_MIN_FRACTION: f64 = 0.2;
+
+/// Follows measured round trips and decides when the [`Timing`] changes
+/// (see [`NARROW_AFTER`]). Pure: the caller brings the clock and the
+/// samples.
+#[derive(Clone, Debug)]
+pub struct TimingTracker {
+    floor: Timing,
+    current: Timing,
+    /// Since when every sample asked for narrower timers than `current`,
+    /// and the widest of them.
+    narrower: Option<(Instant, Timing)>,
+}
+
+impl TimingTracker {
+    /// Starts at the floor.
+    pub fn new(floor: Timing) -> Self {
+        TimingTracker {
+            floor,
+            current: floor,
+            narrower: None,
+        }
+    }
+
+    /// The timers in force.
+    pub fn current(&self) -> Timing {
+        self.current
+    }
+
+    /// Takes the worst round trip measured now (`None`: no member to
+    /// measure) and returns the new timers if they change.
+    pub fn observe(&mut self, now: Instant, worst_rtt: Option<Duration>) -> Option<Timing> {
+        let want = Timing::for_rtt(self.floor, worst_rtt.unwrap_or(Duration::ZERO));
+        if want.probe_period > self.current.probe_period || want.probe_rtt > self.current.probe_rtt
+        {
+            self.narrower = None;
+            self.current = want;
+            return Some(want);
+        }
+        let gap = self.current.probe_period.saturating_sub(want.probe_period);
+        if gap.as_secs_f64() <= self.current.probe_period.as_secs_f64() * NARROW_MIN_FRACTION {
+            self.narrower = None;
+            return None;
+        }
+        let (since, widest) = match self.narrower {
+            Some((since, widest)) if want.probe_period > widest.probe_period => (since, want),
+            Some(kept) => kept,
+            None => (now, want),
+        };
+        if now.saturating_duration_since(since) >= NARROW_AFTER {
+            self.narrower = None;
+            self.current = widest;
+            return Some(widest);
+        }
+        self.narrower = Some((since, widest));
+        None
+    }
+}
+
 /// Settings for a [`crate::Membership`], converted into foca's config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GossipConfig {
-    /// See [`PROBE_PERIOD`].
+    /// Floor of the probe period, see [`PROBE_PERIOD`] and [`Timing`].
     pub probe_period: Duration,
-    /// See [`PROBE_RTT`].
+    /// Floor of the probe RTT, see [`PROBE_RTT`] and [`Timing`].
     pub probe_rtt: Duration,
-    /// See [`SUSPECT_TO_DOWN`].
+    /// Floor of the suspicion time, see [`SUSPECT_TO_DOWN`] and [`Timing`].
     pub suspect_to_down_after: Duration,
     /// See [`GOSSIP_PERIOD`].
     pub gossip_period: Duration,
@@ -100,6 +232,9 @@ pub enum ConfigError {
     /// A duration is zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    /// foca refused the settings.
+    #[error("gossip settings refused: {0}")]
+    Refused(String),
     /// Packets must fit foca's smallest message plus some updates.
     #[error("max_packet_size {0} is below the 512 B minimum")]
     PacketTooSmall(usize),
@@ -145,20 +280,18 @@ impl GossipConfig {
         Ok(())
     }
 
-    /// An upper bound on how long after a crash every live member has seen it as
-    /// down, on a network that delivers most packets within `one_way` latency.
-    ///
-    /// foca probes members round-robin in a shuffled order, and every member
-    /// probes, so some member probes the crashed one within about two periods
-    /// (allowing for a member whose round restarts just before the crash). The
-    /// probe fails at the end of its period, suspicion lasts
-    /// `suspect_to_down_after`, and the "down" update then needs a few gossip
-    /// rounds (fanout [`GOSSIP_FANOUT`]; up to ten rounds for the last member under 5 % loss) to reach everyone.
+    /// The floors of the RTT-dependent timers.
+    pub fn timing(&self) -> Timing {
+        Timing {
+            probe_rtt: self.probe_rtt,
+            probe_period: self.probe_period,
+            suspect_to_down_after: self.suspect_to_down_after,
+        }
+    }
+
+    /// [`Timing::detection_bound`] of the floors.
     pub fn detection_bound(&self, one_way: Duration) -> Duration {
-        2 * self.probe_period
-            + self.probe_period
-            + self.suspect_to_down_after
-            + 10 * (self.gossip_period + one_way)
+        self.timing().detection_bound(self.gossip_period, one_way)
     }
 
     pub(crate) fn to_foca(&self) -> foca::Config {
@@ -201,6 +334,57 @@ mod tests {
         assert!(c.probe_period < lan.probe_period);
         assert!(c.suspect_to_down_after < lan.suspect_to_down_after);
         assert_eq!(c.to_foca().max_packet_size.get(), MAX_PACKET_SIZE);
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn loopback_keeps_the_floors_and_long_links_widen_every_timer() {
+        let floor = GossipConfig::default().timing();
+        assert_eq!(Timing::for_rtt(floor, ms(1)), floor);
+        assert_eq!(Timing::for_rtt(floor, ms(40)), floor);
+        let wan = Timing::for_rtt(floor, ms(300));
+        assert_eq!(wan.probe_rtt, ms(600));
+        // Ping + indirect probe through a relay as far as the target.
+        assert_eq!(wan.probe_period, ms(600 + 600 + 200));
+        assert_eq!(wan.suspect_to_down_after, ms(3 * 1_400));
+        let p2 = Timing::for_rtt(floor, ms(80));
+        assert_eq!((p2.probe_rtt, p2.probe_period), (ms(200), ms(560)));
+        assert_eq!(p2.suspect_to_down_after, ms(2_000));
+    }
+
+    #[test]
+    fn timers_widen_at_once_and_narrow_only_after_a_calm_minute() {
+        let floor = GossipConfig::default().timing();
+        let t0 = Instant::now();
+        let mut tracker = TimingTracker::new(floor);
+        assert_eq!(tracker.observe(t0, Some(ms(2))), None);
+        assert_eq!(tracker.observe(t0, None), None);
+        let wide = tracker.observe(t0, Some(ms(300))).expect("widens at once");
+        assert_eq!(wide.probe_rtt, ms(600));
+        // Round trips fall back: nothing changes for a minute...
+        let calm = t0 + ms(1_000);
+        assert_eq!(tracker.observe(calm, Some(ms(5))), None);
+        assert_eq!(tracker.observe(calm + ms(30_000), Some(ms(100))), None);
+        // ...a new burst restarts the wait and widens again...
+        assert_eq!(
+            tracker
+                .observe(calm + ms(40_000), Some(ms(400)))
+                .map(|t| t.probe_rtt),
+            Some(ms(800))
+        );
+        assert_eq!(tracker.observe(calm + ms(41_000), Some(ms(100))), None);
+        assert_eq!(tracker.observe(calm + ms(100_000), Some(ms(2))), None);
+        // ...and after a full minute lower, the widest of the calm applies.
+        let narrowed = tracker.observe(calm + ms(101_000), Some(ms(2))).unwrap();
+        assert_eq!(narrowed, Timing::for_rtt(floor, ms(100)));
+        assert_eq!(tracker.current(), narrowed);
+        // A small wobble changes nothing.
+        let mut tracker = TimingTracker::new(floor);
+        tracker.observe(t0, Some(ms(300)));
+        assert_eq!(tracker.observe(t0 + ms(120_000), Some(ms(290))), None);
     }
 
     #[test]

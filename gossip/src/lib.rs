@@ -28,7 +28,7 @@ mod membership;
 mod meta;
 pub mod sim;
 
-pub use config::GossipConfig;
+pub use config::{GossipConfig, Timing, TimingTracker};
 pub use identity::{NodeId, NodeIdentity};
 pub use membership::{
     GossipError, GossipStats, MemberEvent, MemberState, MemberView, Membership, Transmit,

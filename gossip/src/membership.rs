@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use foca::{AccumulatingRuntime, Foca, OwnedNotification, Timer};
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, State, Timer};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::codec::{CodecError, MsgpackCodec, SYNC_TAG, SyncChunk, peek_header};
-use crate::config::{ConfigError, GossipConfig};
+use crate::config::{ConfigError, GossipConfig, Timing};
 use crate::identity::{NodeId, NodeIdentity};
 use crate::meta::{self, MetaHandler, MetaTable, NodeMeta};
 
@@ -124,6 +124,8 @@ pub struct GossipStats {
     pub spoofed_dropped: u64,
     /// Packets that did not decode, were too big or that foca refused.
     pub invalid_dropped: u64,
+    /// Suspicions the member refuted before they ran out.
+    pub refuted_suspicions: u64,
 }
 
 /// A scheduled foca timer; ordered by deadline, then by scheduling order, so
@@ -181,6 +183,10 @@ pub struct Membership {
     up: BTreeMap<NodeId, NodeIdentity>,
     stats: GossipStats,
     max_packet_size: usize,
+    /// The RTT-dependent timers in force; foca's own copies of them are only
+    /// used to schedule, and [`Membership::schedule`] replaces them.
+    timing: Timing,
+    config: GossipConfig,
 }
 
 impl Membership {
@@ -231,6 +237,8 @@ impl Membership {
             join_attempt: 0,
             stats: GossipStats::default(),
             max_packet_size: config.max_packet_size.get(),
+            timing: config.timing(),
+            config: config.clone(),
         })
     }
 
@@ -418,6 +426,10 @@ impl Membership {
         }
         while self.timers.peek().is_some_and(|s| s.at <= now) {
             let Some(due) = self.timers.pop() else { break };
+            if self.is_stale_suspicion(&due.timer) {
+                self.stats.refuted_suspicions += 1;
+                continue;
+            }
             if let Err(err) = self.foca.handle_timer(due.timer, &mut self.runtime) {
                 tracing::debug!(%err, "gossip timer failed");
             }
@@ -498,7 +510,64 @@ impl Membership {
         self.join_due = Some(now + backoff);
     }
 
+    /// Whether `timer` ends a suspicion that the member has since refuted.
+    /// foca 2.0 checks the incarnation before declaring the member down, but
+    /// then sends it `TurnUndead` even when the check failed, and a member
+    /// that receives one renews its identity: every refuted suspicion would
+    /// end in a false "down" and a rejoin (seen under load, where a starved
+    /// node is suspected and refutes in time). Such timers are not delivered.
+    fn is_stale_suspicion(&self, timer: &Timer<NodeIdentity>) -> bool {
+        let Timer::ChangeSuspectToDown {
+            member_id,
+            incarnation,
+            ..
+        } = timer
+        else {
+            return false;
+        };
+        !self.foca.iter_membership_state().any(|m| {
+            m.id() == member_id && m.state() == State::Suspect && m.incarnation() == *incarnation
+        })
+    }
+
+    /// The RTT-dependent timers in force.
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// Replaces the RTT-dependent timers (see [`Timing::for_rtt`]). foca
+    /// cannot change its probe period or probe RTT at runtime, but it only
+    /// uses them to schedule its timers, and every timer goes through
+    /// [`Membership::schedule`]: the new values apply from the next probe
+    /// and the next suspicion on; timers already set keep their time.
+    pub fn set_timing(&mut self, timing: Timing) -> Result<(), ConfigError> {
+        if timing.probe_rtt >= timing.probe_period {
+            return Err(ConfigError::RttNotBelowPeriod {
+                rtt: timing.probe_rtt,
+                period: timing.probe_period,
+            });
+        }
+        if timing.probe_rtt.is_zero() || timing.suspect_to_down_after.is_zero() {
+            return Err(ConfigError::Zero("timing"));
+        }
+        let mut config = self.config.to_foca();
+        config.suspect_to_down_after = timing.suspect_to_down_after;
+        // Only the suspicion time may change in foca; the probe timers are
+        // replaced when scheduled.
+        self.foca
+            .set_config(config)
+            .map_err(|err| ConfigError::Refused(err.to_string()))?;
+        self.timing = timing;
+        Ok(())
+    }
+
     fn schedule(&mut self, now: Instant, after: Duration, timer: Timer<NodeIdentity>) {
+        let after = match timer {
+            Timer::ProbeRandomMember(_) => self.timing.probe_period,
+            Timer::SendIndirectProbe { .. } => self.timing.probe_rtt,
+            Timer::ChangeSuspectToDown { .. } => self.timing.suspect_to_down_after,
+            _ => after,
+        };
         self.timer_seq += 1;
         self.timers.push(Scheduled {
             at: now + after,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::{GossipConfig, MemberEvent, Membership, NodeId, NodeIdentity};
+use crate::{GossipConfig, MemberEvent, Membership, NodeId, NodeIdentity, Timing};
 
 /// Network conditions of a simulation.
 #[derive(Clone, Debug)]
@@ -28,6 +28,13 @@ pub struct SimConfig {
     pub min_latency: Duration,
     /// Longest one-way latency.
     pub max_latency: Duration,
+    /// Members are dealt round-robin into this many regions (member `i` is
+    /// in region `i % regions`); 1 is one flat network.
+    pub regions: usize,
+    /// Shortest one-way latency between members of different regions.
+    pub cross_min_latency: Duration,
+    /// Longest one-way latency between members of different regions.
+    pub cross_max_latency: Duration,
 }
 
 impl SimConfig {
@@ -38,7 +45,54 @@ impl SimConfig {
             loss,
             min_latency: Duration::from_micros(200),
             max_latency: Duration::from_millis(2),
+            regions: 1,
+            cross_min_latency: Duration::from_micros(200),
+            cross_max_latency: Duration::from_millis(2),
         }
+    }
+
+    /// Links of round-trip time `rtt` with uniform jitter of ±10 % each way
+    /// and the given loss, between every pair of members.
+    pub fn wan(seed: u64, loss: f64, rtt: Duration) -> Self {
+        SimConfig::regions(seed, loss, 1, rtt, rtt)
+    }
+
+    /// Members in `regions` regions: round trips of `inside` within a
+    /// region and `across` between regions, each with ±10 % jitter each way.
+    pub fn regions(
+        seed: u64,
+        loss: f64,
+        regions: usize,
+        inside: Duration,
+        across: Duration,
+    ) -> Self {
+        SimConfig {
+            seed,
+            loss,
+            min_latency: inside.mul_f64(0.45),
+            max_latency: inside.mul_f64(0.55),
+            regions: regions.max(1),
+            cross_min_latency: across.mul_f64(0.45),
+            cross_max_latency: across.mul_f64(0.55),
+        }
+    }
+
+    fn latency_bounds(&self, from: usize, to: usize) -> (Duration, Duration) {
+        if from % self.regions == to % self.regions {
+            (self.min_latency, self.max_latency)
+        } else {
+            (self.cross_min_latency, self.cross_max_latency)
+        }
+    }
+
+    /// The worst round trip member `i` of `n` measures to another member:
+    /// what a node learns from its QUIC connections' RTT estimates.
+    pub fn worst_rtt(&self, i: usize, n: usize) -> Duration {
+        (0..n)
+            .filter(|&j| j != i)
+            .map(|j| 2 * self.latency_bounds(i, j).1)
+            .max()
+            .unwrap_or_default()
     }
 }
 
@@ -59,6 +113,11 @@ struct Node {
     armed: Option<Instant>,
     bytes_out: u64,
     group: u8,
+    /// Until when the member runs nothing (a starved process): packets and
+    /// timers wait for it.
+    stalled_until: Option<Instant>,
+    /// Set its timers from the round trips it would measure.
+    adaptive: bool,
 }
 
 /// The simulated cluster.
@@ -120,6 +179,8 @@ impl Sim {
                 armed: None,
                 bytes_out: 0,
                 group: 0,
+                stalled_until: None,
+                adaptive: false,
             });
             sim.boot(i);
         }
@@ -138,6 +199,9 @@ impl Sim {
         )
         .expect("valid gossip config");
         self.nodes[i].membership = Some(m);
+        if self.nodes[i].adaptive {
+            self.adapt_timing(i);
+        }
         self.nodes[i].armed = None;
     }
 
@@ -202,6 +266,32 @@ impl Sim {
         }
         self.flush(i);
         self.nodes[i].membership = None;
+    }
+
+    /// Every member sets its timers from the worst round trip it would
+    /// measure ([`Timing::for_rtt`]), as a node does from its QUIC
+    /// connections; restarted members do so again.
+    pub fn adapt_timers(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.nodes[i].adaptive = true;
+            self.adapt_timing(i);
+        }
+    }
+
+    fn adapt_timing(&mut self, i: usize) {
+        let timing = Timing::for_rtt(
+            self.gossip.timing(),
+            self.net.worst_rtt(i, self.nodes.len()),
+        );
+        if let Some(m) = self.nodes[i].membership.as_mut() {
+            m.set_timing(timing).expect("timing from for_rtt is valid");
+        }
+    }
+
+    /// Member `i` runs nothing for `d` (a starved or paused process): what
+    /// arrives meanwhile and its timers wait until then.
+    pub fn stall(&mut self, i: usize, d: Duration) {
+        self.nodes[i].stalled_until = Some(self.now + d);
     }
 
     /// Member `i` stops at once, telling nobody.
@@ -299,6 +389,10 @@ impl Sim {
                 let Some(Reverse((_, seq, from, to))) = self.packets.pop() else {
                     break;
                 };
+                if let Some(until) = self.stalled(to) {
+                    self.packets.push(Reverse((until, seq, from, to)));
+                    continue;
+                }
                 let data = self
                     .payloads
                     .remove(&seq)
@@ -308,10 +402,21 @@ impl Sim {
                 let Some(Reverse((_, i))) = self.wakeups.pop() else {
                     break;
                 };
+                if let Some(until) = self.stalled(i) {
+                    self.wakeups.push(Reverse((until, i)));
+                    continue;
+                }
                 self.wake(i);
             }
         }
         self.now = until;
+    }
+
+    /// When member `i` runs again, if it is stalled now.
+    fn stalled(&self, i: usize) -> Option<Instant> {
+        self.nodes[i]
+            .stalled_until
+            .filter(|&until| until > self.now)
     }
 
     fn deliver(&mut self, from: usize, to: usize, data: &[u8]) {
@@ -371,8 +476,8 @@ impl Sim {
             let Some(&to) = self.index.get(&t.to.id) else {
                 continue;
             };
-            let spread = self.net.max_latency.saturating_sub(self.net.min_latency);
-            let latency = self.net.min_latency + spread.mul_f64(self.rng.random::<f64>());
+            let (min, max) = self.net.latency_bounds(i, to);
+            let latency = min + max.saturating_sub(min).mul_f64(self.rng.random::<f64>());
             self.seq += 1;
             self.payloads.insert(self.seq, t.data);
             self.packets.push(Reverse((now + latency, self.seq, i, to)));

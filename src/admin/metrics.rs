@@ -24,6 +24,10 @@ pub(super) fn render(s: &NodeStatus) -> String {
         ("specter_gossip_bytes_in_total", g.bytes_in),
         ("specter_gossip_spoofed_dropped_total", g.spoofed_dropped),
         ("specter_gossip_invalid_dropped_total", g.invalid_dropped),
+        (
+            "specter_gossip_refuted_suspicions_total",
+            g.refuted_suspicions,
+        ),
         ("specter_quic_datagrams_sent_total", t.datagrams_sent),
         (
             "specter_quic_datagrams_received_total",
@@ -48,6 +52,18 @@ pub(super) fn render(s: &NodeStatus) -> String {
         "# TYPE specter_quic_connections gauge\nspecter_quic_connections {}",
         t.connections
     );
+    let m = s.membership_timers;
+    for (name, v) in [
+        ("specter_gossip_worst_rtt_seconds", m.worst_rtt_ms),
+        ("specter_gossip_probe_rtt_seconds", m.probe_rtt_ms),
+        ("specter_gossip_probe_period_seconds", m.probe_period_ms),
+        (
+            "specter_gossip_suspect_to_down_seconds",
+            m.suspect_to_down_ms,
+        ),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} gauge\n{name} {:.3}", v as f64 / 1e3);
+    }
     let i = &s.ingress;
     let c = i.counters;
     let _ = writeln!(

@@ -521,6 +521,11 @@ impl Transport {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
+    /// QUIC's smoothed round-trip estimate to `peer`, if connected.
+    pub fn rtt(&self, peer: NodeId) -> Option<Duration> {
+        self.pool().conns.get(&peer).map(|e| e.conn.rtt())
+    }
+
     /// Ids of peers with an open connection.
     pub fn connected_peers(&self) -> Vec<NodeId> {
         self.pool().conns.keys().copied().collect()

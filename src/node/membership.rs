@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use specter_dht::Peer;
+use specter_gossip::config::RTT_SAMPLE_PERIOD;
 use specter_gossip::{
-    GossipError, GossipStats, MemberEvent, MemberState, Membership, NodeId, NodeIdentity,
+    GossipError, GossipStats, MemberEvent, MemberState, Membership, NodeId, NodeIdentity, Timing,
+    TimingTracker,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -184,6 +186,44 @@ pub struct MembershipView {
     pub members: Vec<MemberStatus>,
     /// Gossip counters.
     pub gossip: GossipStats,
+    /// The membership timers in force, derived from measured round trips.
+    pub timers: TimersStatus,
+}
+
+/// The RTT-dependent membership timers, in milliseconds, and the round trip
+/// they were derived from.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct TimersStatus {
+    /// Worst smoothed QUIC round trip to a live member at the last sample.
+    pub worst_rtt_ms: u64,
+    /// Direct ping timeout.
+    pub probe_rtt_ms: u64,
+    /// Probe period.
+    pub probe_period_ms: u64,
+    /// Suspicion time.
+    pub suspect_to_down_ms: u64,
+}
+
+impl TimersStatus {
+    fn new(timing: Timing, worst_rtt: Duration) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        TimersStatus {
+            worst_rtt_ms: ms(worst_rtt),
+            probe_rtt_ms: ms(timing.probe_rtt),
+            probe_period_ms: ms(timing.probe_period),
+            suspect_to_down_ms: ms(timing.suspect_to_down_after),
+        }
+    }
+}
+
+/// The worst smoothed round trip to a live member over the pooled
+/// connections (`None` with no connected member).
+fn worst_member_rtt(members: &Members, transport: &Transport) -> Option<Duration> {
+    members
+        .live()
+        .iter()
+        .filter_map(|p| transport.rtt(p.id))
+        .max()
 }
 
 /// Shared handle on the published view.
@@ -239,7 +279,11 @@ impl Driver {
         drop(seed_tx);
         let mut joined = false;
         let mut published = Instant::now();
-        publish(&membership, joined, &view);
+        let mut tracker = TimingTracker::new(membership.timing());
+        let mut timers = TimersStatus::new(membership.timing(), Duration::ZERO);
+        let mut sample = tokio::time::interval(RTT_SAMPLE_PERIOD);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        publish(&membership, joined, timers, &view);
         loop {
             let deadline = membership
                 .poll_timeout()
@@ -264,6 +308,22 @@ impl Driver {
                     }
                 }
                 Some(seed) = seed_rx.recv() => membership.add_seed(Instant::now(), seed),
+                _ = sample.tick() => {
+                    let worst = worst_member_rtt(&members, &transport);
+                    if let Some(timing) = tracker.observe(Instant::now(), worst) {
+                        match membership.set_timing(timing) {
+                            Ok(()) => tracing::info!(
+                                worst_rtt = ?worst.unwrap_or_default(),
+                                probe_rtt = ?timing.probe_rtt,
+                                probe_period = ?timing.probe_period,
+                                suspicion = ?timing.suspect_to_down_after,
+                                "membership timers follow the measured round trips"
+                            ),
+                            Err(err) => tracing::warn!(%err, "membership timers unchanged"),
+                        }
+                    }
+                    timers = TimersStatus::new(membership.timing(), worst.unwrap_or_default());
+                }
                 () = tokio::time::sleep_until(deadline) => membership.handle_timeout(Instant::now()),
             }
             // A steady stream of packets must not starve the timers: fire
@@ -302,7 +362,7 @@ impl Driver {
                 }
             }
             if changed || published.elapsed() >= VIEW_REFRESH {
-                publish(&membership, joined, &view);
+                publish(&membership, joined, timers, &view);
                 published = Instant::now();
             }
         }
@@ -322,7 +382,7 @@ fn flush(membership: &mut Membership, transport: &Arc<Transport>) {
     }
 }
 
-fn publish(membership: &Membership, joined: bool, view: &SharedView) {
+fn publish(membership: &Membership, joined: bool, timers: TimersStatus, view: &SharedView) {
     let mut members: Vec<MemberStatus> = membership
         .members()
         .into_iter()
@@ -341,6 +401,7 @@ fn publish(membership: &Membership, joined: bool, view: &SharedView) {
         joined,
         members,
         gossip: membership.stats(),
+        timers,
     };
     *view.write().unwrap_or_else(PoisonError::into_inner) = next;
 }

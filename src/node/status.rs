@@ -8,7 +8,7 @@ use serde::Serialize;
 use specter_dht::Peer;
 
 use super::dht::{DhtHandle, DhtStatus};
-use super::membership::{MemberStatus, SharedView, read_view};
+use super::membership::{MemberStatus, SharedView, TimersStatus, read_view};
 use crate::ingress::Ingress;
 use crate::ingress::limits::{IngressCounters, IngressLimits};
 use crate::net::{Transport, TransportCounters};
@@ -28,6 +28,8 @@ pub struct NodeStatus {
     pub members: Vec<MemberStatus>,
     /// Gossip counters.
     pub gossip: specter_gossip::GossipStats,
+    /// Membership timers in force and the round trip they follow.
+    pub membership_timers: TimersStatus,
     /// Transport counters.
     pub transport: TransportCounters,
     /// Ring neighbours, fingers and records held.
@@ -84,6 +86,7 @@ impl NodeState {
             joined: view.joined,
             members: view.members,
             gossip: view.gossip,
+            membership_timers: view.timers,
             transport: self.transport.counters(),
             dht: self.dht.status(),
             ingress: IngressStatus {
