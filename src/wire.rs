@@ -87,6 +87,11 @@ pub const CLOSE_REPLACED: VarInt = VarInt::from_u32(0x33);
 /// Close (client → node): the client dropped this attachment (it stops, or
 /// the attachment is a duplicate or a trimmed spare).
 pub const CLOSE_DETACHED: VarInt = VarInt::from_u32(0x34);
+/// Reset (visitor stream, any hop): the other side of this hop failed
+/// mid-stream (its node died, its connection was reset). A stream that is
+/// merely dropped is finished cleanly by quinn, which would make a cut
+/// answer look complete to the visitor; this code says it is not.
+pub const STREAM_BROKEN: VarInt = VarInt::from_u32(0x35);
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -314,6 +319,7 @@ mod tests {
             STREAM_NOT_HERE,
             CLOSE_REPLACED,
             CLOSE_DETACHED,
+            STREAM_BROKEN,
         ];
         let distinct: std::collections::BTreeSet<u64> =
             codes.iter().map(|c| c.into_inner()).collect();

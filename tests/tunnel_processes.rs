@@ -714,3 +714,269 @@ fn http_visitors_reuse_upstream_connections_on_both_paths() {
         "40 requests opened {opened} target connections"
     );
 }
+
+/// A port on `ip` that was free a moment ago.
+fn free_port(ip: &str, udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
+#[test]
+fn a_node_serves_visitors_only_once_it_has_joined() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let edge_dir = issue_edge(dir.path(), &ca_dir, DOMAIN);
+    let ips: Vec<String> = ["127.0.0.71", "127.0.0.72"].map(String::from).to_vec();
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    // The seed is not up yet.
+    let seed = format!("{}:{}", ips[0], free_port(&ips[0], true));
+    let admin = format!("{}:{}", ips[1], free_port(&ips[1], false));
+    let https = format!("{}:{}", ips[1], free_port(&ips[1], false));
+    let edge = |f: &str| edge_dir.join(f).to_str().unwrap().to_string();
+    let (cert, key) = (edge("edge.crt"), edge("edge.key"));
+    let flags = [
+        "--admin",
+        &admin,
+        "--https",
+        &https,
+        "--domain",
+        DOMAIN,
+        "--edge-cert",
+        &cert,
+        "--edge-key",
+        &key,
+    ];
+    let (child, ready_file) =
+        spawn_node_via(&[], dir.path(), &dirs[1], &ips[1], Some(&seed), &flags);
+    let _late = Reaped(child);
+    let admin_addr = admin.parse().unwrap();
+    let status = || -> Option<serde_json::Value> {
+        serde_json::from_str(&http_get(admin_addr, "/status")?).ok()
+    };
+    assert!(wait_for(Duration::from_secs(20), || status().is_some()).is_some());
+    assert_eq!(status().unwrap()["ready"], false);
+    // A visitor is asked to come back, not told the name is unknown.
+    let began = Instant::now();
+    let out = Command::new("curl")
+        .args(["-s", "-i", "-m", "20", "--http1.1"])
+        .args(["--cacert", dir.path().join("ca/ca.crt").to_str().unwrap()])
+        .args([
+            "--resolve",
+            &format!(
+                "nobody.{DOMAIN}:{}:{}",
+                https.rsplit_once(':').unwrap().1,
+                ips[1]
+            ),
+        ])
+        .arg(format!(
+            "https://nobody.{DOMAIN}:{}/",
+            https.rsplit_once(':').unwrap().1
+        ))
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    assert!(
+        began.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(
+        !ready_file.exists(),
+        "the ready file came before the node joined"
+    );
+
+    // The seed comes up: the node joins, says it is ready, and now knows
+    // the name is unknown.
+    let _seed = start_node_with(dir.path(), &dirs[0], &ips[0], None, &["--listen", &seed]);
+    assert!(
+        wait_for(Duration::from_secs(20), || ready_file.exists()).is_some(),
+        "the node did not become ready once its seed was up"
+    );
+    assert_eq!(status().unwrap()["ready"], true);
+    let (_, code) = curl(dir.path(), &https, &format!("nobody.{DOMAIN}"), "/", false);
+    assert_eq!(code, "1.1 404");
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[test]
+fn a_spare_attached_while_a_node_was_silent_is_detached_once_it_answers_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = (81..=83).map(|i| format!("127.0.0.{i}")).collect();
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    let mut procs = vec![start_node(dir.path(), &dirs[0], &ips[0], None)];
+    let seed = procs[0].quic();
+    for i in 1..ips.len() {
+        procs.push(start_node(dir.path(), &dirs[i], &ips[i], Some(&seed)));
+    }
+    let service = http_service();
+    let log = dir.path().join("spare-client.log");
+    let child = tunnel_cmd(
+        dir.path(),
+        "spare",
+        "spare",
+        &format!("http://{service}"),
+        &seed,
+    )
+    .args(["--attachments", "2"])
+    .stdout(std::fs::File::create(&log).unwrap())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let _client = Reaped(child);
+    let ready = client_ready_file(&dir.path().join("spare"));
+    let nodes = |r: &serde_json::Value| -> Vec<String> {
+        r["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["node"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = wait_client(&ready, Duration::from_secs(20), |r| r["healthy"] == 2)
+        .expect("two attachments");
+    let held = nodes(&first);
+    let paused = procs.iter().find(|p| held.contains(&p.id())).unwrap();
+    // The node stops answering: the client attaches a replacement...
+    signal(paused.child.id(), "-STOP");
+    let replaced = wait_client(&ready, Duration::from_secs(10), |r| {
+        r["healthy"] == 2 && r["attachments"].as_array().unwrap().len() == 3
+    });
+    signal(paused.child.id(), "-CONT");
+    let client_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let replaced = replaced.unwrap_or_else(|| {
+        panic!(
+            "no replacement while the node was silent:\n{}",
+            client_log()
+        )
+    });
+    let spare: Vec<String> = nodes(&replaced)
+        .into_iter()
+        .filter(|n| !held.contains(n))
+        .collect();
+    assert_eq!(spare.len(), 1);
+    // ...the node answers again (three healthy), and the newest goes after
+    // the grace period.
+    let trimmed = wait_client(&ready, Duration::from_secs(30), |r| {
+        r["healthy"] == 2 && r["attachments"].as_array().unwrap().len() == 2
+    })
+    .unwrap_or_else(|| panic!("the spare was never detached:\n{}", client_log()));
+    let kept = nodes(&trimmed);
+    assert!(!kept.contains(&spare[0]), "kept {kept:?}, spare {spare:?}");
+    let mut want = held.clone();
+    want.sort();
+    let mut kept = kept;
+    kept.sort();
+    assert_eq!(kept, want);
+}
+
+/// A service whose answers have no length (they end when the connection
+/// closes): it sends a head and 4 KiB, then holds the connection open.
+fn unended_service() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut head = [0u8; 4096];
+                let _ = conn.read(&mut head);
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                let _ = conn.write_all(&[b'x'; 4096]);
+                std::thread::sleep(Duration::from_secs(60));
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_answer_cut_by_the_death_of_its_client_is_an_error_not_a_short_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = (91..=92).map(|i| format!("127.0.0.{i}")).collect();
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
+    let service = unended_service();
+    let child = tunnel_cmd(
+        dir.path(),
+        "cut",
+        "cut",
+        &format!("http://{service}"),
+        &procs[0].quic(),
+    )
+    .args(["--attachments", "1"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut client = Reaped(child);
+    let ready = wait_client(
+        &client_ready_file(&dir.path().join("cut")),
+        Duration::from_secs(20),
+        |r| r["healthy"] == 1,
+    )
+    .expect("attached");
+    let attached = ready["attachments"][0]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Through the node that forwards to the attached one.
+    let entry = procs.iter().find(|p| p.id() != attached).unwrap();
+    let https = entry.https();
+    let (ip, port) = https.rsplit_once(':').unwrap();
+    let host = format!("cut.{DOMAIN}");
+    let body = dir.path().join("body");
+    let mut curl = Command::new("curl")
+        .args(["-s", "-m", "30", "--http1.1", "-o", body.to_str().unwrap()])
+        .args(["--cacert", dir.path().join("ca/ca.crt").to_str().unwrap()])
+        .args(["--resolve", &format!("{host}:{port}:{ip}")])
+        .arg(format!("https://{host}:{port}/"))
+        .spawn()
+        .unwrap();
+    let size = || std::fs::metadata(&body).map_or(0, |m| m.len());
+    assert!(
+        wait_for(Duration::from_secs(10), || size() >= 4096).is_some(),
+        "the answer never started"
+    );
+    // The answer is under way; its client dies.
+    client.0.kill().unwrap();
+    let ended = wait_for(Duration::from_secs(25), || {
+        curl.try_wait().unwrap().is_some()
+    });
+    assert!(ended.is_some(), "the visitor was never told");
+    let status = curl.wait().unwrap();
+    // 18: "transfer closed with outstanding read data remaining".
+    assert_eq!(
+        status.code(),
+        Some(18),
+        "the visitor saw {status} after {} bytes",
+        size()
+    );
+    let metrics = http_get(entry.admin(), "/metrics").unwrap();
+    let broken = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("specter_ingress_broken_total "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(broken, Some(1), "{metrics}");
+}

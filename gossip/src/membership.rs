@@ -59,6 +59,10 @@ pub enum MemberEvent {
     Isolated,
     /// This node was declared down while alive and renewed its identity.
     Renewed(NodeIdentity),
+    /// A member answered this node's request for its member list, and the
+    /// list was applied: after joining, the view is now as complete as that
+    /// member's (the first one tells a new node it can route).
+    Synced,
 }
 
 /// SWIM state of a member in the live view.
@@ -187,6 +191,8 @@ pub struct Membership {
     /// used to schedule, and [`Membership::schedule`] replaces them.
     timing: Timing,
     config: GossipConfig,
+    /// A requested member list was applied by the packet being handled.
+    synced: bool,
 }
 
 impl Membership {
@@ -239,6 +245,7 @@ impl Membership {
             max_packet_size: config.max_packet_size.get(),
             timing: config.timing(),
             config: config.clone(),
+            synced: false,
         })
     }
 
@@ -303,6 +310,10 @@ impl Membership {
             Err(_) => self.stats.invalid_dropped += 1,
         }
         self.drain(now);
+        if std::mem::take(&mut self.synced) {
+            // After the members it brought came up.
+            self.events.push_back(MemberEvent::Synced);
+        }
         result
     }
 
@@ -336,6 +347,7 @@ impl Membership {
         // a newcomer syncs before every member has heard of it.
         let solicited = self.sync_requested.remove(&from);
         let trusted = solicited || self.up.contains_key(&from);
+        self.synced |= solicited;
         // The sender lists itself; its certificate proved `from`.
         let Some(peer) = chunk
             .members
@@ -729,6 +741,40 @@ mod tests {
         let meta = seen[0].meta.as_ref().expect("metadata arrived");
         assert_eq!(meta.load, 7);
         assert_eq!(meta.ingress, Some("127.0.0.1:443".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_newcomer_is_told_synced_once_the_member_list_it_asked_for_is_applied() {
+        let t0 = Instant::now();
+        let mut nodes = vec![member(1), member(2), member(3)];
+        nodes[1].add_seed(t0, ident(1));
+        pump(t0, &mut nodes);
+        let mut now = t0;
+        for _ in 0..5 {
+            now += Duration::from_millis(100);
+            for n in nodes.iter_mut() {
+                n.handle_timeout(now);
+            }
+            pump(now, &mut nodes);
+        }
+        events(&mut nodes[2]);
+        // Member 3 joins through 1 and asks it for its list right away.
+        nodes[2].add_seed(now, ident(1));
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            pump(now, &mut nodes);
+            nodes[2].handle_timeout(now);
+            seen.extend(events(&mut nodes[2]));
+        }
+        pump(now, &mut nodes);
+        seen.extend(events(&mut nodes[2]));
+        let synced = seen.iter().position(|e| *e == MemberEvent::Synced);
+        let synced = synced.unwrap_or_else(|| panic!("no Synced in {seen:?}"));
+        // Both members are up by then, the one it did not announce to too.
+        for id in [ident(1), ident(2)] {
+            let up = seen.iter().position(|e| *e == MemberEvent::Up(id));
+            assert!(up.is_some_and(|up| up < synced), "{seen:?}");
+        }
     }
 
     #[test]

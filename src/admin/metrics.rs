@@ -85,6 +85,7 @@ pub(super) fn render(s: &NodeStatus) -> String {
         ("specter_ingress_accepted_total", c.accepted),
         ("specter_ingress_accept_errors_total", c.accept_errors),
         ("specter_ingress_misdirected_total", c.misdirected),
+        ("specter_ingress_broken_total", c.broken),
         ("specter_ingress_shed_total", c.shed),
     ] {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");

@@ -46,6 +46,9 @@ pub struct Handle {
     /// Notified when gossip declared the node dead: the task then counts it
     /// silent until it hears from the node again.
     pub suspect: Arc<tokio::sync::Notify>,
+    /// Notified when the client has no node left to dial: the task asks its
+    /// node for a fresh sample of members.
+    pub refresh: Arc<tokio::sync::Notify>,
 }
 
 /// How often an attachment checks that its node is still heard.
@@ -81,7 +84,11 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
         updates,
         handle,
     } = session;
-    let Handle { drop, suspect } = handle;
+    let Handle {
+        drop,
+        suspect,
+        refresh: ask_peers,
+    } = handle;
     let result = async {
         let conn = endpoint
             .connect_with(config, addr, crate::net::tls::CLIENT_SERVER_NAME)?
@@ -133,8 +140,9 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
         tokio::select! {
             biased;
             () = drop.cancelled() => {
+                // The client loop dropped it and has forgotten it already.
                 conn.close(CLOSE_DETACHED, b"attachment dropped");
-                break "dropped".to_string();
+                return;
             }
             stream = conn.accept_bi() => match stream {
                 Ok((s, r)) => {
@@ -184,6 +192,9 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
                 }
             }
             _ = refresh.tick() => {
+                let _ = write_msg(&mut send, &ClientMsg::Peers).await;
+            }
+            () = ask_peers.notified() => {
                 let _ = write_msg(&mut send, &ClientMsg::Peers).await;
             }
         }

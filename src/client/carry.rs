@@ -9,7 +9,7 @@ use std::time::Duration;
 use specter_tunnel::protocol::{Visit, VisitReply};
 
 use super::target::Target;
-use crate::wire::{read_frame, write_frame, write_msg};
+use crate::wire::{STREAM_BROKEN, read_frame, write_frame, write_msg};
 
 /// A visitor stream must deliver its header this soon.
 const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,6 +60,10 @@ pub(super) async fn carry(
     let _ = local.set_nodelay(true);
     let mut stream = tokio::io::join(&mut recv, &mut send);
     if let Err(err) = specter_tunnel::splice::splice(&mut stream, &mut local).await {
-        tracing::debug!(tunnel = %visit.name, %err, "visitor stream ended with an error");
+        // Not a clean end: the node (and the visitor) must see a reset, and
+        // the target a closed connection.
+        tracing::info!(tunnel = %visit.name, visitor = %visit.visitor, %err, "visitor stream broken mid-way; reset");
+        let _ = send.reset(STREAM_BROKEN);
+        let _ = recv.stop(STREAM_BROKEN);
     }
 }

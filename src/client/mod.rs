@@ -39,6 +39,16 @@ const RETRY_MIN: Duration = Duration::from_millis(200);
 /// ...up to this, forever: a client whose network is gone comes back within
 /// this long of its return.
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// More than k healthy attachments (a silent node that answers again after
+/// its replacement came up) are kept this long, then the newest beyond k are
+/// detached: long enough that a node flapping in and out of silence does not
+/// cost a detach and a re-attach each time, short enough that nodes do not
+/// carry unneeded attachments for long.
+pub const SPARE_GRACE: Duration = Duration::from_secs(10);
+/// With fewer than k healthy attachments and no node left to dial, the
+/// healthy ones ask their nodes for fresh members at most this often (the
+/// sample may predate nodes that joined since).
+const PEERS_ASK_EVERY: Duration = Duration::from_secs(1);
 /// File names in the state directory.
 const KEY_FILE: &str = "client.key";
 const NAME_FILE: &str = "name";
@@ -120,10 +130,43 @@ fn client_config(options: &ClientOptions, state: &ClientState) -> Result<quinn::
     )?)
 }
 
+/// Decides when spare attachments are detached (see [`SPARE_GRACE`]).
+#[derive(Debug, Default)]
+struct Spares {
+    /// Since when more than k attachments have been healthy.
+    over_since: Option<Instant>,
+}
+
+impl Spares {
+    /// Given the healthy attachments (node, attached at) and k, the nodes
+    /// to detach now: none until more than k have been healthy for
+    /// [`SPARE_GRACE`], then the newest beyond k.
+    fn trim(&mut self, now: Instant, healthy: &[(NodeId, Instant)], k: usize) -> Vec<NodeId> {
+        if healthy.len() <= k {
+            self.over_since = None;
+            return Vec::new();
+        }
+        let since = *self.over_since.get_or_insert(now);
+        if now.saturating_duration_since(since) < SPARE_GRACE {
+            return Vec::new();
+        }
+        self.over_since = None;
+        let mut newest_first = healthy.to_vec();
+        newest_first.sort_by_key(|&(id, at)| (std::cmp::Reverse(at), id));
+        newest_first
+            .into_iter()
+            .take(healthy.len() - k)
+            .map(|(id, _)| id)
+            .collect()
+    }
+}
+
 /// An attachment the client holds.
 struct Held {
     peer: Peer,
     dialed: SocketAddr,
+    /// When it was attached.
+    since: Instant,
     /// Silent for a while: it does not count toward k until heard again.
     silent: bool,
     handle: Handle,
@@ -235,6 +278,8 @@ pub async fn run(
     let mut dialer = Dialer::new(seeds, RETRY_MIN, RETRY_MAX);
     let healthy = |held: &HashMap<NodeId, Held>| held.values().filter(|h| !h.silent).count();
     let mut tick = tokio::time::interval(SILENCE_CHECK);
+    let mut spares = Spares::default();
+    let mut asked_peers: Option<Instant> = None;
     loop {
         // Top up to k healthy attachments from whatever is not backing off.
         while healthy(&held) + pending.len() < k {
@@ -244,11 +289,18 @@ pub async fn run(
                 .chain(pending.keys().copied())
                 .collect();
             let Some(addr) = dialer.next(Instant::now(), &busy, &mut rand::rng()) else {
+                if asked_peers.is_none_or(|at| at.elapsed() >= PEERS_ASK_EVERY) {
+                    asked_peers = Some(Instant::now());
+                    for h in held.values().filter(|h| !h.silent) {
+                        h.handle.refresh.notify_one();
+                    }
+                }
                 break;
             };
             let handle = Handle {
                 drop: stop.child_token(),
                 suspect: Arc::default(),
+                refresh: Arc::default(),
             };
             pending.insert(addr, handle.clone());
             let session = Session {
@@ -282,7 +334,7 @@ pub async fn run(
                     if let Some(old) = held.remove(&peer.id) {
                         old.handle.drop.cancel();
                     }
-                    held.insert(peer.id, Held { peer, dialed, silent: false, handle });
+                    held.insert(peer.id, Held { peer, dialed, since: Instant::now(), silent: false, handle });
                     println!("tunnel {name}: attached to node {} at {} ({}/{k})", peer.id, peer.addr, healthy(&held));
                     true
                 }
@@ -338,8 +390,53 @@ pub async fn run(
             // Backoffs expire without an update: look again.
             _ = tick.tick() => false,
         };
+        let healthy_now: Vec<(NodeId, Instant)> = held
+            .values()
+            .filter(|h| !h.silent)
+            .map(|h| (h.peer.id, h.since))
+            .collect();
+        let trimmed = spares.trim(Instant::now(), &healthy_now, k);
+        for node in &trimmed {
+            if let Some(h) = held.remove(node) {
+                h.handle.drop.cancel();
+                println!(
+                    "tunnel {name}: detached spare node {node}; {}/{k} attached",
+                    healthy(&held)
+                );
+            }
+        }
+        let changed = changed || !trimmed.is_empty();
         if changed && let Some(path) = &options.ready_file {
             write_ready(path, &names, &public, &held, k);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spares_are_detached_newest_first_once_more_than_k_stayed_healthy() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (a, b, c, d) = (NodeId(1), NodeId(2), NodeId(3), NodeId(4));
+        let mut spares = Spares::default();
+        let three = [(a, at(0)), (b, at(1)), (c, at(5))];
+        // k healthy: nothing to do.
+        assert!(spares.trim(at(6), &three, 3).is_empty());
+        // A fourth (the replacement for a node that was silent and is back).
+        let four = [(a, at(0)), (b, at(1)), (c, at(5)), (d, at(7))];
+        assert!(spares.trim(at(7), &four, 3).is_empty());
+        assert!(spares.trim(at(7) + SPARE_GRACE / 2, &four, 3).is_empty());
+        // Back to k for a moment restarts the wait.
+        assert!(spares.trim(at(12), &three, 3).is_empty());
+        assert!(spares.trim(at(13), &four, 3).is_empty());
+        assert!(spares.trim(at(13) + SPARE_GRACE / 2, &four, 3).is_empty());
+        assert_eq!(spares.trim(at(13) + SPARE_GRACE, &four, 3), vec![d]);
+        // Two over k: the two newest go.
+        let mut spares = Spares::default();
+        assert!(spares.trim(at(20), &four, 2).is_empty());
+        assert_eq!(spares.trim(at(20) + SPARE_GRACE, &four, 2), vec![d, c]);
     }
 }

@@ -147,18 +147,23 @@ pub struct Tracked<B> {
     inner: B,
     _in_flight: InFlight,
     slot: Arc<Slot>,
+    /// Counts an answer whose upstream failed mid-body: hyper then resets
+    /// the visitor's HTTP/2 stream, or closes its HTTP/1.1 connection short
+    /// of the announced length or final chunk, so the cut shows.
+    stats: Arc<IngressStats>,
     /// This body's key among its slot's unfinished hand-overs.
     key: u64,
 }
 
 impl<B> Tracked<B> {
     /// Tracks `inner`, a response of the request `in_flight`.
-    pub fn new(inner: B, slot: Arc<Slot>, in_flight: InFlight) -> Self {
+    pub fn new(inner: B, slot: Arc<Slot>, stats: Arc<IngressStats>, in_flight: InFlight) -> Self {
         let key = slot.new_body_key();
         Tracked {
             inner,
             _in_flight: in_flight,
             slot,
+            stats,
             key,
         }
     }
@@ -184,10 +189,15 @@ where
         let this = &mut *self;
         this.slot.pulled(this.key);
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &polled
-            && f.data_ref().is_some_and(|d| !d.is_empty())
-        {
-            this.slot.handed(this.key);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(|d| !d.is_empty()) => {
+                this.slot.handed(this.key);
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.stats.broken();
+                tracing::info!("an answer was cut: its path died mid-body; the visitor is reset");
+            }
+            _ => {}
         }
         polled
     }

@@ -145,7 +145,7 @@ pub async fn serve<IO>(
                 let req = conn.prepare(req, "https");
                 forward(req, &name, &conn, head).await
             };
-            Ok::<_, Infallible>(track(resp, &conn.slot, in_flight))
+            Ok::<_, Infallible>(track(resp, &conn, in_flight))
         }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -244,10 +244,11 @@ async fn watch(slot: &Slot, limits: &IngressLimits) -> Cut {
 /// kept in flight until the body is done.
 fn track(
     resp: Response<Body>,
-    slot: &Arc<Slot>,
+    conn: &Conn,
     in_flight: super::admission::InFlight,
 ) -> Response<Body> {
-    resp.map(|body| Tracked::new(body, slot.clone(), in_flight).boxed())
+    let (slot, stats) = (conn.slot.clone(), conn.ingress.stats.clone());
+    resp.map(|body| Tracked::new(body, slot, stats, in_flight).boxed())
 }
 
 /// Serves one plain-HTTP visitor connection: `Host` names the tunnel.
@@ -295,7 +296,7 @@ pub async fn serve_plain<IO>(
                     HttpMode::Redirect => redirect(&req, &host, https_port, head),
                 },
             };
-            Ok::<_, Infallible>(track(resp, &conn.slot, in_flight))
+            Ok::<_, Infallible>(track(resp, &conn, in_flight))
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -427,9 +428,19 @@ async fn send_once(
                     StatusCode::BAD_GATEWAY,
                     format!("Tunnel {name:?} is registered but none of its attachments answered."),
                 ),
+                OpenError::NotReady => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "This node is starting and cannot route yet; try again in a moment."
+                        .to_string(),
+                ),
             };
             tracing::info!(%visitor, tunnel = %name, %err, "{}", status.as_u16());
-            return Err((page(status, &message, head), false));
+            let mut page = page(status, &message, head);
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                page.headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("1"));
+            }
+            return Err((page, false));
         }
     };
     let io = TokioIo::new(tokio::io::join(recv, send));

@@ -186,6 +186,7 @@ pub struct IngressStats {
     accepted: AtomicU64,
     accept_errors: AtomicU64,
     misdirected: AtomicU64,
+    broken: AtomicU64,
     cuts: [AtomicU64; 9],
 }
 
@@ -196,6 +197,8 @@ pub struct IngressCounters {
     pub accepted: u64,
     pub accept_errors: u64,
     pub misdirected: u64,
+    /// Answers cut because their path died mid-way (the visitor was reset).
+    pub broken: u64,
     pub refused_source_full: u64,
     pub refused_source_handshakes: u64,
     pub shed: u64,
@@ -223,6 +226,12 @@ impl IngressStats {
         self.misdirected.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A visitor's path died after its answer had started: the visitor's
+    /// connection or HTTP/2 stream was reset rather than ended cleanly.
+    pub fn broken(&self) {
+        self.broken.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A connection was refused or cut, for `why`.
     pub fn cut(&self, why: Cut) {
         self.cuts[why as usize].fetch_add(1, Ordering::Relaxed);
@@ -236,6 +245,7 @@ impl IngressStats {
             accepted: get(&self.accepted),
             accept_errors: get(&self.accept_errors),
             misdirected: get(&self.misdirected),
+            broken: get(&self.broken),
             refused_source_full: cut(Cut::SourceFull),
             refused_source_handshakes: cut(Cut::SourceHandshakes),
             shed: cut(Cut::Shed),

@@ -20,6 +20,7 @@ use super::limits::{Cut, IngressStats};
 use super::shared::{Ingress, idle};
 use super::watched::Watched;
 use crate::node::tunnels::visit::OpenError;
+use crate::wire::STREAM_BROKEN;
 
 /// Carries one raw-TCP visitor whose ClientHello named tunnel `name`. A
 /// tunnel that cannot be opened is refused with the alert that says why
@@ -41,7 +42,7 @@ pub(super) async fn visit(
         Err(err) => {
             let why = match err {
                 OpenError::Unknown => Refusal::UnknownName,
-                OpenError::Unreachable => Refusal::Unreachable,
+                OpenError::Unreachable | OpenError::NotReady => Refusal::Unreachable,
                 OpenError::TargetRefused => Refusal::TargetRefused,
             };
             refuse(&mut start.io, why).await;
@@ -57,7 +58,16 @@ pub(super) async fn visit(
             // Most TCP clients hang up without a TLS close_notify: an end,
             // not a failure.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
-            Err(e) => tracing::debug!(%visitor, tunnel = %name, err = %e, "raw TCP visitor ended with an error"),
+            Err(e) => {
+                // One side broke mid-stream: the other must not see a clean
+                // end (a dropped QUIC stream would be finished, a dropped
+                // socket closed with FIN, and a cut answer would look whole).
+                ingress.stats.broken();
+                tracing::info!(%visitor, tunnel = %name, err = %e, "raw TCP visitor broken mid-stream; both sides reset");
+                let _ = send.reset(STREAM_BROKEN);
+                let _ = recv.stop(STREAM_BROKEN);
+                let _ = tls.get_ref().0.get_ref().set_zero_linger();
+            }
         },
         () = idle(&slot, idle_limit) => {
             ingress.stats.cut(Cut::RawIdle);

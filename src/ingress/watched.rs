@@ -25,6 +25,11 @@ pub struct Watched<IO> {
 }
 
 impl<IO> Watched<IO> {
+    /// The watched connection.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
     /// Watches `io`, admitted with `ticket`.
     pub fn new(io: IO, ticket: Ticket, stats: Arc<IngressStats>, write_stall: Duration) -> Self {
         Watched {

@@ -20,7 +20,7 @@ use specter_gossip::{
     GossipError, GossipStats, MemberEvent, MemberState, Membership, NodeId, NodeIdentity, Timing,
     TimingTracker,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::net::pool::Inbox;
@@ -48,6 +48,58 @@ const SEED_CHANNEL: usize = 64;
 /// gossip (a few per node that joins or dies), and every consumer handles
 /// each in microseconds.
 pub const MEMBER_EVENTS_CAPACITY: usize = 1_024;
+
+/// How long a visit or a client hello waits for a starting node to become
+/// ready before it is turned away (503 with `Retry-After`, or a closed
+/// connection the client dials around). Joining takes one round trip to a
+/// seed and one more for its member list.
+pub const READY_WAIT: Duration = Duration::from_secs(5);
+
+/// A node none of whose seeds has answered this long after it started
+/// serves as the first node of a cluster: nodes that all list each other
+/// as seeds and are started one after another (each waiting for the
+/// previous one to be ready) must not wait for each other forever. A node
+/// that reached a seed waits for the join to finish instead.
+pub const FIRST_NODE_AFTER: Duration = Duration::from_secs(10);
+
+/// Whether the node can route: it has no seeds (it is the first node), or
+/// it joined and applied a member's full list. Before that a lookup would
+/// run on an empty ring, and answer "unknown tunnel" for names it has not
+/// heard of yet, or store a registration where no other node looks. Cheap to
+/// clone; the membership task sets it, once.
+#[derive(Clone)]
+pub struct Readiness {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Readiness {
+    /// Starts ready or not.
+    pub fn new(ready: bool) -> Self {
+        Readiness {
+            tx: Arc::new(watch::channel(ready).0),
+        }
+    }
+
+    /// Whether the node is ready.
+    pub fn is_ready(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Marks the node ready; true if it was not yet.
+    pub fn set_ready(&self) -> bool {
+        self.tx
+            .send_if_modified(|ready| !std::mem::replace(ready, true))
+    }
+
+    /// Waits until the node is ready, at most `limit`; whether it is.
+    pub async fn wait(&self, limit: Duration) -> bool {
+        let mut rx = self.tx.subscribe();
+        matches!(
+            tokio::time::timeout(limit, rx.wait_for(|ready| *ready)).await,
+            Ok(Ok(_))
+        )
+    }
+}
 
 /// A change in the live set of other nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,6 +234,8 @@ pub struct MembershipView {
     pub generation: u64,
     /// Whether at least one other member knows this node.
     pub joined: bool,
+    /// Whether it serves visitors and clients (see [`Readiness`]).
+    pub ready: bool,
     /// Every member tracked (alive, suspect, recently down), sorted by id.
     pub members: Vec<MemberStatus>,
     /// Gossip counters.
@@ -252,6 +306,8 @@ pub struct Driver {
     pub leave: CancellationToken,
     /// The live set (other nodes), updated on every change.
     pub members: Members,
+    /// Set once the node has joined and synced (or has no seed but itself).
+    pub ready: Readiness,
 }
 
 impl Driver {
@@ -266,8 +322,13 @@ impl Driver {
             stop,
             leave,
             members,
+            ready,
         } = self;
         let (seed_tx, mut seed_rx) = mpsc::channel(SEED_CHANNEL);
+        // Seeds that turned out to be this node; if all do, it is the first.
+        let mut seeds_left = seeds.len();
+        let started = Instant::now();
+        let mut seed_answered = false;
         for seed in seeds {
             tokio::spawn(reach_seed(
                 seed,
@@ -283,7 +344,7 @@ impl Driver {
         let mut timers = TimersStatus::new(membership.timing(), Duration::ZERO);
         let mut sample = tokio::time::interval(RTT_SAMPLE_PERIOD);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        publish(&membership, joined, timers, &view);
+        publish(&membership, joined, ready.is_ready(), timers, &view);
         loop {
             let deadline = membership
                 .poll_timeout()
@@ -307,7 +368,18 @@ impl Driver {
                         }
                     }
                 }
-                Some(seed) = seed_rx.recv() => membership.add_seed(Instant::now(), seed),
+                Some(seed) = seed_rx.recv() => match seed {
+                    Some(seed) => {
+                        seed_answered = true;
+                        membership.add_seed(Instant::now(), seed);
+                    }
+                    None => {
+                        seeds_left -= 1;
+                        if seeds_left == 0 && ready.set_ready() {
+                            tracing::info!("ready: every seed is this node, so it starts the cluster");
+                        }
+                    }
+                },
                 _ = sample.tick() => {
                     let worst = worst_member_rtt(&members, &transport);
                     if let Some(timing) = tracker.observe(Instant::now(), worst) {
@@ -323,6 +395,12 @@ impl Driver {
                         }
                     }
                     timers = TimersStatus::new(membership.timing(), worst.unwrap_or_default());
+                    if !seed_answered && started.elapsed() >= FIRST_NODE_AFTER && ready.set_ready() {
+                        tracing::warn!(
+                            waited = ?FIRST_NODE_AFTER,
+                            "ready: no seed answered, so this node starts the cluster (it joins the others when they come up)"
+                        );
+                    }
                 }
                 () = tokio::time::sleep_until(deadline) => membership.handle_timeout(Instant::now()),
             }
@@ -359,10 +437,19 @@ impl Driver {
                         generation = me.generation,
                         "was declared down while alive; rejoined with a new generation"
                     ),
+                    MemberEvent::Synced => {
+                        if ready.set_ready() {
+                            tracing::info!(
+                                members = membership.up_members().count(),
+                                took = ?started.elapsed(),
+                                "ready: joined and holds the cluster's member list"
+                            );
+                        }
+                    }
                 }
             }
             if changed || published.elapsed() >= VIEW_REFRESH {
-                publish(&membership, joined, timers, &view);
+                publish(&membership, joined, ready.is_ready(), timers, &view);
                 published = Instant::now();
             }
         }
@@ -382,7 +469,13 @@ fn flush(membership: &mut Membership, transport: &Arc<Transport>) {
     }
 }
 
-fn publish(membership: &Membership, joined: bool, timers: TimersStatus, view: &SharedView) {
+fn publish(
+    membership: &Membership,
+    joined: bool,
+    ready: bool,
+    timers: TimersStatus,
+    view: &SharedView,
+) {
     let mut members: Vec<MemberStatus> = membership
         .members()
         .into_iter()
@@ -399,6 +492,7 @@ fn publish(membership: &Membership, joined: bool, timers: TimersStatus, view: &S
     let next = MembershipView {
         generation: membership.identity().generation,
         joined,
+        ready,
         members,
         gossip: membership.stats(),
         timers,
@@ -411,7 +505,7 @@ fn publish(membership: &Membership, joined: bool, timers: TimersStatus, view: &S
 async fn reach_seed(
     seed: String,
     transport: Arc<Transport>,
-    found: mpsc::Sender<NodeIdentity>,
+    found: mpsc::Sender<Option<NodeIdentity>>,
     stop: CancellationToken,
 ) {
     let mut wait = SEED_RETRY_MIN;
@@ -432,10 +526,13 @@ async fn reach_seed(
                         addr,
                         generation: 0,
                     };
-                    let _ = found.send(identity).await;
+                    let _ = found.send(Some(identity)).await;
                     return;
                 }
-                Err(DialError::SelfDial(_)) => return,
+                Err(DialError::SelfDial(_)) => {
+                    let _ = found.send(None).await;
+                    return;
+                }
                 Err(err) => tracing::debug!(%seed, %err, "seed not reachable yet"),
             }
         }

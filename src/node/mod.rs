@@ -22,6 +22,7 @@ pub mod tunnels;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use quinn::Endpoint;
@@ -34,6 +35,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use self::dht::{DhtDriver, DhtHandle};
+pub use self::membership::Readiness;
 use self::membership::{Driver, Members, SharedView};
 use self::status::{NodeState, NodeStatus};
 use self::tunnels::{ClientAuth, TunnelParts, Tunnels};
@@ -200,6 +202,7 @@ impl Node {
         let (transport, inboxes) = Transport::new(endpoint, tls)?;
         let view = SharedView::default();
         let members = Members::default();
+        let ready = Readiness::new(options.seeds.is_empty());
         let stop = CancellationToken::new();
         let leave = CancellationToken::new();
         let (served_tx, served_rx) = tokio::sync::mpsc::channel(dht::SERVED_CAPACITY);
@@ -226,6 +229,7 @@ impl Node {
             stop: stop.clone(),
             leave: leave.clone(),
             members: members.clone(),
+            ready: ready.clone(),
         };
         let token_cas = match options.client_auth {
             ClientAuth::Open => None,
@@ -237,6 +241,7 @@ impl Node {
             transport: transport.clone(),
             members,
             token_cas,
+            ready: ready.clone(),
         });
         let (https_listener, edge) = match https {
             Some(Https { listener, edge }) => (Some(listener), Some(edge)),
@@ -251,6 +256,7 @@ impl Node {
         let state = NodeState {
             me,
             dht,
+            ready,
             view,
             transport: transport.clone(),
             ingress: ingress.clone(),
@@ -339,6 +345,11 @@ impl Node {
     /// A snapshot for `/status`.
     pub fn status(&self) -> NodeStatus {
         self.state.status()
+    }
+
+    /// Whether it serves visitors and clients yet (see [`Readiness`]).
+    pub fn readiness(&self) -> Readiness {
+        self.state.ready.clone()
     }
 
     /// Leaves the cluster gracefully (members see it down at once), then closes.
@@ -465,7 +476,19 @@ pub async fn run(
             ingress: config.ingress_limits.clone(),
         },
     )?;
+    let mut shutdown = std::pin::pin!(shutdown);
     if let Some(path) = &config.ready_file {
+        // Written only once the node serves (see `Readiness`).
+        let ready = node.readiness();
+        let became_ready = async { while !ready.wait(Duration::from_secs(3600)).await {} };
+        tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!("shutting down before it was ready");
+                node.shutdown().await;
+                return Ok(());
+            }
+            () = became_ready => {}
+        }
         write_ready_file(path, &node)?;
     }
     shutdown.await;

@@ -8,7 +8,7 @@ use serde::Serialize;
 use specter_dht::Peer;
 
 use super::dht::{DhtHandle, DhtStatus};
-use super::membership::{MemberStatus, SharedView, TimersStatus, read_view};
+use super::membership::{MemberStatus, Readiness, SharedView, TimersStatus, read_view};
 use crate::ingress::Ingress;
 use crate::ingress::limits::{IngressCounters, IngressLimits};
 use crate::net::{Transport, TransportCounters};
@@ -24,6 +24,9 @@ pub struct NodeStatus {
     pub generation: u64,
     /// Whether another member knows it.
     pub joined: bool,
+    /// Whether it serves visitors and clients: it joined and holds the
+    /// member list, or it is the first node.
+    pub ready: bool,
     /// Every member it tracks (not itself).
     pub members: Vec<MemberStatus>,
     /// Gossip counters.
@@ -70,6 +73,7 @@ pub struct NodeState {
     pub me: Peer,
     /// The DHT.
     pub dht: DhtHandle,
+    pub(super) ready: Readiness,
     pub(super) view: SharedView,
     pub(super) transport: Arc<Transport>,
     pub(super) ingress: Arc<Ingress>,
@@ -84,6 +88,7 @@ impl NodeState {
             addr: self.me.addr,
             generation: view.generation,
             joined: view.joined,
+            ready: self.ready.is_ready(),
             members: view.members,
             gossip: view.gossip,
             membership_timers: view.timers,

@@ -246,6 +246,49 @@ pub fn start_node_with(
     start_node_via(&[], dir, node_dir, ip, join, extra)
 }
 
+/// Spawns a `specter node` like [`start_node_via`] without waiting for it:
+/// the child and the path its ready file will have.
+pub fn spawn_node_via(
+    launcher: &[&str],
+    dir: &Path,
+    node_dir: &Path,
+    ip: &str,
+    join: Option<&str>,
+    extra: &[&str],
+) -> (Child, PathBuf) {
+    let ready = node_dir.join(format!("ready-{:016x}", rand::random::<u64>()));
+    let mut cmd = match launcher.split_first() {
+        None => Command::new(BIN),
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(BIN);
+            cmd
+        }
+    };
+    cmd.arg("node");
+    // `extra` may choose the addresses itself.
+    if !extra.contains(&"--listen") {
+        cmd.args(["--listen", &format!("{ip}:0")]);
+    }
+    if !extra.contains(&"--admin") {
+        cmd.args(["--admin", "127.0.0.1:0"]);
+    }
+    cmd.args(["--ca", dir.join("ca/ca.crt").to_str().unwrap()])
+        .args(["--cert", node_dir.join("node.crt").to_str().unwrap()])
+        .args(["--key", node_dir.join("node.key").to_str().unwrap()])
+        .args(["--ready-file", ready.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(node_dir.join(format!("{ip}.log"))).unwrap(),
+        ));
+    if let Some(seed) = join {
+        cmd.args(["--join", seed]);
+    }
+    cmd.args(extra);
+    (cmd.spawn().expect("spawn node"), ready)
+}
+
 /// [`start_node_with`], run through `launcher` (e.g. `prlimit
 /// --nofile=1024:1024`) when it is not empty.
 pub fn start_node_via(
@@ -256,36 +299,7 @@ pub fn start_node_via(
     join: Option<&str>,
     extra: &[&str],
 ) -> Proc {
-    let ready = node_dir.join(format!("ready-{:016x}", rand::random::<u64>()));
-    let mut cmd = match launcher.split_first() {
-        None => Command::new(BIN),
-        Some((program, args)) => {
-            let mut cmd = Command::new(program);
-            cmd.args(args).arg(BIN);
-            cmd
-        }
-    };
-    cmd.args([
-        "node",
-        "--listen",
-        &format!("{ip}:0"),
-        "--admin",
-        "127.0.0.1:0",
-    ])
-    .args(["--ca", dir.join("ca/ca.crt").to_str().unwrap()])
-    .args(["--cert", node_dir.join("node.crt").to_str().unwrap()])
-    .args(["--key", node_dir.join("node.key").to_str().unwrap()])
-    .args(["--ready-file", ready.to_str().unwrap()])
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::null())
-    .stderr(Stdio::from(
-        std::fs::File::create(node_dir.join(format!("{ip}.log"))).unwrap(),
-    ));
-    if let Some(seed) = join {
-        cmd.args(["--join", seed]);
-    }
-    cmd.args(extra);
-    let mut child = cmd.spawn().expect("spawn node");
+    let (mut child, ready) = spawn_node_via(launcher, dir, node_dir, ip, join, extra);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(text) = std::fs::read_to_string(&ready) {

@@ -12,7 +12,7 @@ use super::Tunnels;
 use super::visit::{OpenError, Path, Paths};
 use crate::net::IncomingStream;
 use crate::net::streams::StreamInbox;
-use crate::wire::{STREAM_NOT_HERE, read_frame, write_frame, write_msg};
+use crate::wire::{STREAM_BROKEN, STREAM_NOT_HERE, read_frame, write_frame, write_msg};
 
 /// A forwarded stream must deliver its [`Visit`] header this soon.
 pub const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,10 +72,16 @@ impl Tunnels {
         if write_msg(&mut send, &VisitReply::Ready).await.is_err() {
             return;
         }
-        let mut entry = tokio::io::join(recv, send);
+        let mut entry = tokio::io::join(&mut recv, &mut send);
         let mut client = tokio::io::join(&mut c_recv, &mut c_send);
         if let Err(err) = specter_tunnel::splice::splice(&mut entry, &mut client).await {
-            tracing::debug!(tunnel = %visit.name, %err, "forwarded stream ended with an error");
+            // Both hops are reset: dropped, quinn would finish them cleanly
+            // and a cut answer would look complete.
+            tracing::info!(from = %peer, tunnel = %visit.name, %err, "forwarded stream broken mid-way; reset");
+            let _ = send.reset(STREAM_BROKEN);
+            let _ = recv.stop(STREAM_BROKEN);
+            let _ = c_send.reset(STREAM_BROKEN);
+            let _ = c_recv.stop(STREAM_BROKEN);
         }
     }
 }

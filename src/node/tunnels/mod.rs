@@ -24,7 +24,7 @@ use specter_tunnel::protocol::Ingress;
 use specter_tunnel::route_cache::RouteCache;
 
 use super::dht::DhtHandle;
-use super::membership::Members;
+use super::membership::{Members, Readiness};
 use crate::net::Transport;
 
 /// Attachment lease: a node that stops renewing (it crashed) stops being
@@ -65,6 +65,8 @@ pub struct TunnelParts {
     /// CA certificates (DER) client tokens must be signed by; `None` when
     /// clients need no token.
     pub token_cas: Option<Vec<Vec<u8>>>,
+    /// Whether the node can route yet; lookups and registrations wait for it.
+    pub ready: Readiness,
 }
 
 /// Local attachments and the route cache.
@@ -74,6 +76,7 @@ pub struct Tunnels {
     transport: Arc<Transport>,
     members: Members,
     token_cas: Option<Vec<Vec<u8>>>,
+    ready: Readiness,
     /// Client connections by tunnel name.
     attached: Mutex<HashMap<String, Vec<Connection>>>,
     routes: RouteCache<Vec<Peer>>,
@@ -92,6 +95,7 @@ impl Tunnels {
             transport,
             members,
             token_cas,
+            ready,
         } = parts;
         Arc::new(Tunnels {
             me,
@@ -99,6 +103,7 @@ impl Tunnels {
             transport,
             members,
             token_cas,
+            ready,
             attached: Mutex::new(HashMap::new()),
             routes: RouteCache::new(),
             slow: Mutex::new(HashMap::new()),
@@ -222,6 +227,15 @@ mod tests {
         records: BTreeMap<String, Record>,
         members: Members,
     ) -> (Arc<Tunnels>, Arc<AtomicUsize>) {
+        tunnels_ready(ca, records, members, Readiness::new(true))
+    }
+
+    fn tunnels_ready(
+        ca: &CaPem,
+        records: BTreeMap<String, Record>,
+        members: Members,
+        ready: Readiness,
+    ) -> (Arc<Tunnels>, Arc<AtomicUsize>) {
         let (transport, _inboxes) = transport(ca, "me");
         let (dht, mut commands) = DhtHandle::new();
         let reads = Arc::new(AtomicUsize::new(0));
@@ -246,6 +260,7 @@ mod tests {
             transport,
             members,
             token_cas: None,
+            ready,
         });
         (tunnels, reads)
     }
@@ -308,6 +323,41 @@ mod tests {
             }
         });
         rx
+    }
+
+    #[tokio::test]
+    async fn a_node_that_has_not_joined_looks_nothing_up_until_it_has() {
+        let ca = make_ca("t").unwrap();
+        let ready = Readiness::new(false);
+        let (tunnels, reads) =
+            tunnels_ready(&ca, BTreeMap::new(), Members::default(), ready.clone());
+        let visitor = {
+            let tunnels = tunnels.clone();
+            tokio::spawn(async move { tunnels.open("nobody-here", &visit("nobody-here")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Its ring is itself alone: a lookup now would call every name unknown.
+        assert_eq!(reads.load(Ordering::SeqCst), 0);
+        assert!(!visitor.is_finished());
+        assert!(ready.set_ready());
+        assert!(matches!(visitor.await.unwrap(), Err(OpenError::Unknown)));
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_never_joins_turns_visitors_away_after_the_ready_wait() {
+        let ca = make_ca("t").unwrap();
+        let (tunnels, reads) = tunnels_ready(
+            &ca,
+            BTreeMap::new(),
+            Members::default(),
+            Readiness::new(false),
+        );
+        let began = tokio::time::Instant::now();
+        let opened = tunnels.open("nobody-here", &visit("nobody-here")).await;
+        assert!(matches!(opened, Err(OpenError::NotReady)));
+        assert!(began.elapsed() >= crate::node::membership::READY_WAIT);
+        assert_eq!(reads.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CLAIM_KEEP, LEASE, REASSERT_AFTER, RENEW, Tunnels};
 use crate::clock::now_ms;
 use crate::net::tls::peer_client_id;
+use crate::node::membership::READY_WAIT;
 use crate::node::membership::{MemberChange, Update};
 use crate::wire::{CLOSE_REFUSED, CLOSE_REPLACED, FrameReader, read_frame, write_msg};
 
@@ -52,7 +53,14 @@ impl Tunnels {
             conn.close(CLOSE_REFUSED, b"no hello");
             return;
         };
-        let mut names = match self.register(client, hello).await {
+        // A node that has not joined yet would store the registration where
+        // no other node looks: the client takes its other nodes meanwhile.
+        let registered = if self.ready.wait(READY_WAIT).await {
+            self.register(client, hello).await
+        } else {
+            Err((RefuseCode::Unavailable, None))
+        };
+        let mut names = match registered {
             Ok(names) => names,
             Err((code, name)) => {
                 tracing::info!(%remote, %client, ?name, %code, "refused client");

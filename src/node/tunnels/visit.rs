@@ -23,7 +23,7 @@ use super::Tunnels;
 use crate::clock::now_ms;
 use crate::net::Transport;
 use crate::net::liveness::{PEER_SILENCE, silent};
-use crate::node::membership::Members;
+use crate::node::membership::{Members, READY_WAIT};
 use crate::wire::{STREAM_NOT_HERE, StreamKind, WireError, read_frame, write_msg};
 
 /// How long one attachment may take to answer a visit before the next one
@@ -54,6 +54,10 @@ pub enum OpenError {
     /// The client answered but its target refused the connection.
     #[error("the tunnel's client could not reach its target")]
     TargetRefused,
+    /// This node is starting and cannot look names up yet (see
+    /// [`crate::node::Readiness`]).
+    #[error("this node is starting and cannot route yet")]
+    NotReady,
 }
 
 /// A ready stream to the tunnel's client: `(send, recv)`.
@@ -318,6 +322,11 @@ impl Tunnels {
 
     /// The tunnel's attachments as the route cache, else the DHT, knows them.
     async fn lookup(&self, name: &str) -> Result<Vec<Peer>, OpenError> {
+        // On a node that has not joined, the ring is this node alone: every
+        // name would look unknown (and be cached so for a while).
+        if !self.ready.wait(READY_WAIT).await {
+            return Err(OpenError::NotReady);
+        }
         let now = std::time::Instant::now();
         match self.routes.get(name, now) {
             Cached::Found(route) => return Ok(route),
