@@ -961,11 +961,7 @@ fn an_answer_cut_by_the_death_of_its_client_is_an_error_not_a_short_body() {
     );
     // The answer is under way; its client dies.
     client.0.kill().unwrap();
-    let ended = wait_for(Duration::from_secs(25), || {
-        curl.try_wait().unwrap().is_some()
-    });
-    assert!(ended.is_some(), "the visitor was never told");
-    let status = curl.wait().unwrap();
+    let status = wait_exit(&mut curl, Duration::from_secs(25)).expect("the visitor was never told");
     // 18: "transfer closed with outstanding read data remaining".
     assert_eq!(
         status.code(),
