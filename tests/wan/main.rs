@@ -697,10 +697,10 @@ fn across_wide_area_links() {
             far_nodes: BTreeSet::new(),
         },
         Net {
-            name: "two regions, RTT 5 ms inside, 300 ms across, 0.5 % loss",
+            name: "two regions, RTT 5 ms inside, 300 ms across, 2 % loss",
             inside: ms(5),
             across: ms(300),
-            loss: 0.005,
+            loss: 0.02,
             far_nodes: [3, 4].into(),
         },
     ];
