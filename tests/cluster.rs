@@ -370,3 +370,57 @@ async fn malformed_and_oversized_rpc_frames_are_refused_and_the_node_keeps_servi
         n.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_client_connection_that_has_not_said_hello_gets_one_stream_and_a_small_window() {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let ca = make_ca("t").unwrap();
+    let node = start(&ca, 0, None);
+    // Anyone can be a tunnel client: a fresh self-signed key.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["anyone.invalid".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let config = specter::net::tls::client_quic_config(
+        &ca.cert,
+        CertificateDer::from(cert.der().to_vec()),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
+    .unwrap();
+    let endpoint = bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(
+            config,
+            node.addresses().quic,
+            specter::net::tls::CLIENT_SERVER_NAME,
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    // The control stream...
+    let (mut control, _recv) = conn.open_bi().await.unwrap();
+    control.write_all(&[0]).await.unwrap();
+    // ...and nothing more until a hello is accepted: before, a client could
+    // open 4,096 streams and fill a 64 MiB window on streams never read.
+    let second = tokio::time::timeout(Duration::from_secs(1), conn.open_bi()).await;
+    assert!(
+        second.is_err(),
+        "a second stream was granted before any hello"
+    );
+    // Junk on the control stream: refused (a frame over the size limit) or
+    // held back by flow control, never all taken in.
+    let window = specter::net::quic::UNPROVEN_RECEIVE_WINDOW as usize;
+    let pushed = tokio::time::timeout(
+        Duration::from_secs(2),
+        control.write_all(&vec![0x55; 16 * window]),
+    )
+    .await;
+    // Either the node refused the garbage (closed), or flow control stopped
+    // the writer: never all of it accepted.
+    assert!(
+        !matches!(pushed, Ok(Ok(()))),
+        "16 windows of junk were accepted"
+    );
+    node.crash().await;
+}

@@ -106,6 +106,7 @@ impl Transport {
             conn.close(CLOSE_WRONG_PEER, b"self");
             return;
         }
+        super::quic::prove_node(&conn);
         self.adopt(conn, peer, false);
     }
 }

@@ -36,6 +36,18 @@ pub const MAX_STREAMS_PER_PEER: u32 = 4_096;
 /// so many open streams cannot make us buffer without bound.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 
+/// What a connection we accepted may send before it has proven what it is
+/// (a node with a cluster certificate, or a client whose hello was
+/// accepted): one bi-stream (a client's control stream, a node's first
+/// request) and this many bytes in flight. Anyone can complete a handshake
+/// as a tunnel client; with the node limits from the start, 8 such
+/// connections pushing data on streams the node never reads held 490 MB.
+/// Proven connections are raised to [`MAX_STREAMS_PER_PEER`] and
+/// [`CONNECTION_RECEIVE_WINDOW`] (see [`prove_node`], [`prove_client`]).
+pub const UNPROVEN_STREAMS: u32 = 1;
+/// See [`UNPROVEN_STREAMS`]: room for a hello (16 names) many times over.
+pub const UNPROVEN_RECEIVE_WINDOW: u32 = 256 << 10;
+
 /// Largest UDP payload path-MTU discovery probes for: a 9,000-byte jumbo
 /// frame less IPv6 and UDP headers. quinn's default stops at 1,452 (a 1,500
 /// MTU); on paths that carry more (a data centre's jumbo frames, loopback)
@@ -77,6 +89,30 @@ pub fn node_transport() -> quinn::TransportConfig {
         quinn::IdleTimeout::try_from(NODE_IDLE_TIMEOUT).expect("10 s fits a QUIC varint"),
     ));
     t
+}
+
+/// Transport settings the node accepts connections with: the node limits,
+/// but [`UNPROVEN_STREAMS`] and [`UNPROVEN_RECEIVE_WINDOW`] until
+/// [`prove_node`] or [`prove_client`].
+pub fn accepted_transport() -> quinn::TransportConfig {
+    let mut t = node_transport();
+    t.max_concurrent_bidi_streams(UNPROVEN_STREAMS.into());
+    t.receive_window(UNPROVEN_RECEIVE_WINDOW.into());
+    t
+}
+
+/// Raises an accepted node connection (its certificate is from the cluster
+/// CA) to the node limits. Credit only grows: what was granted stays.
+pub fn prove_node(conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams(MAX_STREAMS_PER_PEER.into());
+    conn.set_receive_window(CONNECTION_RECEIVE_WINDOW.into());
+}
+
+/// Raises a client connection whose hello was accepted: visitors' answers
+/// come back on streams the node opens, so the connection gets the full
+/// window; the client itself still opens only its control stream.
+pub fn prove_client(conn: &quinn::Connection) {
+    conn.set_receive_window(CONNECTION_RECEIVE_WINDOW.into());
 }
 
 /// Transport settings for a tunnel client's connections to nodes.

@@ -193,7 +193,7 @@ impl NodeTls {
         tls.alpn_protocols = vec![ALPN_NODE.to_vec(), ALPN_CLIENT.to_vec()];
         let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(Arc::new(super::quic::node_transport()));
+        config.transport_config(Arc::new(super::quic::accepted_transport()));
         Ok(config)
     }
 

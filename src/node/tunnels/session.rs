@@ -71,6 +71,7 @@ impl Tunnels {
                 return;
             }
         };
+        crate::net::quic::prove_client(&conn);
         self.attach_here(client, &names, &conn);
         tracing::info!(%remote, %client, ?names, "client attached");
         let welcome = NodeMsg::Welcome {
