@@ -139,7 +139,7 @@ impl Demo {
         std::fs::write(dir.join("ca.crt"), &ca.cert)?;
         let edge_pem = make_edge_cert(&ca, DEMO_DOMAIN)?;
         std::fs::write(dir.join("edge.crt"), &edge_pem.cert)?;
-        std::fs::write(dir.join("edge.key"), &edge_pem.key)?;
+        crate::pki::write_file(&dir.join("edge.key"), &edge_pem.key, true, true)?;
         let edge = Arc::new(Edge::load(
             DEMO_DOMAIN,
             &dir.join("edge.crt"),

@@ -21,7 +21,8 @@ fn dht(p: &Proc, method: &str, name: &str) -> Option<(u16, Value)> {
     };
     write!(
         s,
-        "{method} {path}?name={name} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        "{method} {path}?name={name} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        p.admin()
     )
     .ok()?;
     let mut out = String::new();

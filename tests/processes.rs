@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -96,6 +96,21 @@ fn five_processes_see_a_sigkill_and_a_restart() {
     let mut raw = TcpStream::connect(procs[0].admin()).unwrap();
     raw.write_all(&[0xff; 10_000]).unwrap();
     assert!(status(&procs[0]).is_some());
+    // What a web page could make the operator's browser send is refused: a
+    // rebound name, or a post from another origin.
+    for head in [
+        "POST /dht/put?name=rebound HTTP/1.1\r\nHost: attacker.example\r\n".to_string(),
+        format!(
+            "POST /dht/put?name=posted HTTP/1.1\r\nHost: {}\r\nOrigin: https://attacker.example\r\n",
+            procs[0].admin()
+        ),
+    ] {
+        let mut s = TcpStream::connect(procs[0].admin()).unwrap();
+        write!(s, "{head}Connection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    }
 }
 
 #[test]
@@ -113,8 +128,23 @@ fn bad_certificates_and_flags_exit_with_code_2_before_binding() {
     issue(&ca, "a.test.invalid", "127.0.0.7", &ours);
     issue(&other, "b.test.invalid", "127.0.0.7", &theirs);
     let f = |p: &Path, name: &str| p.join(name).to_str().unwrap().to_string();
+    // A copy of our key that every user can read.
+    let exposed = dir.path().join("exposed.key");
+    std::fs::copy(ours.join("node.key"), &exposed).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
 
     let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                f(&ca, "ca.crt"),
+                f(&ours, "node.crt"),
+                exposed.to_str().unwrap().to_string(),
+            ],
+            "chmod 600",
+        ),
         (
             vec![
                 f(&ca, "ca.crt"),

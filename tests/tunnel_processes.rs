@@ -976,3 +976,56 @@ fn an_answer_cut_by_the_death_of_its_client_is_an_error_not_a_short_body() {
         .and_then(|v| v.parse::<u64>().ok());
     assert_eq!(broken, Some(1), "{metrics}");
 }
+
+#[test]
+fn a_client_refused_by_one_node_keeps_serving_through_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = ["127.0.0.95", "127.0.0.96"].map(String::from).to_vec();
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    let open = start_node(dir.path(), &dirs[0], &ips[0], None);
+    // This one wants a token the client does not have.
+    let strict = start_node_with(
+        dir.path(),
+        &dirs[1],
+        &ips[1],
+        Some(&open.quic()),
+        &["--client-auth", "token"],
+    );
+    let service = http_service();
+    let log = dir.path().join("mixed-client.log");
+    let via = format!("{},{}", strict.quic(), open.quic());
+    let child = tunnel_cmd(
+        dir.path(),
+        "mixed",
+        "mixed",
+        &format!("http://{service}"),
+        &via,
+    )
+    .args(["--attachments", "2"])
+    .stdout(std::fs::File::create(&log).unwrap())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut client = Reaped(child);
+    let ready = client_ready_file(&dir.path().join("mixed"));
+    assert!(
+        wait_client(&ready, Duration::from_secs(20), |r| r["healthy"] == 1).is_some(),
+        "not attached to the open node: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let refused = wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("a node refused it"))
+    });
+    assert!(
+        refused.is_some(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Still running a while later, and still served.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(client.0.try_wait().unwrap().is_none(), "the client exited");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    assert_eq!(r["healthy"], 1);
+}

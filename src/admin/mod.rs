@@ -115,6 +115,10 @@ async fn answer(route: Route, node: &NodeState) -> (&'static str, &'static str, 
             "text/plain",
             "method not allowed\n".into(),
         ),
+        Route::Forbidden(why) => {
+            tracing::warn!(%why, "refused an admin request a browser could have sent");
+            ("403 Forbidden", "text/plain", format!("{why}\n"))
+        }
     }
 }
 

@@ -35,7 +35,10 @@ pub enum Update {
     Peers(Vec<Peer>),
     /// Gossip (through one of our nodes) declared these nodes dead.
     Down(Vec<NodeId>),
-    Refused(String),
+    /// A node refused the client: at its hello (`true`: that node will not
+    /// have it, e.g. a node that needs a token) or during the session (a name
+    /// of ours is now claimed by another client).
+    Refused(String, bool),
 }
 
 /// How the client loop steers an attachment task.
@@ -107,7 +110,7 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
                 let why = refusal(&code, name);
                 // Only this node could not store the registration: try others.
                 if code != RefuseCode::Unavailable {
-                    let _ = updates.send(Update::Refused(why.clone())).await;
+                    let _ = updates.send(Update::Refused(why.clone(), true)).await;
                 }
                 anyhow::bail!("refused: {why}")
             }
@@ -164,7 +167,7 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
                 Ok(NodeMsg::Refused { code, name }) => {
                     // A name of ours is now claimed by another client.
                     let why = refusal(&code, name);
-                    let _ = updates.send(Update::Refused(why.clone())).await;
+                    let _ = updates.send(Update::Refused(why.clone(), false)).await;
                     break why;
                 }
                 Ok(NodeMsg::Welcome { .. }) => {}

@@ -88,6 +88,7 @@ pub struct ClientState {
 pub fn load_state(dir: &Path, requested: Option<&str>) -> Result<ClientState> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let key_path = dir.join(KEY_FILE);
+    crate::files::check_private(&key_path).map_err(anyhow::Error::msg)?;
     let key_pem = match std::fs::read_to_string(&key_path) {
         Ok(pem) => pem,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -385,7 +386,15 @@ pub async fn run(
                     }
                     false
                 }
-                Update::Refused(why) => bail!("tunnel {name}: refused: {why}"),
+                // One node refusing a hello (say, the only one that wants a
+                // token) does not end a client that is served elsewhere: it
+                // is backed off like a node that failed. Refused everywhere,
+                // or a name taken mid-session, it exits with the reason.
+                Update::Refused(why, true) if healthy(&held) > 0 || pending.len() > 1 => {
+                    println!("tunnel {name}: a node refused it ({why}); serving through the others");
+                    false
+                }
+                Update::Refused(why, _) => bail!("tunnel {name}: refused: {why}"),
             },
             // Backoffs expire without an update: look again.
             _ = tick.tick() => false,

@@ -21,6 +21,7 @@ pub struct Edge {
 impl Edge {
     /// Loads the wildcard certificate and key for `*.domain`.
     pub fn load(domain: &str, cert: &Path, key: &Path) -> Result<Edge> {
+        crate::files::check_private(key).map_err(anyhow::Error::msg)?;
         let cert_pem =
             std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
         let key_pem = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;

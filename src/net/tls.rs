@@ -57,6 +57,9 @@ pub enum TlsError {
     /// The certificate did not parse.
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
+    /// The private key file is open to other users.
+    #[error("{0}")]
+    KeyExposed(String),
 }
 
 /// A node's TLS identity: its certificate chain and key, and the CA it trusts.
@@ -96,6 +99,7 @@ fn read(path: &Path) -> Result<String, TlsError> {
 impl NodeTls {
     /// Loads and cross-checks the CA, certificate and key files.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        crate::files::check_private(key).map_err(TlsError::KeyExposed)?;
         Self::from_pem(&read(ca)?, &read(cert)?, &read(key)?).map_err(|e| match e {
             TlsError::Pem(msg) => TlsError::Pem(format!(
                 "{msg} (ca {}, cert {}, key {})",

@@ -105,7 +105,7 @@ struct Cluster {
 fn write_edge(dir: &Path, ca: &CaPem) -> Arc<Edge> {
     let pem = make_edge_cert(ca, DOMAIN).unwrap();
     std::fs::write(dir.join("edge.crt"), &pem.cert).unwrap();
-    std::fs::write(dir.join("edge.key"), &pem.key).unwrap();
+    specter::pki::write_file(&dir.join("edge.key"), &pem.key, true, true).unwrap();
     std::fs::write(dir.join("ca.crt"), &ca.cert).unwrap();
     Arc::new(Edge::load(DOMAIN, &dir.join("edge.crt"), &dir.join("edge.key")).unwrap())
 }
