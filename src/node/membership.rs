@@ -50,9 +50,9 @@ const SEED_CHANNEL: usize = 64;
 pub const MEMBER_EVENTS_CAPACITY: usize = 1_024;
 
 /// How long a visit or a client hello waits for a starting node to become
-/// ready before it is turned away (503 with `Retry-After`, or a closed
-/// connection the client dials around). Joining takes one round trip to a
-/// seed and one more for its member list.
+/// ready before it is turned away (503 with `Retry-After`; a client is told
+/// `unavailable` and takes its other nodes). Joining takes one round trip
+/// to a seed and one more for its member list.
 pub const READY_WAIT: Duration = Duration::from_secs(5);
 
 /// A node none of whose seeds has answered this long after it started
@@ -325,7 +325,7 @@ impl Driver {
             ready,
         } = self;
         let (seed_tx, mut seed_rx) = mpsc::channel(SEED_CHANNEL);
-        // Seeds that turned out to be this node; if all do, it is the first.
+        // Seeds not yet found to be this node; if all are, it is the first.
         let mut seeds_left = seeds.len();
         let started = Instant::now();
         let mut seed_answered = false;
