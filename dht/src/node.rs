@@ -22,6 +22,36 @@ use crate::record::Record;
 use crate::ring::{Key, Peer, RingView, Route, SUCCESSORS, in_open, key_of};
 use crate::store::{Item, Store, WriteOp};
 
+/// Largest encoded size of the records in one `Replicate` request: half the
+/// frame limit ([`crate::messages::MAX_FRAME_SIZE`]). A node holding ~20,000
+/// names handed them off in one batch of ~1.3 MB, which its peers refused
+/// before reading (the frame limit bounds what a peer can make a node
+/// buffer), so the records never arrived.
+pub const REPLICATE_CHUNK_BYTES: usize = crate::messages::MAX_FRAME_SIZE / 2;
+
+/// Splits `items` into runs whose encoded size stays within
+/// [`REPLICATE_CHUNK_BYTES`] (an item is never split; one item is far
+/// smaller than a frame).
+fn chunks(items: Vec<Item>) -> Vec<Vec<Item>> {
+    let mut out: Vec<Vec<Item>> = Vec::new();
+    let mut size = 0;
+    for item in items {
+        // MessagePack of the item, plus a little for the array framing.
+        let len = rmp_serde::to_vec(&item).map_or(REPLICATE_CHUNK_BYTES, |v| v.len()) + 8;
+        match out.last_mut() {
+            Some(run) if size + len <= REPLICATE_CHUNK_BYTES => {
+                run.push(item);
+                size += len;
+            }
+            _ => {
+                out.push(vec![item]);
+                size = len;
+            }
+        }
+    }
+    out
+}
+
 /// Copies of each record: the owner and the next two distinct nodes, so any
 /// two nodes may fail at once without losing a registration.
 pub const REPLICATION_FACTOR: usize = 3;
@@ -245,6 +275,16 @@ impl DhtNode {
         self.next_id
     }
 
+    /// Sends `items` to `to` as one or more `Replicate` requests, each well
+    /// under the frame limit (see [`REPLICATE_CHUNK_BYTES`]); `purpose` makes
+    /// each request's pending entry from the items it carries.
+    fn send_items(&mut self, to: Peer, items: Vec<Item>, purpose: impl Fn(&[Item]) -> Pending) {
+        for chunk in chunks(items) {
+            let pending = purpose(&chunk);
+            self.send(to, Request::Replicate { items: chunk }, pending);
+        }
+    }
+
     fn send(&mut self, to: Peer, request: Request, purpose: Pending) {
         let id = self.id();
         self.pending.insert(id, purpose);
@@ -307,11 +347,12 @@ impl DhtNode {
             }
         }
         for (_, (peer, items)) in leaving {
-            let sent = items.iter().map(|i| (i.key, i.record.digest())).collect();
-            self.send(peer, Request::Replicate { items }, Pending::Handoff(sent));
+            self.send_items(peer, items, |chunk| {
+                Pending::Handoff(chunk.iter().map(|i| (i.key, i.record.digest())).collect())
+            });
         }
         for (_, (peer, items)) in batches {
-            self.send(peer, Request::Replicate { items }, Pending::Replicate(None));
+            self.send_items(peer, items, |_| Pending::Replicate(None));
         }
     }
 
@@ -345,13 +386,11 @@ impl DhtNode {
                     .push(item.clone());
             }
         }
+        // A coordinated write replicates one item: one request per holder,
+        // which is what the caller counts.
         let n = batches.len();
         for (_, (peer, items)) in batches {
-            self.send(
-                peer,
-                Request::Replicate { items },
-                Pending::Replicate(coordination),
-            );
+            self.send_items(peer, items, |_| Pending::Replicate(coordination));
         }
         n
     }
@@ -645,11 +684,7 @@ impl DhtNode {
                         .filter_map(|k| self.store.get(*k).cloned())
                         .collect();
                     if !send.is_empty() {
-                        self.send(
-                            peer,
-                            Request::Replicate { items: send },
-                            Pending::Replicate(None),
-                        );
+                        self.send_items(peer, send, |_| Pending::Replicate(None));
                     }
                 }
             }
