@@ -24,6 +24,9 @@ pub struct SyncChunk {
     pub reply_wanted: bool,
     /// Members as the sender knows them.
     pub members: Vec<Member<NodeIdentity>>,
+    /// More chunks of the same list follow (a receiver waiting for the whole
+    /// list, such as a node that just joined, waits for the last).
+    pub more: bool,
 }
 
 impl SyncChunk {
@@ -50,25 +53,30 @@ impl SyncChunk {
         reply_wanted: bool,
         max_packet: usize,
     ) -> Vec<Vec<u8>> {
-        let mut packets = Vec::new();
+        let mut chunks: Vec<SyncChunk> = Vec::new();
         let mut chunk = SyncChunk {
             reply_wanted,
             members: Vec::new(),
+            // Sized as a middle chunk: the flag does not change the length.
+            more: true,
         };
         for m in members {
             chunk.members.push(m.clone());
             if chunk.encode().len() > max_packet {
                 let last = chunk.members.pop().expect("just pushed");
                 if !chunk.members.is_empty() {
-                    packets.push(chunk.encode());
+                    chunks.push(chunk.clone());
                 }
                 chunk.members = vec![last];
             }
         }
-        if !chunk.members.is_empty() || packets.is_empty() {
-            packets.push(chunk.encode());
+        if !chunk.members.is_empty() || chunks.is_empty() {
+            chunks.push(chunk);
         }
-        packets
+        if let Some(last) = chunks.last_mut() {
+            last.more = false;
+        }
+        chunks.iter().map(SyncChunk::encode).collect()
     }
 }
 
@@ -211,14 +219,18 @@ mod tests {
         let packets = SyncChunk::split(&members, true, 1_100);
         assert!(packets.len() > 1);
         let mut back = Vec::new();
-        for p in &packets {
+        for (i, p) in packets.iter().enumerate() {
             assert!(p.len() <= 1_100);
             let c = SyncChunk::decode(p).unwrap();
             assert!(c.reply_wanted);
+            // Only the last chunk says the list is whole.
+            assert_eq!(c.more, i + 1 < packets.len());
             back.extend(c.members);
         }
         assert_eq!(back, members);
-        assert_eq!(SyncChunk::split(&[], false, 1_100).len(), 1);
+        let empty = SyncChunk::split(&[], false, 1_100);
+        assert_eq!(empty.len(), 1);
+        assert!(!SyncChunk::decode(&empty[0]).unwrap().more);
     }
 
     #[test]

@@ -191,8 +191,11 @@ pub struct Membership {
     /// used to schedule, and [`Membership::schedule`] replaces them.
     timing: Timing,
     config: GossipConfig,
-    /// A requested member list was applied by the packet being handled.
+    /// A requested member list was applied whole by the packet being
+    /// handled.
     synced: bool,
+    /// The member whose answer to our request has more chunks to come.
+    list_from: Option<NodeId>,
 }
 
 impl Membership {
@@ -246,6 +249,7 @@ impl Membership {
             timing: config.timing(),
             config: config.clone(),
             synced: false,
+            list_from: None,
         })
     }
 
@@ -347,7 +351,10 @@ impl Membership {
         // a newcomer syncs before every member has heard of it.
         let solicited = self.sync_requested.remove(&from);
         let trusted = solicited || self.up.contains_key(&from);
-        self.synced |= solicited;
+        // The answer to our request may come in several chunks: the list is
+        // whole once its last chunk is applied.
+        let answering = solicited || self.list_from == Some(from);
+        let more = chunk.more;
         // The sender lists itself; its certificate proved `from`.
         let Some(peer) = chunk
             .members
@@ -363,6 +370,10 @@ impl Membership {
         if trusted {
             self.foca
                 .apply_many(chunk.members.into_iter(), false, &mut self.runtime)?;
+            if answering {
+                self.list_from = more.then_some(from);
+                self.synced |= !more;
+            }
         }
         if chunk.reply_wanted {
             let recent = self
@@ -774,6 +785,40 @@ mod tests {
         for id in [ident(1), ident(2)] {
             let up = seen.iter().position(|e| *e == MemberEvent::Up(id));
             assert!(up.is_some_and(|up| up < synced), "{seen:?}");
+        }
+    }
+
+    #[test]
+    fn synced_waits_for_the_last_chunk_of_a_long_member_list() {
+        let t0 = Instant::now();
+        let mut seed = member(1);
+        let mut newcomer = member(2);
+        // The seed knows 200 members: its list takes several packets.
+        let known: Vec<foca::Member<NodeIdentity>> = (10..210)
+            .map(|n| foca::Member::new(ident(n), 0, State::Alive))
+            .collect();
+        seed.foca
+            .apply_many(known.into_iter(), false, &mut seed.runtime)
+            .unwrap();
+        seed.drain(t0);
+        while seed.poll_transmit().is_some() {}
+        events(&mut seed);
+        newcomer.sync_requested.insert(ident(1).id);
+        seed.send_sync(newcomer.identity(), false);
+        let packets: Vec<Transmit> = std::iter::from_fn(|| seed.poll_transmit()).collect();
+        assert!(packets.len() > 2, "{}", packets.len());
+        // The newcomer must count the seed as up to trust the later chunks.
+        newcomer.mark_up(ident(1));
+        events(&mut newcomer);
+        for (i, t) in packets.iter().enumerate() {
+            let _ = newcomer.handle_data(t0, ident(1).id, &t.data);
+            let synced = events(&mut newcomer).contains(&MemberEvent::Synced);
+            assert_eq!(
+                synced,
+                i + 1 == packets.len(),
+                "chunk {i} of {}",
+                packets.len()
+            );
         }
     }
 
