@@ -35,9 +35,8 @@ pub enum Update {
     Peers(Vec<Peer>),
     /// Gossip (through one of our nodes) declared these nodes dead.
     Down(Vec<NodeId>),
-    /// A node refused the client: at its hello (`true`: that node will not
-    /// have it, e.g. a node that needs a token) or during the session (a name
-    /// of ours is now claimed by another client).
+    /// A node refused the client; `true` when the refusal is that node's
+    /// alone (a token it wants), so other nodes may still take the client.
     Refused(String, bool),
 }
 
@@ -110,7 +109,11 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
                 let why = refusal(&code, name);
                 // Only this node could not store the registration: try others.
                 if code != RefuseCode::Unavailable {
-                    let _ = updates.send(Update::Refused(why.clone(), true)).await;
+                    // Only a token check differs from node to node; every
+                    // other refusal (name taken or invalid, too many names,
+                    // version) would come from all of them.
+                    let node_local = code == RefuseCode::Unauthorized;
+                    let _ = updates.send(Update::Refused(why.clone(), node_local)).await;
                 }
                 anyhow::bail!("refused: {why}")
             }
