@@ -93,6 +93,10 @@ impl Readiness {
 
     /// Waits until the node is ready, at most `limit`; whether it is.
     pub async fn wait(&self, limit: Duration) -> bool {
+        if self.is_ready() {
+            // Every lookup and hello asks; almost always it already is.
+            return true;
+        }
         let mut rx = self.tx.subscribe();
         matches!(
             tokio::time::timeout(limit, rx.wait_for(|ready| *ready)).await,
