@@ -80,9 +80,6 @@ fn visit(dir: &Path, via: &str, name: &str, data: &[u8]) -> std::process::Output
     out
 }
 
-/// Starts one node per IP with TLS ingress for `DOMAIN` (edge certificate
-/// from the test CA) plus `extra(i)` flags, the first as the seed of the
-/// others, and waits until the ring holds them all.
 #[test]
 fn visitors_reach_the_service_through_every_node_with_half_close() {
     let dir = tempfile::tempdir().unwrap();
@@ -308,9 +305,6 @@ fn under_token_auth_a_client_needs_a_valid_token() {
     assert!(stdout.contains("attached to node"), "{stdout}");
 }
 
-/// An HTTP/1.1 service: answers `path=<path> xff=<X-Forwarded-For>
-/// proto=<X-Forwarded-Proto>`; a request with `Upgrade` gets `101` and then
-/// every byte echoed back.
 #[test]
 fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -741,8 +735,10 @@ fn a_node_serves_visitors_only_once_it_has_joined() {
     let dirs = issue_all(dir.path(), &ca_dir, &ips);
     // The seed is not up yet.
     let seed = format!("{}:{}", ips[0], free_port(&ips[0], true));
+    // Admin and HTTPS on two addresses: two probes of one address could be
+    // handed the same free port.
     let admin = format!("{}:{}", ips[1], free_port(&ips[1], false));
-    let https = format!("{}:{}", ips[1], free_port(&ips[1], false));
+    let https = format!("127.0.0.73:{}", free_port("127.0.0.73", false));
     let edge = |f: &str| edge_dir.join(f).to_str().unwrap().to_string();
     let (cert, key) = (edge("edge.crt"), edge("edge.key"));
     let flags = [
@@ -774,9 +770,8 @@ fn a_node_serves_visitors_only_once_it_has_joined() {
         .args([
             "--resolve",
             &format!(
-                "nobody.{DOMAIN}:{}:{}",
-                https.rsplit_once(':').unwrap().1,
-                ips[1]
+                "nobody.{DOMAIN}:{}:127.0.0.73",
+                https.rsplit_once(':').unwrap().1
             ),
         ])
         .arg(format!(

@@ -12,7 +12,6 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// One direction of a link.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 pub struct Leg {
     /// Mean one-way delay.
     pub delay: Duration,
@@ -64,9 +63,6 @@ pub struct LinkSocket {
     local: IpAddr,
     profile: Profile,
     legs: Mutex<HashMap<SocketAddr, (Instant, mpsc::UnboundedSender<Queued>)>>,
-    /// Datagrams sent and dropped.
-    pub sent: AtomicU64,
-    pub dropped: AtomicU64,
 }
 
 impl fmt::Debug for LinkSocket {
@@ -87,8 +83,6 @@ impl LinkSocket {
             local: addr.ip(),
             profile,
             legs: Mutex::default(),
-            sent: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
         }))
     }
 
@@ -112,9 +106,7 @@ impl AsyncUdpSocket for LinkSocket {
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         let leg = (self.profile)(self.local, transmit.destination.ip());
-        self.sent.fetch_add(1, Ordering::Relaxed);
         if rand::rng().random::<f64>() < leg.loss {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         let destination = transmit.destination;

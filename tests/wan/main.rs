@@ -145,8 +145,7 @@ impl Cluster {
             loop {
                 match LinkSocket::bind(self.quic[i], self.net.profile()) {
                     Ok(s) => break s,
-                    Err(e) if began.elapsed() < Duration::from_secs(5) => {
-                        let _ = e;
+                    Err(_) if began.elapsed() < Duration::from_secs(5) => {
                         tokio::time::sleep(ms(50)).await;
                     }
                     Err(e) => panic!("binding {}: {e}", self.quic[i]),
@@ -275,6 +274,7 @@ async fn service() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((conn, _)) = listener.accept().await {
+            let _ = conn.set_nodelay(true);
             tokio::spawn(answer(conn));
         }
     });
@@ -302,6 +302,8 @@ async fn tls_service(dir: &Path) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((conn, _)) = listener.accept().await {
+            // As every other hop: no Nagle wait between head and body.
+            let _ = conn.set_nodelay(true);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(conn).await {
@@ -669,6 +671,10 @@ fn check(report: &Report, name: &str) {
         fmt(Some(report.direct)),
     );
     assert_eq!(report.false_downs, 0, "{name}: false downs");
+    assert!(
+        report.through_live > 0,
+        "{name}: no request went through a live entry"
+    );
     assert!(
         report.failed_live.is_empty(),
         "{name}: {:#?}",
