@@ -279,6 +279,30 @@ impl NodeSettings {
     }
 }
 
+/// The settings that differ between `running` and `next` and that only a
+/// restart applies: sockets, the cluster and the visitor bounds. Certificate
+/// and key files are reloaded and so are not listed.
+pub fn restart_needed(running: &NodeConfig, next: &NodeConfig) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |name, differs: bool| {
+        if differs {
+            changed.push(name);
+        }
+    };
+    check("listen", running.listen != next.listen);
+    check("advertise", running.advertise != next.advertise);
+    check("join", running.join != next.join);
+    check("admin", running.admin != next.admin);
+    check("ready_file", running.ready_file != next.ready_file);
+    check("log_format", running.log_format != next.log_format);
+    check("client_auth", running.client_auth != next.client_auth);
+    let https = |c: &NodeConfig| c.ingress.as_ref().map(|i| (i.https, i.domain.clone()));
+    check("https or domain", https(running) != https(next));
+    check("http or http_mode", running.http != next.http);
+    check("ingress", running.ingress_limits != next.ingress_limits);
+    changed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +322,35 @@ mod tests {
         assert_eq!(c.advertise, c.listen);
         assert_eq!(c.join, vec!["127.0.0.3:7000".to_string()]);
         assert!(toml::from_str::<NodeSettings>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn a_reload_lists_what_only_a_restart_changes() {
+        let base = NodeSettings {
+            listen: Some("127.0.0.2:7000".parse().unwrap()),
+            ca: Some("ca.crt".into()),
+            cert: Some("n.crt".into()),
+            key: Some("n.key".into()),
+            ..Default::default()
+        };
+        let running = base.clone().resolve().unwrap();
+        // New certificate paths are reloaded, not a restart.
+        let renewed = NodeSettings {
+            cert: Some("renewed.crt".into()),
+            key: Some("renewed.key".into()),
+            ..base.clone()
+        };
+        assert!(restart_needed(&running, &renewed.resolve().unwrap()).is_empty());
+        let moved = NodeSettings {
+            listen: Some("127.0.0.2:7001".parse().unwrap()),
+            join: vec!["127.0.0.3:7000".into()],
+            max_visitors: Some(10),
+            ..base
+        };
+        assert_eq!(
+            restart_needed(&running, &moved.resolve().unwrap()),
+            vec!["listen", "advertise", "join", "ingress"]
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The loopback admin API: `GET /status` (JSON), `GET /metrics`
-//! (Prometheus text, [`metrics`]), and DHT reads and operator test writes
-//! (routes in [`routes`]). A deliberately small HTTP/1.1 responder: one
+//! The loopback admin API: `GET /` (the status page), `GET /status`
+//! (JSON), `GET /metrics` (Prometheus text, [`metrics`]), `POST /reload`,
+//! and DHT reads and operator test writes (routes in [`routes`]). A deliberately small HTTP/1.1 responder: one
 //! request per connection, bounded header size and read time, so a stuck or
 //! abusive client costs one task for a few seconds at most.
 
@@ -18,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 use self::routes::Route;
 use crate::ingress::accept::AcceptBackoff;
 use crate::node::status::NodeState;
+
+/// The status page (`GET /`): one file, no external assets; it polls
+/// `/status`.
+const PAGE: &str = include_str!("status.html");
 
 /// Largest request head accepted; the API takes no bodies.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -106,6 +110,20 @@ async fn answer(route: Route, node: &NodeState) -> (&'static str, &'static str, 
             "text/plain; version=0.0.4",
             metrics::render(&node.status()),
         ),
+        Route::Page => ("200 OK", "text/html; charset=utf-8", PAGE.to_string()),
+        Route::Reload => match node.reload().await {
+            Some(Ok(report)) => (
+                "200 OK",
+                "application/json",
+                serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+            ),
+            Some(Err(err)) => ("409 Conflict", "text/plain", format!("{err}\n")),
+            None => (
+                "409 Conflict",
+                "text/plain",
+                "this node was not started from files (specter node); nothing to reload\n".into(),
+            ),
+        },
         Route::DhtGet(name) => dht(node, false, name).await,
         Route::DhtPut(name) => dht(node, true, name).await,
         Route::BadName(msg) => ("400 Bad Request", "text/plain", format!("{msg}\n")),

@@ -8,6 +8,10 @@ pub enum Route {
     Status,
     /// `GET /metrics`: Prometheus text.
     Metrics,
+    /// `POST /reload`: read the config, certificate and key files again.
+    Reload,
+    /// `GET /`: the status page.
+    Page,
     /// `GET /dht/get?name=N`: the record as seen from this node.
     DhtGet(String),
     /// `POST /dht/put?name=N`: an operator test registration.
@@ -100,6 +104,8 @@ impl Route {
         match (method, path) {
             ("GET", "/status") => Route::Status,
             ("GET", "/metrics") => Route::Metrics,
+            ("GET", "/") => Route::Page,
+            ("POST", "/reload") => Route::Reload,
             ("GET", "/dht/get") => checked(name(), Route::DhtGet),
             ("POST", "/dht/put") => checked(name(), Route::DhtPut),
             ("GET", _) => Route::NotFound,
@@ -117,6 +123,9 @@ mod tests {
         let r = |h: &str| Route::of(h.as_bytes());
         assert_eq!(r("GET /status HTTP/1.1\r\nHost: 127.0.0.1"), Route::Status);
         assert_eq!(r("GET /metrics HTTP/1.1"), Route::Metrics);
+        assert_eq!(r("GET / HTTP/1.1"), Route::Page);
+        assert_eq!(r("POST /reload HTTP/1.1"), Route::Reload);
+        assert_eq!(r("GET /reload HTTP/1.1"), Route::NotFound);
         assert_eq!(
             r("GET /dht/get?name=brave-orange-tiger HTTP/1.1"),
             Route::DhtGet("brave-orange-tiger".into())

@@ -45,6 +45,28 @@ pub fn dht(admin: SocketAddr, write: bool, name: &str) -> Result<bool> {
     Ok(status.starts_with("HTTP/1.1 200"))
 }
 
+/// `specter reload`: asks the node to read its files again; prints what was
+/// reloaded and what needs a restart, or why nothing was; returns whether it
+/// reloaded.
+pub fn reload(admin: SocketAddr) -> Result<bool> {
+    let (status, body) = request(admin, "POST", "/reload")?;
+    if !status.starts_with("HTTP/1.1 200") {
+        eprint!("reload refused: {body}");
+        return Ok(false);
+    }
+    let report: serde_json::Value = serde_json::from_str(&body).context("reading the answer")?;
+    for file in report["reloaded"].as_array().into_iter().flatten() {
+        println!("reloaded {}", file.as_str().unwrap_or_default());
+    }
+    for setting in report["needs_restart"].as_array().into_iter().flatten() {
+        println!(
+            "changed, takes effect at restart: {}",
+            setting.as_str().unwrap_or_default()
+        );
+    }
+    Ok(true)
+}
+
 /// `specter status`: the node's `/status`, as JSON (`json`) or as a
 /// terminal summary.
 pub fn status(admin: SocketAddr, json: bool) -> Result<()> {

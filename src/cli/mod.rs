@@ -92,6 +92,13 @@ enum Command {
         #[arg(long)]
         stdio: bool,
     },
+    /// Make a running node read its config file and certificate and key
+    /// files again (as SIGHUP does); prints what changed.
+    Reload {
+        /// The node's admin address.
+        #[arg(long)]
+        admin: std::net::SocketAddr,
+    },
     /// Show the cluster as one node sees it (members, ring, tunnels, counters).
     Status {
         /// The node's admin address.
@@ -210,12 +217,14 @@ pub fn main() -> ExitCode {
         },
         Command::Node { config, settings } => {
             // Everything that can be checked is checked before binding.
+            let flags = (config.clone(), settings.clone());
             let (config, tls) = match load_node(config, *settings) {
                 Ok(c) => c,
                 Err(err) => return usage_error(&err),
             };
             init_tracing(config.log_format);
-            block_on(crate::node::run(config, tls, shutdown_signal()))
+            let reload = Box::new(move || load_node(flags.0.clone(), (*flags.1).clone()));
+            block_on(crate::node::run(config, tls, reload, shutdown_signal()))
         }
         Command::Tunnel {
             config,
@@ -283,6 +292,11 @@ pub fn main() -> ExitCode {
                 eprintln!("error: {err:#}");
                 ExitCode::FAILURE
             }
+        },
+        Command::Reload { admin } => match admin_client::reload(admin) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => usage_error(&err),
         },
         Command::Dht(cmd) => {
             let (write, name, admin) = match cmd {

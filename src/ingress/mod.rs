@@ -43,10 +43,10 @@ use self::watched::Watched;
 
 /// Serves the HTTPS (and raw TCP over TLS) port until `stop` fires.
 pub async fn serve(listener: TcpListener, ingress: Arc<Ingress>, stop: CancellationToken) {
-    let Some(edge) = ingress.edge() else {
+    if ingress.edge().is_none() {
         tracing::error!("the HTTPS ingress has no certificate");
         return;
-    };
+    }
     let (admission, stats) = (ingress.admission(), ingress.stats.clone());
     accept_loop(
         listener,
@@ -55,8 +55,11 @@ pub async fn serve(listener: TcpListener, ingress: Arc<Ingress>, stop: Cancellat
         stats,
         true,
         move |tcp, visitor, ticket| {
-            let (edge, ingress) = (edge.clone(), ingress.clone());
+            let ingress = ingress.clone();
             async move {
+                // The certificate in force when the visitor arrived (see
+                // `Ingress::set_edge`).
+                let Some(edge) = ingress.edge() else { return };
                 let io = ingress.watch(tcp, ticket);
                 let slot = io.slot().clone();
                 tokio::select! {

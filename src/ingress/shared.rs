@@ -26,8 +26,11 @@ pub struct Ingress {
     /// Idle HTTP connections to tunnels' targets, reused.
     pub upstreams: Arc<Upstreams<ProxyBody>>,
     admission: Arc<Admission>,
-    /// The HTTPS port's certificate, if it has one.
-    edge: Option<Arc<Edge>>,
+    /// The HTTPS port's certificate, if it has one; replaced on reload.
+    edge: std::sync::RwLock<Option<Arc<Edge>>>,
+    /// The domain tunnels are named under (empty without an HTTPS port);
+    /// fixed for the node's life.
+    domain: String,
 }
 
 impl Ingress {
@@ -53,7 +56,11 @@ impl Ingress {
             stats,
             upstreams: Arc::default(),
             admission,
-            edge,
+            domain: edge
+                .as_ref()
+                .map(|e| e.domain().to_string())
+                .unwrap_or_default(),
+            edge: std::sync::RwLock::new(edge),
         })
     }
 
@@ -64,12 +71,39 @@ impl Ingress {
 
     /// The domain tunnels are named under (empty without an HTTPS port).
     pub fn edge_domain(&self) -> &str {
-        self.edge.as_ref().map_or("", |e| e.domain())
+        &self.domain
     }
 
-    /// The HTTPS port's certificate.
+    /// The HTTPS port's certificate in force: each visitor's handshake
+    /// takes it when it starts.
     pub fn edge(&self) -> Option<Arc<Edge>> {
-        self.edge.clone()
+        self.edge
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves `edge` to visitors from now on; handshakes already under way
+    /// and connections already open keep the one they started with.
+    /// Refused if the node has no HTTPS port or `edge` is for another
+    /// domain (visitors' names depend on it: that takes a restart).
+    pub fn set_edge(&self, edge: Edge) -> Result<(), String> {
+        let mut current = self
+            .edge
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match current.as_ref() {
+            None => Err("this node serves no HTTPS port".into()),
+            Some(old) if old.domain() != edge.domain() => Err(format!(
+                "the domain changed ({} to {}); that takes a restart",
+                old.domain(),
+                edge.domain()
+            )),
+            Some(_) => {
+                *current = Some(Arc::new(edge));
+                Ok(())
+            }
+        }
     }
 
     /// The admission every visitor port shares.

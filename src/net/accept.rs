@@ -92,7 +92,7 @@ impl Transport {
         }
         // Node connections need a certificate from the cluster CA.
         let chain = tls::peer_chain(&conn).unwrap_or_default();
-        if let Err(err) = self.tls.verify_node_chain(&chain) {
+        if let Err(err) = self.tls().verify_node_chain(&chain) {
             bump(&self.stats.handshakes_failed);
             tracing::info!(%remote, %err, "refused node connection: certificate not from the cluster CA");
             conn.close(CLOSE_NOT_MEMBER, b"certificate not from the cluster CA");

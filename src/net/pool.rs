@@ -199,12 +199,14 @@ pub(super) struct Pool {
 pub struct Transport {
     pub(super) endpoint: Endpoint,
     pub(super) local: NodeId,
-    client_config: quinn::ClientConfig,
+    /// The dialing config; replaced by [`Transport::set_tls`].
+    client_config: std::sync::RwLock<quinn::ClientConfig>,
     pool: Mutex<Pool>,
     inbox: mpsc::Sender<(NodeId, Bytes)>,
     streams: StreamRoutes,
     pub(super) clients: mpsc::Sender<Connection>,
-    pub(super) tls: NodeTls,
+    /// The identity and CA in force; replaced by [`Transport::set_tls`].
+    tls: std::sync::RwLock<NodeTls>,
     pub(super) handshakes: Arc<Semaphore>,
     pub(super) stats: TransportStats,
 }
@@ -221,12 +223,12 @@ impl Transport {
         let transport = Arc::new(Transport {
             endpoint,
             local: tls.id,
-            client_config: tls.client_config()?,
+            client_config: std::sync::RwLock::new(tls.client_config()?),
             pool: Mutex::default(),
             inbox: tx,
             streams,
             clients: client_tx,
-            tls: tls.clone(),
+            tls: std::sync::RwLock::new(tls.clone()),
             handshakes: Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES)),
             stats: TransportStats::default(),
         });
@@ -239,6 +241,43 @@ impl Transport {
                 clients: client_rx,
             },
         ))
+    }
+
+    /// The identity and CA in force.
+    pub(super) fn tls(&self) -> NodeTls {
+        self.tls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn dial_config(&self) -> quinn::ClientConfig {
+        self.client_config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves and dials with `tls` from now on (a renewed certificate, or a
+    /// new CA bundle); connections already open keep the identity they
+    /// were made with. Refused if `tls` proves another node id: the id is
+    /// the key's hash, and members know this node by it.
+    pub fn set_tls(&self, tls: &NodeTls) -> Result<(), TlsError> {
+        if tls.id != self.local {
+            return Err(TlsError::Config(format!(
+                "the new key belongs to node {}, not {}; a new key is a new node (restart it)",
+                tls.id, self.local
+            )));
+        }
+        let server = tls.server_config()?;
+        let client = tls.client_config()?;
+        self.endpoint.set_server_config(Some(server));
+        *self
+            .client_config
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = client;
+        *self.tls.write().unwrap_or_else(PoisonError::into_inner) = tls.clone();
+        Ok(())
     }
 
     /// This node's id.
@@ -334,7 +373,7 @@ impl Transport {
         }
         let connecting = self
             .endpoint
-            .connect_with(self.client_config.clone(), addr, NODE_SERVER_NAME)
+            .connect_with(self.dial_config(), addr, NODE_SERVER_NAME)
             .map_err(|source| DialError::Connect { addr, source })?;
         let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => conn,

@@ -90,8 +90,29 @@ pub struct DhtStatus {
     pub records_owned: usize,
     /// Records held as a replica.
     pub records_replica: usize,
+    /// The first [`STATUS_RECORDS_SHOWN`] records held, by name.
+    pub records: Vec<HeldRecord>,
+    /// Records held in all.
+    pub records_total: usize,
     /// Counters.
     pub stats: DhtStats,
+}
+
+/// At most this many records are listed in `/status` (the counts cover
+/// all): a node may hold tens of thousands, and the status page polls.
+pub const STATUS_RECORDS_SHOWN: usize = 200;
+
+/// A record this node holds, as `/status` lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeldRecord {
+    /// The tunnel name.
+    pub name: String,
+    /// `owner` (this node is its owner on the ring) or `replica`.
+    pub role: &'static str,
+    /// Whether a client's claim on the name is live.
+    pub claimed: bool,
+    /// Live attachments.
+    pub attachments: usize,
 }
 
 /// Where the driver publishes its status.
@@ -285,13 +306,30 @@ fn publish(node: &DhtNode, status: &SharedDhtStatus) {
         }
     }
     let (mut owned, mut replica) = (0, 0);
+    let mut records = Vec::new();
+    let now = crate::clock::now_ms();
     for item in node.store().iter() {
-        if view.owns(item.key) {
+        let owner = view.owns(item.key);
+        if owner {
             owned += 1;
         } else {
             replica += 1;
         }
+        if records.len() < STATUS_RECORDS_SHOWN {
+            records.push(HeldRecord {
+                name: item.name.clone(),
+                role: if owner { "owner" } else { "replica" },
+                claimed: item.record.claim.is_some_and(|c| c.is_live(now)),
+                attachments: item
+                    .record
+                    .attachments
+                    .values()
+                    .filter(|a| a.is_live(now))
+                    .count(),
+            });
+        }
     }
+    records.sort_by(|a, b| a.name.cmp(&b.name));
     let next = DhtStatus {
         ring_size: view.len(),
         predecessor: (!view.is_alone()).then(|| view.predecessor().into()),
@@ -303,6 +341,8 @@ fn publish(node: &DhtNode, status: &SharedDhtStatus) {
         fingers,
         records_owned: owned,
         records_replica: replica,
+        records_total: owned + replica,
+        records,
         stats: node.stats(),
     };
     *status.write().unwrap_or_else(PoisonError::into_inner) = next;

@@ -229,6 +229,9 @@ pub struct MemberStatus {
     pub generation: u64,
     /// Public ingress address, if it published one.
     pub ingress: Option<SocketAddr>,
+    /// When this node last saw its state, incarnation or generation change
+    /// (Unix ms).
+    pub since_ms: u64,
 }
 
 /// The membership as last published by the owner task.
@@ -480,16 +483,29 @@ fn publish(
     timers: TimersStatus,
     view: &SharedView,
 ) {
+    let now = crate::clock::now_ms();
+    let before = read_view(view).members;
     let mut members: Vec<MemberStatus> = membership
         .members()
         .into_iter()
-        .map(|m| MemberStatus {
-            id: m.identity.id.to_string(),
-            addr: m.identity.addr,
-            state: m.state,
-            incarnation: m.incarnation,
-            generation: m.identity.generation,
-            ingress: m.meta.and_then(|meta| meta.ingress),
+        .map(|m| {
+            let mut status = MemberStatus {
+                id: m.identity.id.to_string(),
+                addr: m.identity.addr,
+                state: m.state,
+                incarnation: m.incarnation,
+                generation: m.identity.generation,
+                ingress: m.meta.and_then(|meta| meta.ingress),
+                since_ms: now,
+            };
+            // Unchanged since the last publication: keep when it changed.
+            if let Some(old) = before.iter().find(|o| o.id == status.id)
+                && (old.state, old.incarnation, old.generation)
+                    == (status.state, status.incarnation, status.generation)
+            {
+                status.since_ms = old.since_ms;
+            }
+            status
         })
         .collect();
     members.sort_by(|a, b| a.id.cmp(&b.id));

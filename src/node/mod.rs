@@ -7,6 +7,7 @@
 //! - [`rpc`]: DHT requests between nodes;
 //! - [`tunnels`]: client sessions, visit routing, forwarded visitors;
 //! - [`status`]: the snapshot `/status` shows;
+//! - [`reload`]: certificates and settings read again while running;
 //!
 //! plus the network ([`crate::net`]), the public ingress
 //! ([`crate::ingress`]) and the admin API ([`crate::admin`]). Callers bind
@@ -15,6 +16,7 @@
 
 pub mod dht;
 pub mod membership;
+pub mod reload;
 pub mod rpc;
 pub mod status;
 pub mod tunnels;
@@ -37,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use self::dht::{DhtDriver, DhtHandle};
 pub use self::membership::Readiness;
 use self::membership::{Driver, Members, SharedView};
+use self::reload::{ReloadSource, Reloader};
 use self::status::{NodeState, NodeStatus};
 use self::tunnels::{ClientAuth, TunnelParts, Tunnels};
 use crate::config::NodeConfig;
@@ -260,6 +263,7 @@ impl Node {
             view,
             transport: transport.clone(),
             ingress: ingress.clone(),
+            reloader: Arc::default(),
         };
         let mut tasks = vec![
             tokio::spawn(driver.run()),
@@ -345,6 +349,20 @@ impl Node {
     /// A snapshot for `/status`.
     pub fn status(&self) -> NodeStatus {
         self.state.status()
+    }
+
+    /// Lets SIGHUP, `POST /reload` and `specter reload` read `running`'s
+    /// files again through `source` (see [`reload`]).
+    pub fn enable_reload(&self, source: ReloadSource, running: NodeConfig) -> Arc<Reloader> {
+        let reloader = Arc::new(Reloader::new(
+            source,
+            running,
+            self.transport.clone(),
+            self.state.ingress.clone(),
+            self.tunnels.clone(),
+        ));
+        let _ = self.state.reloader.set(reloader.clone());
+        reloader
     }
 
     /// Whether it serves visitors and clients yet (see [`Readiness`]).
@@ -442,10 +460,12 @@ pub async fn bind(config: &NodeConfig) -> anyhow::Result<Sockets> {
 
 /// The node daemon: binds what `config` names, starts, writes the ready file
 /// (`{id, quic, advertise, admin, https, http, pid}`), serves until
-/// `shutdown` completes, then leaves the cluster gracefully.
+/// `shutdown` completes, then leaves the cluster gracefully. SIGHUP reloads
+/// through `reload` (see [`reload`]).
 pub async fn run(
     config: NodeConfig,
     tls: NodeTls,
+    reload: ReloadSource,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let mut config = config;
@@ -476,6 +496,16 @@ pub async fn run(
             ingress: config.ingress_limits.clone(),
         },
     )?;
+    let reloader = node.enable_reload(reload, config.clone());
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("watching SIGHUP")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let reloader = reloader.clone();
+            // File reads: off the runtime's workers.
+            let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+        }
+    });
     let mut shutdown = std::pin::pin!(shutdown);
     if let Some(path) = &config.ready_file {
         // Written only once the node serves (see `Readiness`).

@@ -77,9 +77,22 @@ pub struct NodeState {
     pub(super) view: SharedView,
     pub(super) transport: Arc<Transport>,
     pub(super) ingress: Arc<Ingress>,
+    /// Set when the node was started from files that can be read again.
+    pub(super) reloader: Arc<std::sync::OnceLock<Arc<super::reload::Reloader>>>,
 }
 
 impl NodeState {
+    /// Reloads the node's files (see [`super::reload`]); `None` when it was
+    /// not started from files.
+    pub async fn reload(&self) -> Option<Result<super::reload::ReloadReport, String>> {
+        let reloader = self.reloader.get()?.clone();
+        Some(
+            tokio::task::spawn_blocking(move || reloader.reload())
+                .await
+                .unwrap_or_else(|e| Err(format!("reload failed: {e}"))),
+        )
+    }
+
     /// A consistent snapshot for `/status`.
     pub fn status(&self) -> NodeStatus {
         let view = read_view(&self.view);

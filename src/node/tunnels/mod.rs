@@ -75,7 +75,8 @@ pub struct Tunnels {
     dht: DhtHandle,
     transport: Arc<Transport>,
     members: Members,
-    token_cas: Option<Vec<Vec<u8>>>,
+    /// See [`TunnelParts::token_cas`]; replaced on reload.
+    token_cas: std::sync::RwLock<Option<Vec<Vec<u8>>>>,
     ready: Readiness,
     /// Client connections by tunnel name.
     attached: Mutex<HashMap<String, Vec<Connection>>>,
@@ -102,7 +103,7 @@ impl Tunnels {
             dht,
             transport,
             members,
-            token_cas,
+            token_cas: std::sync::RwLock::new(token_cas),
             ready,
             attached: Mutex::new(HashMap::new()),
             routes: RouteCache::new(),
@@ -128,6 +129,18 @@ impl Tunnels {
             domain: domain.trim_end_matches('.').to_string(),
             https_port,
         });
+    }
+
+    /// Client tokens are checked against `cas` from now on (a reloaded CA
+    /// bundle); does nothing on a node that takes clients without tokens.
+    pub fn set_token_cas(&self, cas: Vec<Vec<u8>>) {
+        let mut current = self
+            .token_cas
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.is_some() {
+            *current = Some(cas);
+        }
     }
 
     /// Names attached here, with their client connection counts.

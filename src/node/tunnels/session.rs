@@ -289,7 +289,12 @@ impl Tunnels {
         for n in &names {
             names::validate(n).map_err(|_| (RefuseCode::InvalidName, Some(n.clone())))?;
         }
-        if let Some(cas) = &self.token_cas {
+        let token_cas = self
+            .token_cas
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(cas) = &token_cas {
             let now = now_ms() / 1_000;
             let token = token.ok_or((RefuseCode::Unauthorized, None))?;
             let valid = cas
