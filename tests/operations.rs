@@ -284,3 +284,172 @@ fn certificates_and_settings_reload_under_load_without_a_failed_visitor() {
     assert_eq!(state_of(node, &procs[1].id()), "alive");
     assert_eq!(state_of(&procs[1], &node.id()), "alive");
 }
+
+/// Runs headless chromium on `url` with `args` (after the page's scripts
+/// had `budget` of virtual time); returns its standard output.
+fn chromium(url: &str, profile: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium is installed (.ci/run installs it: apt-get install chromium)");
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn the_status_page_draws_every_member_of_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = (51..=55).map(|i| format!("127.0.0.{i}")).collect();
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    let procs = start_all(dir.path(), &dirs, &ips);
+    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
+    let formed = wait_for(Duration::from_secs(20), || {
+        procs.iter().all(|p| ring(p) == 5)
+    });
+    assert!(formed.is_some(), "the ring did not form");
+    let url = format!("http://{}/", procs[0].admin());
+    let profile = dir.path().join("chromium");
+
+    // The page as the browser left it once its scripts ran.
+    let dom = chromium(&url, &profile, &["--dump-dom"]);
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "the page did not load /status"
+    );
+    assert!(dom.contains("data-members=\"5\""), "{dom}");
+    for p in &procs {
+        let id = p.id();
+        assert!(
+            dom.contains(&format!("data-id=\"{id}\" data-state=\"alive\"")),
+            "member {id} is not drawn alive"
+        );
+    }
+    assert_eq!(dom.matches("class=\"member self\"").count(), 1);
+    assert_eq!(dom.matches("class=\"member").count(), 5);
+
+    // A screenshot, kept with the build's test files.
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(
+        &url,
+        &profile,
+        &[
+            "--window-size=1280,900",
+            &format!("--screenshot={}", shot.display()),
+        ],
+    );
+    let png = std::fs::read(&shot).expect("chromium wrote the screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    println!("status page screenshot: {}", shot.display());
+}
+
+#[test]
+fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
+    use openmetrics_parser::{OpenMetricsType, OpenMetricsValue};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = (61..=62).map(|i| format!("127.0.0.{i}")).collect();
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
+    let (service, _) = keepalive_service();
+    let _client = attach_one(
+        dir.path(),
+        "metrics",
+        "metrics",
+        &format!("http://{service}"),
+        &procs[0].quic(),
+    );
+    // Visits through the forwarding node (lookups there), and one for a
+    // name nobody registered.
+    let ca_pem = dir.path().join("ca/ca.crt");
+    let host = format!("metrics.{DOMAIN}");
+    for _ in 0..5 {
+        served_leaf(&ca_pem, &procs[1].https(), &host).unwrap();
+    }
+    let (_, status) = common::web::curl(
+        dir.path(),
+        &procs[1].https(),
+        &format!("nobody.{DOMAIN}"),
+        "/",
+        false,
+    );
+    assert!(status.ends_with("404"), "{status}");
+
+    let text = http_get(procs[1].admin(), "/metrics").unwrap();
+    let parsed = openmetrics_parser::openmetrics::parse_openmetrics(&text)
+        .unwrap_or_else(|e| panic!("/metrics is not valid OpenMetrics: {e:?}\n{text}"));
+    let family = |name: &str| {
+        parsed
+            .families
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    let value = |name: &str, labels: &[&str]| -> f64 {
+        let labels: Vec<String> = labels.iter().map(|l| (*l).to_string()).collect();
+        let sample = family(name)
+            .get_sample_by_label_values(&labels)
+            .unwrap_or_else(|| panic!("no {name}{labels:?}"));
+        match &sample.value {
+            OpenMetricsValue::Counter(c) => c.value.as_f64(),
+            OpenMetricsValue::Gauge(g) => g.as_f64(),
+            OpenMetricsValue::Histogram(h) => h.count.unwrap() as f64,
+            other => panic!("{name}: {other:?}"),
+        }
+    };
+    // Every family is named specter_…, and counters read …_total.
+    for (name, f) in &parsed.families {
+        assert!(name.starts_with("specter_"), "{name}");
+        if f.family_type == OpenMetricsType::Counter {
+            assert!(text.contains(&format!("\n{name}_total")), "{name}");
+        }
+    }
+    // Histograms of visit opens, lookups and hops, with what happened.
+    for h in [
+        "specter_visit_open_seconds",
+        "specter_dht_lookup_seconds",
+        "specter_dht_lookup_hops",
+    ] {
+        assert_eq!(family(h).family_type, OpenMetricsType::Histogram, "{h}");
+    }
+    assert!(value("specter_visit_open_seconds", &[]) >= 1.0);
+    assert!(value("specter_dht_lookup_seconds", &[]) >= 2.0);
+    assert!(value("specter_visits", &["opened"]) >= 1.0);
+    assert_eq!(value("specter_visits", &["unknown"]), 1.0);
+    // Figures from every part of the node.
+    assert_eq!(value("specter_members", &["alive"]), 1.0);
+    assert_eq!(value("specter_ready", &[]), 1.0);
+    assert_eq!(value("specter_dht_ring_size", &[]), 2.0);
+    assert!(value("specter_gossip_packets_out", &[]) > 0.0);
+    assert!(value("specter_quic_connections", &[]) >= 1.0);
+    for name in [
+        "specter_quic_duplicates_closed",
+        "specter_quic_idle_closed",
+        "specter_dht_requests",
+        "specter_dht_handed_off",
+        "specter_ingress_broken",
+    ] {
+        assert_eq!(family(name).family_type, OpenMetricsType::Counter, "{name}");
+    }
+    assert!(value("specter_ingress_accepted", &[]) >= 6.0);
+    assert_eq!(value("specter_ingress_timeouts", &["idle"]), 0.0);
+    assert!(family("specter_dht_records").family_type == OpenMetricsType::Gauge);
+    // The attached node counts the client holding the tunnel.
+    let attached = http_get(procs[0].admin(), "/metrics").unwrap();
+    assert!(
+        attached.contains("\nspecter_tunnel_client_connections 1\n"),
+        "{attached}"
+    );
+}

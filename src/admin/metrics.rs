@@ -1,118 +1,344 @@
-//! `/metrics`: the node's counters in Prometheus' text format.
+//! `/metrics` in the OpenMetrics text format (which Prometheus reads): the
+//! counters and gauges of a `/status` snapshot, and the node's histograms
+//! ([`crate::node::histograms`]).
 
-use std::fmt::Write as _;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use specter_gossip::MemberState;
 
+use crate::node::histograms::Histograms;
 use crate::node::status::NodeStatus;
 
-/// The status as Prometheus text.
-pub(super) fn render(s: &NodeStatus) -> String {
+/// The content type of [`render`]'s text.
+pub(super) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Everything as OpenMetrics text.
+pub(super) fn render(status: NodeStatus, histograms: &Histograms) -> String {
+    let mut registry = Registry::with_prefix("specter");
+    let h = histograms.clone();
+    registry.register(
+        "visit_open_seconds",
+        "From a visitor's request for a tunnel to a stream to its client, for visits that opened",
+        h.visit_open,
+    );
+    registry.register("visits", "Visits by how their opening ended", h.visits);
+    registry.register(
+        "dht_lookup_seconds",
+        "DHT reads and writes started at this node, to their outcome",
+        h.lookup,
+    );
+    registry.register(
+        "dht_lookup_hops",
+        "Requests each DHT read or write took (0: this node holds the key)",
+        h.lookup_hops,
+    );
+    registry.register_collector(Box::new(Snapshot(status)));
     let mut out = String::new();
-    let count = |state| s.members.iter().filter(|m| m.state == state).count();
-    let alive = count(specter_gossip::MemberState::Alive);
-    let suspect = count(specter_gossip::MemberState::Suspect);
-    let down = count(specter_gossip::MemberState::Down);
-    let _ = writeln!(out, "# TYPE specter_members gauge");
-    for (state, n) in [("alive", alive), ("suspect", suspect), ("down", down)] {
-        let _ = writeln!(out, "specter_members{{state=\"{state}\"}} {n}");
-    }
-    let g = s.gossip;
-    let t = s.transport;
-    for (name, v) in [
-        ("specter_gossip_packets_out_total", g.packets_out),
-        ("specter_gossip_bytes_out_total", g.bytes_out),
-        ("specter_gossip_packets_in_total", g.packets_in),
-        ("specter_gossip_bytes_in_total", g.bytes_in),
-        ("specter_gossip_spoofed_dropped_total", g.spoofed_dropped),
-        ("specter_gossip_invalid_dropped_total", g.invalid_dropped),
-        (
-            "specter_gossip_refuted_suspicions_total",
-            g.refuted_suspicions,
-        ),
-        ("specter_quic_datagrams_sent_total", t.datagrams_sent),
-        (
-            "specter_quic_datagrams_received_total",
-            t.datagrams_received,
-        ),
-        (
-            "specter_quic_datagram_send_errors_total",
-            t.datagram_send_errors,
-        ),
-        ("specter_quic_inbox_dropped_total", t.inbox_dropped),
-        ("specter_quic_handshakes_failed_total", t.handshakes_failed),
-        (
-            "specter_quic_handshakes_refused_total",
-            t.handshakes_refused,
-        ),
-        ("specter_quic_wrong_peer_total", t.wrong_peer),
-    ] {
-        let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
-    }
-    let _ = writeln!(
-        out,
-        "# TYPE specter_quic_connections gauge\nspecter_quic_connections {}",
-        t.connections
-    );
-    let m = s.membership_timers;
-    for (name, v) in [
-        ("specter_gossip_worst_rtt_seconds", m.worst_rtt_ms),
-        ("specter_gossip_probe_rtt_seconds", m.probe_rtt_ms),
-        ("specter_gossip_probe_period_seconds", m.probe_period_ms),
-        (
-            "specter_gossip_suspect_to_down_seconds",
-            m.suspect_to_down_ms,
-        ),
-    ] {
-        let _ = writeln!(out, "# TYPE {name} gauge\n{name} {:.3}", v as f64 / 1e3);
-    }
-    let i = &s.ingress;
-    let c = i.counters;
-    let _ = writeln!(
-        out,
-        "# TYPE specter_ingress_visitors gauge\nspecter_ingress_visitors {}",
-        i.visitors
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE specter_ingress_max_visitors gauge\nspecter_ingress_max_visitors {}",
-        i.limits.max_visitors
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE specter_ingress_idle_upstreams gauge\nspecter_ingress_idle_upstreams {}",
-        i.idle_upstreams
-    );
-    for (name, v) in [
-        ("specter_ingress_accepted_total", c.accepted),
-        ("specter_ingress_accept_errors_total", c.accept_errors),
-        ("specter_ingress_misdirected_total", c.misdirected),
-        ("specter_ingress_broken_total", c.broken),
-        ("specter_ingress_shed_total", c.shed),
-    ] {
-        let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
-    }
-    let _ = writeln!(out, "# TYPE specter_ingress_refused_total counter");
-    for (reason, v) in [
-        ("source_full", c.refused_source_full),
-        ("source_handshakes", c.refused_source_handshakes),
-    ] {
-        let _ = writeln!(
-            out,
-            "specter_ingress_refused_total{{reason=\"{reason}\"}} {v}"
-        );
-    }
-    let _ = writeln!(out, "# TYPE specter_ingress_timeouts_total counter");
-    for (stage, v) in [
-        ("handshake", c.timeout_handshake),
-        ("first_request", c.timeout_first_request),
-        ("idle", c.timeout_idle),
-        ("body_rate", c.timeout_body_rate),
-        ("write_stall", c.timeout_write_stall),
-        ("raw_idle", c.timeout_raw_idle),
-    ] {
-        let _ = writeln!(
-            out,
-            "specter_ingress_timeouts_total{{stage=\"{stage}\"}} {v}"
-        );
+    if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        tracing::warn!(%err, "encoding /metrics failed");
     }
     out
+}
+
+/// A `/status` snapshot, encoded at scrape time.
+#[derive(Debug)]
+struct Snapshot(NodeStatus);
+
+fn counter(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge<N>(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: N) -> std::fmt::Result
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn count(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
+/// One counter family with a label per value.
+fn labelled(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: &[(&'static str, u64)],
+) -> std::fmt::Result {
+    let mut family =
+        e.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+    for (value, v) in values {
+        let labels = [(label, *value)];
+        ConstCounter::new(*v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let s = &self.0;
+        let e = &mut e;
+        gauge(
+            e,
+            "ready",
+            "1 once the node serves visitors and clients",
+            i64::from(s.ready),
+        )?;
+        let mut members = e.encode_descriptor(
+            "members",
+            "Members this node tracks, by state",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (label, state) in [
+            ("alive", MemberState::Alive),
+            ("suspect", MemberState::Suspect),
+            ("down", MemberState::Down),
+        ] {
+            let n = s.members.iter().filter(|m| m.state == state).count();
+            let labels = [("state", label)];
+            ConstGauge::new(count(n)).encode(members.encode_family(&labels)?)?;
+        }
+
+        let g = s.gossip;
+        for (name, help, v) in [
+            ("gossip_packets_out", "Gossip packets sent", g.packets_out),
+            ("gossip_bytes_out", "Gossip bytes sent", g.bytes_out),
+            ("gossip_packets_in", "Gossip packets received", g.packets_in),
+            ("gossip_bytes_in", "Gossip bytes received", g.bytes_in),
+            (
+                "gossip_spoofed_dropped",
+                "Gossip packets dropped: the sender is not who the connection proves",
+                g.spoofed_dropped,
+            ),
+            (
+                "gossip_invalid_dropped",
+                "Gossip packets that did not decode",
+                g.invalid_dropped,
+            ),
+            (
+                "gossip_refuted_suspicions",
+                "Suspicions that ran out after the member had refuted them",
+                g.refuted_suspicions,
+            ),
+        ] {
+            counter(e, name, help, v)?;
+        }
+        let m = s.membership_timers;
+        for (name, help, ms) in [
+            (
+                "gossip_worst_rtt_seconds",
+                "Worst smoothed QUIC round trip to a live member",
+                m.worst_rtt_ms,
+            ),
+            (
+                "gossip_probe_rtt_seconds",
+                "How long a probe waits for its answer",
+                m.probe_rtt_ms,
+            ),
+            (
+                "gossip_probe_period_seconds",
+                "Time between probes",
+                m.probe_period_ms,
+            ),
+            (
+                "gossip_suspect_to_down_seconds",
+                "How long a suspected member has to refute",
+                m.suspect_to_down_ms,
+            ),
+        ] {
+            gauge(e, name, help, ms as f64 / 1e3)?;
+        }
+
+        let t = s.transport;
+        gauge(
+            e,
+            "quic_connections",
+            "Node connections open",
+            count(t.connections),
+        )?;
+        for (name, help, v) in [
+            (
+                "quic_datagrams_sent",
+                "QUIC datagrams sent",
+                t.datagrams_sent,
+            ),
+            (
+                "quic_datagrams_received",
+                "QUIC datagrams received",
+                t.datagrams_received,
+            ),
+            (
+                "quic_datagram_send_errors",
+                "QUIC datagrams that could not be sent",
+                t.datagram_send_errors,
+            ),
+            (
+                "quic_inbox_dropped",
+                "Datagrams dropped because the gossip inbox was full",
+                t.inbox_dropped,
+            ),
+            (
+                "quic_handshakes_failed",
+                "Node handshakes that failed",
+                t.handshakes_failed,
+            ),
+            (
+                "quic_handshakes_refused",
+                "Handshakes refused over the concurrent handshake bound",
+                t.handshakes_refused,
+            ),
+            (
+                "quic_wrong_peer",
+                "Dials that reached another node than the one meant",
+                t.wrong_peer,
+            ),
+            (
+                "quic_duplicates_closed",
+                "Duplicate connections to one node closed",
+                t.duplicates_closed,
+            ),
+            (
+                "quic_idle_closed",
+                "Node connections closed as idle",
+                t.idle_closed,
+            ),
+        ] {
+            counter(e, name, help, v)?;
+        }
+
+        let d = &s.dht;
+        gauge(
+            e,
+            "dht_ring_size",
+            "Nodes on the ring, this one included",
+            count(d.ring_size),
+        )?;
+        let mut records = e.encode_descriptor(
+            "dht_records",
+            "Records held, by role",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (role, n) in [("owner", d.records_owned), ("replica", d.records_replica)] {
+            let labels = [("role", role)];
+            ConstGauge::new(count(n)).encode(records.encode_family(&labels)?)?;
+        }
+        for (name, help, v) in [
+            ("dht_requests", "DHT requests served", d.stats.requests),
+            (
+                "dht_redirects",
+                "DHT requests answered with a closer node",
+                d.stats.redirects,
+            ),
+            (
+                "dht_repaired",
+                "Records repaired on replicas",
+                d.stats.repaired,
+            ),
+            (
+                "dht_handed_off",
+                "Records handed to a new owner",
+                d.stats.handed_off,
+            ),
+            (
+                "dht_stabilize_mismatches",
+                "Successor checks that found the ring changed",
+                d.stats.stabilize_mismatches,
+            ),
+        ] {
+            counter(e, name, help, v)?;
+        }
+
+        gauge(
+            e,
+            "tunnels_attached",
+            "Tunnels attached at this node",
+            count(s.tunnels.len()),
+        )?;
+        let connections: usize = s.tunnels.iter().map(|t| t.connections).sum();
+        gauge(
+            e,
+            "tunnel_client_connections",
+            "Client connections holding tunnels here",
+            count(connections),
+        )?;
+
+        let i = &s.ingress;
+        let c = i.counters;
+        gauge(
+            e,
+            "ingress_visitors",
+            "Visitor connections held now",
+            count(i.visitors),
+        )?;
+        gauge(
+            e,
+            "ingress_max_visitors",
+            "Visitor connections allowed at once",
+            count(i.limits.max_visitors),
+        )?;
+        gauge(
+            e,
+            "ingress_idle_upstreams",
+            "Idle upstream HTTP connections kept for reuse",
+            count(i.idle_upstreams),
+        )?;
+        for (name, help, v) in [
+            (
+                "ingress_accepted",
+                "Visitor connections accepted",
+                c.accepted,
+            ),
+            ("ingress_accept_errors", "Failed accepts", c.accept_errors),
+            (
+                "ingress_misdirected",
+                "Requests for a host the connection was not opened for",
+                c.misdirected,
+            ),
+            (
+                "ingress_broken",
+                "Answers cut because their tunnel broke mid-way",
+                c.broken,
+            ),
+            (
+                "ingress_shed",
+                "Visitor connections closed at once: the node was full",
+                c.shed,
+            ),
+        ] {
+            counter(e, name, help, v)?;
+        }
+        labelled(
+            e,
+            "ingress_refused",
+            "Visitor connections refused, by reason",
+            "reason",
+            &[
+                ("source_full", c.refused_source_full),
+                ("source_handshakes", c.refused_source_handshakes),
+            ],
+        )?;
+        labelled(
+            e,
+            "ingress_timeouts",
+            "Visitor connections cut at a deadline, by stage",
+            "stage",
+            &[
+                ("handshake", c.timeout_handshake),
+                ("first_request", c.timeout_first_request),
+                ("idle", c.timeout_idle),
+                ("body_rate", c.timeout_body_rate),
+                ("write_stall", c.timeout_write_stall),
+                ("raw_idle", c.timeout_raw_idle),
+            ],
+        )
+    }
 }

@@ -107,8 +107,8 @@ async fn answer(route: Route, node: &NodeState) -> (&'static str, &'static str, 
         }
         Route::Metrics => (
             "200 OK",
-            "text/plain; version=0.0.4",
-            metrics::render(&node.status()),
+            metrics::CONTENT_TYPE,
+            metrics::render(node.status(), node.dht.histograms()),
         ),
         Route::Page => ("200 OK", "text/html; charset=utf-8", PAGE.to_string()),
         Route::Reload => match node.reload().await {

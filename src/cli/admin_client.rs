@@ -93,13 +93,18 @@ pub fn summary(s: &serde_json::Value) -> String {
     let d = &s["dht"];
     let _ = writeln!(
         out,
-        "node {} at {} ({}), ring of {}",
+        "node {} at {} ({}, {}), ring of {}",
         text(&s["id"]),
         text(&s["addr"]),
         if s["joined"] == true {
             "joined"
         } else {
             "not joined"
+        },
+        if s["ready"] == true {
+            "ready"
+        } else {
+            "not ready"
         },
         text(&d["ring_size"])
     );
@@ -194,7 +199,7 @@ mod tests {
     #[test]
     fn the_summary_shows_members_ring_tunnels_and_counters() {
         let s = serde_json::json!({
-            "id": "aaaa", "addr": "127.0.0.1:7000", "joined": true,
+            "id": "aaaa", "addr": "127.0.0.1:7000", "joined": true, "ready": true,
             "members": [{"id": "bbbb", "addr": "127.0.0.1:7001", "state": "alive", "ingress": "127.0.0.1:443"}],
             "dht": {"ring_size": 2, "predecessor": {"id": "bbbb"}, "successors": [{"id": "bbbb"}],
                     "fingers": [], "records_owned": 3, "records_replica": 1},
@@ -206,7 +211,7 @@ mod tests {
         });
         let text = summary(&s);
         for want in [
-            "node aaaa at 127.0.0.1:7000 (joined), ring of 2",
+            "node aaaa at 127.0.0.1:7000 (joined, ready), ring of 2",
             "bbbb",
             "alive",
             "127.0.0.1:443",

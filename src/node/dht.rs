@@ -4,6 +4,7 @@
 //! reaches it through a [`DhtHandle`] (get, put, status) over a bounded
 //! channel.
 
+use super::histograms::Histograms;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -124,6 +125,7 @@ type SharedDhtStatus = Arc<RwLock<DhtStatus>>;
 pub struct DhtHandle {
     commands: mpsc::Sender<Command>,
     status: SharedDhtStatus,
+    histograms: Histograms,
 }
 
 impl DhtHandle {
@@ -134,6 +136,7 @@ impl DhtHandle {
         let handle = DhtHandle {
             commands,
             status: SharedDhtStatus::default(),
+            histograms: Histograms::default(),
         };
         (handle, rx)
     }
@@ -146,7 +149,15 @@ impl DhtHandle {
         // A burst waits for room rather than failing: the driver drains
         // commands quickly and each one is bounded by its RPC timeouts.
         self.commands.send(command(tx)).await.ok()?;
-        rx.await.ok()
+        let done = rx.await.ok()?;
+        self.histograms.lookup_done(&done.0, done.1);
+        Some(done)
+    }
+
+    /// The node's histograms (kept here: every part of the node holds this
+    /// handle).
+    pub fn histograms(&self) -> &Histograms {
+        &self.histograms
     }
 
     /// Reads `name`: the outcome and how long it took; `None` if the DHT

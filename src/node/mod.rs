@@ -6,7 +6,8 @@
 //!   [`dht::DhtHandle`] everyone else uses;
 //! - [`rpc`]: DHT requests between nodes;
 //! - [`tunnels`]: client sessions, visit routing, forwarded visitors;
-//! - [`status`]: the snapshot `/status` shows;
+//! - [`status`]: the snapshot `/status` shows, and [`histograms`] what
+//!   `/metrics` adds;
 //! - [`reload`]: certificates and settings read again while running;
 //!
 //! plus the network ([`crate::net`]), the public ingress
@@ -15,6 +16,7 @@
 //! start, write the ready file, serve until shutdown, leave gracefully.
 
 pub mod dht;
+pub mod histograms;
 pub mod membership;
 pub mod reload;
 pub mod rpc;

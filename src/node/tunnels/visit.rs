@@ -295,6 +295,21 @@ impl Tunnels {
     /// then DHT). Attachments that fail are skipped, and one that is slow to
     /// answer is raced against the next (see [`Race`]).
     pub async fn open(&self, name: &str, visit: &Visit) -> Result<Pair, OpenError> {
+        let started = std::time::Instant::now();
+        let opened = self.open_paths(name, visit).await;
+        let outcome = match &opened {
+            Ok(_) => "opened",
+            Err(OpenError::Unknown) => "unknown",
+            Err(OpenError::Unreachable) => "unreachable",
+            Err(OpenError::TargetRefused) => "target_refused",
+            Err(OpenError::NotReady) => "not_ready",
+        };
+        let took = opened.is_ok().then(|| started.elapsed());
+        self.dht.histograms().visit_done(outcome, took);
+        opened
+    }
+
+    async fn open_paths(&self, name: &str, visit: &Visit) -> Result<Pair, OpenError> {
         let mut paths = Paths {
             queue: self.local(name).into_iter().map(Path::Local).collect(),
             route_pending: true,
