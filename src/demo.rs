@@ -261,7 +261,7 @@ pub async fn run(n: usize) -> Result<()> {
     for ((node, admin), public) in demo.nodes.iter().zip(&demo.admin).zip(&demo.ingress) {
         let s = node.status();
         println!(
-            "  node {}  quic {}  ingress {}  status http://{admin}/status",
+            "  node {}  quic {}  ingress {}  status page http://{admin}/",
             s.id, s.addr, public
         );
     }
