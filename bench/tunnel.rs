@@ -25,7 +25,11 @@ use specter::ingress::tcp::Visitor;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const BIN: &str = env!("CARGO_BIN_EXE_specter");
+/// The `specter` binary: this build's, or `SPECTER_BENCH_BIN` (to compare
+/// two builds in one session).
+fn bin() -> String {
+    std::env::var("SPECTER_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_specter").into())
+}
 const DOMAIN: &str = "bench.specter.test";
 const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 const CONNS: usize = 64;
@@ -84,6 +88,32 @@ enum Entry {
     Tcp(SocketAddr),
     /// TLS to a Specter ingress (ALPN `specter-tcp`).
     Specter(Arc<Visitor>),
+    /// HTTPS to a Specter ingress (ALPN `http/1.1`): the node's HTTP path.
+    Https(Arc<Https>),
+}
+
+/// An HTTPS visitor of one tunnel through one node.
+struct Https {
+    addr: SocketAddr,
+    host: rustls::pki_types::ServerName<'static>,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl Https {
+    fn new(addr: SocketAddr, host: &str, ca_pem: &[u8]) -> Self {
+        let (roots, _) = specter::net::tls::roots_from_pem(ca_pem).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(specter::net::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Https {
+            addr,
+            host: rustls::pki_types::ServerName::try_from(host.to_string()).unwrap(),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        }
+    }
 }
 
 impl Entry {
@@ -95,8 +125,72 @@ impl Entry {
                 Box::new(s)
             }
             Entry::Specter(v) => Box::new(v.connect().await.map_err(std::io::Error::other)?),
+            Entry::Https(h) => {
+                let tcp = tokio::net::TcpStream::connect(h.addr).await?;
+                tcp.set_nodelay(true)?;
+                Box::new(h.connector.connect(h.host.clone(), tcp).await?)
+            }
         })
     }
+
+    /// The request visitors send (HTTPS names the tunnel in `Host`).
+    fn request(&self) -> Vec<u8> {
+        let host = match self {
+            Entry::Https(h) => h.host.to_str().to_string(),
+            _ => "t".into(),
+        };
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes()
+    }
+}
+
+/// Reads one HTTP/1.1 response (its head, then `Content-Length` bytes) from
+/// `s`; `have` keeps what was read past it.
+async fn read_response(s: &mut Box<dyn Conn>, have: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&have[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| std::io::Error::other(format!("no length: {head}")))?;
+            while have.len() < end + 4 + len {
+                let k = s.read(&mut chunk).await?;
+                if k == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                have.extend_from_slice(&chunk[..k]);
+            }
+            have.drain(..end + 4 + len);
+            return Ok(());
+        }
+        let k = s.read(&mut chunk).await?;
+        if k == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        have.extend_from_slice(&chunk[..k]);
+    }
+}
+
+/// Opens a visitor through `entry` and has one request answered on it.
+async fn answered(entry: &Entry) -> std::io::Result<Box<dyn Conn>> {
+    let mut c = entry.open().await?;
+    c.write_all(&entry.request()).await?;
+    read_response(&mut c, &mut Vec::new()).await?;
+    Ok(c)
+}
+
+/// Resident set size of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 async fn bulk(entry: &Entry, bytes: u64) -> std::io::Result<f64> {
@@ -119,13 +213,17 @@ async fn bulk(entry: &Entry, bytes: u64) -> std::io::Result<f64> {
 }
 
 /// Sequential requests on one connection until `until`; their latencies.
-async fn requests(mut s: Box<dyn Conn>, until: Instant) -> std::io::Result<Vec<Duration>> {
+async fn requests(
+    mut s: Box<dyn Conn>,
+    request: Vec<u8>,
+    until: Instant,
+) -> std::io::Result<Vec<Duration>> {
     let mut lat = Vec::new();
-    let mut buf = [0u8; RESPONSE.len()];
+    let mut have = Vec::new();
     while Instant::now() < until {
         let t = Instant::now();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await?;
-        s.read_exact(&mut buf).await?;
+        s.write_all(&request).await?;
+        read_response(&mut s, &mut have).await?;
         lat.push(t.elapsed());
     }
     Ok(lat)
@@ -142,7 +240,7 @@ async fn load(entry: &Entry, conns: usize, secs: f64) -> std::io::Result<(f64, V
     let until = start + Duration::from_secs_f64(secs);
     let tasks: Vec<_> = open
         .into_iter()
-        .map(|c| tokio::spawn(requests(c, until)))
+        .map(|c| tokio::spawn(requests(c, entry.request(), until)))
         .collect();
     let mut all = Vec::new();
     for t in tasks {
@@ -164,14 +262,18 @@ fn pct(sorted: &[Duration], permille: usize) -> Duration {
 /// One row of the table.
 struct Row {
     label: String,
-    gbps: f64,
+    /// Single-stream throughput (raw TCP paths only).
+    gbps: Option<f64>,
     c1: Vec<Duration>,
     rps: f64,
     c64: Vec<Duration>,
 }
 
 async fn measure(label: &str, entry: &Entry, bytes: u64, secs: f64) -> std::io::Result<Row> {
-    let gbps = bulk(entry, bytes).await?;
+    let gbps = match entry {
+        Entry::Https(_) => None,
+        _ => Some(bulk(entry, bytes).await?),
+    };
     let (_, c1) = load(entry, 1, secs).await?;
     let (rps, c64) = load(entry, CONNS, secs).await?;
     Ok(Row {
@@ -207,18 +309,10 @@ fn free_port() -> u16 {
 async fn until_serving(entry: &Entry, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ok = async {
-            let mut c = entry.open().await.ok()?;
-            c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                .await
-                .ok()?;
-            let mut buf = [0u8; RESPONSE.len()];
-            tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut buf))
-                .await
-                .ok()?
-                .ok()
-        }
-        .await;
+        let ok = tokio::time::timeout(Duration::from_secs(2), answered(entry))
+            .await
+            .ok()
+            .and_then(Result::ok);
         if ok.is_some() {
             return;
         }
@@ -228,7 +322,7 @@ async fn until_serving(entry: &Entry, what: &str) {
 }
 
 fn specter(args: &[&str]) {
-    let out = Command::new(BIN).args(args).output().unwrap();
+    let out = Command::new(bin()).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "specter {args:?}: {}",
@@ -236,10 +330,25 @@ fn specter(args: &[&str]) {
     );
 }
 
+/// Specter's visitor entries and processes.
+struct Setup {
+    /// Raw TCP over TLS (`specter-tcp`): direct and forwarded path.
+    tcp: (Entry, Entry),
+    /// HTTPS to an `http://` tunnel of the same client: direct and forwarded.
+    https: (Entry, Entry),
+    /// The attached node, the forwarding node and the client.
+    pids: Vec<(&'static str, u32)>,
+}
+
+/// Idle visitors held at once through one path in the memory rows. Each
+/// raw-TCP visitor holds a QUIC stream on the client's connection, which
+/// takes at most 4,096 (`MAX_STREAMS_PER_PEER`), and the HTTPS rows leave
+/// pooled upstream streams on it for a while.
+const IDLE_VISITORS: usize = 3_000;
+
 /// Two `specter node` processes with ingress and a `specter tunnel` client
-/// attached to one of them; the visitor entries of the direct and forwarded
-/// paths.
-async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> (Entry, Entry) {
+/// attached to one of them, serving a `tcp://` and an `http://` tunnel.
+async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> Setup {
     let ca = dir.join("ca");
     specter(&["ca", "init", "--dir", ca.to_str().unwrap()]);
     let ca_dir = ca.to_str().unwrap();
@@ -271,7 +380,7 @@ async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> (En
         ]);
         let (quic, https) = (free_port(), free_port());
         let ready = nd.join("ready");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(["node", "--listen", &format!("127.0.0.1:{quic}")])
             .args([
                 "--admin",
@@ -286,8 +395,10 @@ async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> (En
             .args(["--cert", nd.join("node.crt").to_str().unwrap()])
             .args(["--key", nd.join("node.key").to_str().unwrap()])
             .args(["--ready-file", ready.to_str().unwrap()])
-            // Every visitor of the benchmark comes from 127.0.0.1.
-            .args(["--visitors-per-source", "4096"])
+            // Every visitor of the benchmark comes from 127.0.0.1, and the
+            // memory rows hold thousands at once.
+            .args(["--visitors-per-source", "20000"])
+            .args(["--max-visitors", "20000"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if i > 0 {
@@ -304,14 +415,16 @@ async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> (En
         }
         nodes.push((quic, https));
     }
-    let mut client = tokio::process::Command::new(BIN)
-        .args([
-            "tunnel",
-            "--to",
-            &format!("tcp://{target}"),
-            "--name",
-            "bench",
-        ])
+    let tunnels = dir.join("client.toml");
+    std::fs::write(
+        &tunnels,
+        format!(
+            "[[tunnels]]\nname = \"bench\"\nto = \"tcp://{target}\"\n[[tunnels]]\nname = \"web\"\nto = \"http://{target}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut client = tokio::process::Command::new(bin())
+        .args(["tunnel", "--config", tunnels.to_str().unwrap()])
         .args(["--via", &format!("127.0.0.1:{}", nodes[0].0)])
         .args(["--attachments", "1"])
         .args(["--ca", ca.join("ca.crt").to_str().unwrap()])
@@ -322,6 +435,7 @@ async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> (En
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(client.stdout.take().unwrap()).lines();
+    let client_pid = client.id().unwrap();
     let attached_quic: u16 = loop {
         let line = lines.next_line().await.unwrap().expect("client output");
         if let Some((_, rest)) = line.split_once(" at 127.0.0.1:") {
@@ -340,15 +454,114 @@ async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> (En
             Visitor::new(&format!("127.0.0.1:{https}"), &host, &ca_pem).unwrap(),
         ))
     };
-    let (direct, forwarded) = if nodes[0].0 == attached_quic {
-        (nodes[0].1, nodes[1].1)
+    let node_pids = (procs.0[0].id(), procs.0[1].id());
+    let ((direct, direct_pid), (forwarded, forwarded_pid)) = if nodes[0].0 == attached_quic {
+        ((nodes[0].1, node_pids.0), (nodes[1].1, node_pids.1))
     } else {
-        (nodes[1].1, nodes[0].1)
+        ((nodes[1].1, node_pids.1), (nodes[0].1, node_pids.0))
     };
-    let entries = (visitor(direct), visitor(forwarded));
-    until_serving(&entries.0, "Specter (direct)").await;
-    until_serving(&entries.1, "Specter (forwarded)").await;
-    (entries.0, entries.1)
+    let web = format!("web.{DOMAIN}");
+    let https = |port: u16| {
+        Entry::Https(Arc::new(Https::new(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            &web,
+            &ca_pem,
+        )))
+    };
+    let setup = Setup {
+        tcp: (visitor(direct), visitor(forwarded)),
+        https: (https(direct), https(forwarded)),
+        pids: vec![
+            ("attached node", direct_pid),
+            ("forwarding node", forwarded_pid),
+            ("client", client_pid),
+        ],
+    };
+    until_serving(&setup.tcp.0, "Specter (direct)").await;
+    until_serving(&setup.tcp.1, "Specter (forwarded)").await;
+    until_serving(&setup.https.0, "Specter HTTPS (direct)").await;
+    until_serving(&setup.https.1, "Specter HTTPS (forwarded)").await;
+    setup
+}
+
+/// Holds `n` idle visitors through `entry`, each with one request answered
+/// (so the whole path is open), a few opened at a time as a crowd arrives.
+async fn hold_idle(entry: &Entry, n: usize) -> std::io::Result<Vec<Box<dyn Conn>>> {
+    let mut held = Vec::with_capacity(n);
+    while held.len() < n {
+        let batch = (n - held.len()).min(8);
+        let opened = futures_join(entry, batch)
+            .await
+            .map_err(|e| std::io::Error::other(format!("after {}: {e}", held.len())))?;
+        held.extend(opened);
+    }
+    Ok(held)
+}
+
+async fn futures_join(entry: &Entry, k: usize) -> std::io::Result<Vec<Box<dyn Conn>>> {
+    let tasks: Vec<_> = (0..k)
+        .map(|_| {
+            let entry = entry.clone();
+            tokio::spawn(async move { answered(&entry).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(k);
+    for t in tasks {
+        out.push(t.await.map_err(std::io::Error::other)??);
+    }
+    Ok(out)
+}
+
+/// RSS (KiB) of each process in `pids`, after a second to settle.
+async fn rss_of(pids: &[(&'static str, u32)]) -> Vec<u64> {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pids.iter().map(|(_, pid)| rss_kib(*pid)).collect()
+}
+
+/// One process's memory figures.
+struct Memory {
+    subject: String,
+    process: &'static str,
+    idle: u64,
+    after_load: Option<(u64, u64)>,
+    /// RSS before and with [`IDLE_VISITORS`] idle raw-TCP visitors, and
+    /// before and with as many idle keep-alive HTTPS visitors.
+    raw: Option<(u64, u64)>,
+    https: Option<(u64, u64)>,
+    /// RSS 10 s after the idle visitors left.
+    after_idle: Option<u64>,
+}
+
+fn print_memory(rows: &[Memory]) {
+    let n = IDLE_VISITORS as f64;
+    let per = |with: Option<(u64, u64)>| {
+        with.map_or("–".to_string(), |(before, w)| {
+            format!(
+                "{:.1} MiB ({:.1} KiB/visitor)",
+                w as f64 / 1024.0,
+                w.saturating_sub(before) as f64 / n
+            )
+        })
+    };
+    println!(
+        "| subject | process | idle | after the c64 runs | 10 s later | {IDLE_VISITORS} idle raw-TCP visitors | {IDLE_VISITORS} idle keep-alive HTTPS visitors | 10 s after they left |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for m in rows {
+        let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+        let (after, later) = m
+            .after_load
+            .map_or(("–".into(), "–".into()), |(a, b)| (mib(a), mib(b)));
+        println!(
+            "| {} | {} | {} | {after} | {later} | {} | {} | {} |",
+            m.subject,
+            m.process,
+            mib(m.idle),
+            per(m.raw),
+            per(m.https),
+            m.after_idle.map_or("–".into(), mib),
+        );
+    }
 }
 
 /// A peer's binary: on PATH, in `target/peers/bin`, or installed there.
@@ -486,11 +699,13 @@ fn print_table(rows: &[Row]) {
     for r in rows {
         let (p50, p99) = (pct(&r.c1, 500), pct(&r.c1, 990));
         let c64_p99 = pct(&r.c64, 990);
+        let (gbps, ratio) = match (r.gbps, base.gbps) {
+            (Some(g), Some(b)) => (format!("{g:.2} Gbit/s"), format!("{:.2}", g / b)),
+            _ => ("–".into(), "–".into()),
+        };
         println!(
-            "| {} | {:.2} Gbit/s | {:.2} | {} ms | {} ms | {:.1} | {:.0} | {:.2} | {} ms | {:.1} |",
+            "| {} | {gbps} | {ratio} | {} ms | {} ms | {:.1} | {:.0} | {:.2} | {} ms | {:.1} |",
             r.label,
-            r.gbps,
-            r.gbps / base.gbps,
             ms(p50),
             ms(p99),
             p50.as_secs_f64() / b_c1.as_secs_f64(),
@@ -593,6 +808,8 @@ fn plot(rows: &[Row], out: &Path) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn run(quick: bool, install: bool) {
+    // Thousands of idle visitors at once, and their target connections.
+    specter::files::raise_descriptor_limit();
     let dir = std::env::temp_dir().join(format!("specter-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let t = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -602,38 +819,135 @@ async fn run(quick: bool, install: bool) {
     let secs = if quick { 1.0 } else { 5.0 };
 
     let mut procs = Procs(Vec::new());
-    let mut subjects: Vec<(String, Entry)> =
-        vec![("direct loopback TCP".into(), Entry::Tcp(target_addr))];
-    let (direct, forwarded) = start_specter(&dir, target_addr, &mut procs).await;
-    subjects.push(("Specter, direct path (TLS + QUIC)".into(), direct));
-    subjects.push(("Specter, forwarded path (TLS + QUIC)".into(), forwarded));
+    // (label, entry, processes whose memory is measured)
+    type Pids = Vec<(&'static str, u32)>;
+    let mut subjects: Vec<(String, Entry, Pids)> = vec![(
+        "direct loopback TCP".into(),
+        Entry::Tcp(target_addr),
+        Vec::new(),
+    )];
+    let setup = start_specter(&dir, target_addr, &mut procs).await;
+    subjects.push((
+        "Specter, direct path (TLS + QUIC)".into(),
+        setup.tcp.0.clone(),
+        setup.pids.clone(),
+    ));
+    subjects.push((
+        "Specter, forwarded path (TLS + QUIC)".into(),
+        setup.tcp.1.clone(),
+        Vec::new(),
+    ));
+    subjects.push((
+        "Specter HTTPS, direct path (HTTP/1.1 over TLS, keep-alive)".into(),
+        setup.https.0.clone(),
+        Vec::new(),
+    ));
+    subjects.push((
+        "Specter HTTPS, forwarded path".into(),
+        setup.https.1.clone(),
+        Vec::new(),
+    ));
+    let last_two = |procs: &Procs| -> Pids {
+        let n = procs.0.len();
+        vec![
+            ("server", procs.0[n - 2].id()),
+            ("client", procs.0[n - 1].id()),
+        ]
+    };
     let mut missing = Vec::new();
     // Without the default native-tls feature, which needs OpenSSL headers.
     let rathole_features = ["--no-default-features", "--features", "server,client,noise"];
     match peer_binary("rathole", "rathole", &rathole_features, install) {
         Some(bin) => {
             let plain = start_rathole(&bin, &dir, target_addr, false, &mut procs).await;
-            subjects.push(("rathole, tcp transport (no encryption)".into(), plain));
+            subjects.push((
+                "rathole, tcp transport (no encryption)".into(),
+                plain,
+                last_two(&procs),
+            ));
             let noise = start_rathole(&bin, &dir, target_addr, true, &mut procs).await;
-            subjects.push(("rathole, noise transport (encrypted)".into(), noise));
+            subjects.push((
+                "rathole, noise transport (encrypted)".into(),
+                noise,
+                last_two(&procs),
+            ));
         }
         None => missing.push("rathole"),
     }
     match peer_binary("bore", "bore-cli", &[], install) {
         Some(bin) => {
             let entry = start_bore(&bin, target_addr, &mut procs).await;
-            subjects.push(("bore (no encryption)".into(), entry));
+            subjects.push(("bore (no encryption)".into(), entry, last_two(&procs)));
         }
         None => missing.push("bore"),
     }
 
+    // Memory before any load.
+    let mut memory = Vec::new();
+    for (label, _, pids) in &subjects {
+        for ((process, _), idle) in pids.iter().zip(rss_of(pids).await) {
+            memory.push(Memory {
+                subject: label.clone(),
+                process,
+                idle,
+                after_load: None,
+                raw: None,
+                https: None,
+                after_idle: None,
+            });
+        }
+    }
+
     let mut rows = Vec::new();
-    for (label, entry) in &subjects {
+    for (label, entry, _) in &subjects {
         match measure(label, entry, bytes, secs).await {
             Ok(row) => rows.push(row),
             Err(err) => eprintln!("{label}: {err}"),
         }
     }
+
+    // Memory after the load (every row has run), then with idle visitors.
+    let after = rss_of(&setup.pids).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let later = rss_of(&setup.pids).await;
+    for (i, m) in memory.iter_mut().take(setup.pids.len()).enumerate() {
+        m.after_load = Some((after[i], later[i]));
+    }
+    let mut at = 0;
+    for (label, entry, pids) in &subjects {
+        if pids.is_empty() {
+            continue;
+        }
+        let rows = &mut memory[at..at + pids.len()];
+        at += pids.len();
+        let before = rss_of(pids).await;
+        match hold_idle(entry, IDLE_VISITORS).await {
+            Ok(held) => {
+                for ((m, rss), b) in rows.iter_mut().zip(rss_of(pids).await).zip(&before) {
+                    m.raw = Some((*b, rss));
+                }
+                drop(held);
+            }
+            Err(err) => eprintln!("{label}: holding idle visitors: {err}"),
+        }
+        if label.starts_with("Specter") {
+            let before = rss_of(pids).await;
+            match hold_idle(&setup.https.0, IDLE_VISITORS).await {
+                Ok(held) => {
+                    for ((m, rss), b) in rows.iter_mut().zip(rss_of(pids).await).zip(&before) {
+                        m.https = Some((*b, rss));
+                    }
+                    drop(held);
+                }
+                Err(err) => eprintln!("{label}: holding idle HTTPS visitors: {err}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        for (m, rss) in rows.iter_mut().zip(rss_of(pids).await) {
+            m.after_idle = Some(rss);
+        }
+    }
+
     println!("## Tunnels side by side (loopback, one run)\n");
     print_table(&rows);
     println!(
@@ -641,6 +955,8 @@ async fn run(quick: bool, install: bool) {
         bytes >> 20,
         std::thread::available_parallelism().map_or(0, usize::from)
     );
+    println!("\n## Memory (RSS), same run\n");
+    print_memory(&memory);
     if !missing.is_empty() {
         println!(
             "\nNot measured (no binary, install failed or skipped): {}.",
