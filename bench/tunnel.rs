@@ -13,7 +13,8 @@
 //! connections, each also as a ratio to direct. Prints a Markdown table and
 //! writes a latency plot to `target/bench-tunnel.png`.
 //!
-//! `cargo bench --bench tunnel` (add `-- --quick` for a short run).
+//! `cargo bench --bench tunnel` (add `-- --quick` for a short run, `--
+//! --specter-only` for Specter's rows alone).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -807,7 +808,7 @@ fn plot(rows: &[Row], out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn run(quick: bool, install: bool) {
+async fn run(quick: bool, install: bool, peers: bool) {
     // Thousands of idle visitors at once, and their target connections.
     specter::files::raise_descriptor_limit();
     let dir = std::env::temp_dir().join(format!("specter-bench-{}", std::process::id()));
@@ -857,7 +858,10 @@ async fn run(quick: bool, install: bool) {
     let mut missing = Vec::new();
     // Without the default native-tls feature, which needs OpenSSL headers.
     let rathole_features = ["--no-default-features", "--features", "server,client,noise"];
-    match peer_binary("rathole", "rathole", &rathole_features, install) {
+    match peers
+        .then(|| peer_binary("rathole", "rathole", &rathole_features, install))
+        .flatten()
+    {
         Some(bin) => {
             let plain = start_rathole(&bin, &dir, target_addr, false, &mut procs).await;
             subjects.push((
@@ -874,7 +878,10 @@ async fn run(quick: bool, install: bool) {
         }
         None => missing.push("rathole"),
     }
-    match peer_binary("bore", "bore-cli", &[], install) {
+    match peers
+        .then(|| peer_binary("bore", "bore-cli", &[], install))
+        .flatten()
+    {
         Some(bin) => {
             let entry = start_bore(&bin, target_addr, &mut procs).await;
             subjects.push(("bore (no encryption)".into(), entry, last_two(&procs)));
@@ -915,7 +922,7 @@ async fn run(quick: bool, install: bool) {
     }
     let mut at = 0;
     for (label, entry, pids) in &subjects {
-        if pids.is_empty() {
+        if pids.is_empty() || !peers {
             continue;
         }
         let rows = &mut memory[at..at + pids.len()];
@@ -975,9 +982,12 @@ async fn run(quick: bool, install: bool) {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let install = !std::env::args().any(|a| a == "--no-install");
+    // Specter's rows only, without the idle-visitor memory rows: for
+    // comparing two builds (SPECTER_BENCH_BIN) quickly.
+    let peers = !std::env::args().any(|a| a == "--specter-only");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(quick, install));
+    rt.block_on(run(quick, install, peers));
 }
