@@ -93,6 +93,9 @@ pub struct NodeSettings {
     /// "Limits and deadlines"); the flags above override it.
     #[arg(skip)]
     pub ingress: Option<crate::ingress::limits::IngressLimits>,
+    /// What one client key may register (`[clients]` in node.toml).
+    #[arg(skip)]
+    pub clients: Option<crate::node::tunnels::quota::ClientLimits>,
 }
 
 /// A complete, checked node configuration.
@@ -124,6 +127,8 @@ pub struct NodeConfig {
     pub http: Option<(SocketAddr, crate::ingress::http::HttpMode, String)>,
     /// What a visitor may hold, and for how long.
     pub ingress_limits: crate::ingress::limits::IngressLimits,
+    /// What one client key may register.
+    pub client_limits: crate::node::tunnels::quota::ClientLimits,
 }
 
 /// Where and how the node serves visitors.
@@ -212,6 +217,7 @@ impl NodeSettings {
             raw_tcp_idle: self.raw_tcp_idle.or(file.raw_tcp_idle),
             trust_proxy_headers: self.trust_proxy_headers || file.trust_proxy_headers,
             ingress: self.ingress.or(file.ingress),
+            clients: self.clients.or(file.clients),
         }
     }
 
@@ -259,6 +265,7 @@ impl NodeSettings {
         ingress_limits.trust_proxy_headers |= self.trust_proxy_headers;
         Ok(NodeConfig {
             ingress_limits,
+            client_limits: self.clients.unwrap_or_default(),
             http,
             client_auth: self.client_auth.unwrap_or_default(),
             ingress,
@@ -300,6 +307,7 @@ pub fn restart_needed(running: &NodeConfig, next: &NodeConfig) -> Vec<&'static s
     check("https or domain", https(running) != https(next));
     check("http or http_mode", running.http != next.http);
     check("ingress", running.ingress_limits != next.ingress_limits);
+    check("clients", running.client_limits != next.client_limits);
     changed
 }
 
@@ -322,6 +330,17 @@ mod tests {
         assert_eq!(c.advertise, c.listen);
         assert_eq!(c.join, vec!["127.0.0.3:7000".to_string()]);
         assert!(toml::from_str::<NodeSettings>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn the_example_configs_in_contrib_parse() {
+        let node: NodeSettings = toml::from_str(include_str!("../contrib/node.toml")).unwrap();
+        let node = node.resolve().unwrap();
+        assert_eq!(node.client_limits.claims_per_minute, 32);
+        assert_eq!(node.ingress_limits.visitors_per_source, 64);
+        let client: TunnelSettings =
+            toml::from_str(include_str!("../contrib/client.toml")).unwrap();
+        assert!(!client.tunnels.is_empty());
     }
 
     #[test]

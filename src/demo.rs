@@ -79,6 +79,7 @@ pub fn start_on_loopback(
             rng_seed,
             client_auth: ClientAuth::Open,
             ingress: crate::ingress::limits::IngressLimits::default(),
+            clients: crate::node::tunnels::quota::ClientLimits::default(),
         },
     )?)
 }

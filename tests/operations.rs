@@ -447,9 +447,12 @@ fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
     assert_eq!(value("specter_ingress_timeouts", &["idle"]), 0.0);
     assert!(family("specter_dht_records").family_type == OpenMetricsType::Gauge);
     // The attached node counts the client holding the tunnel.
-    let attached = http_get(procs[0].admin(), "/metrics").unwrap();
+    let one_client = wait_for(Duration::from_secs(5), || {
+        http_get(procs[0].admin(), "/metrics")
+            .is_some_and(|m| m.contains("\nspecter_tunnel_client_connections 1\n"))
+    });
     assert!(
-        attached.contains("\nspecter_tunnel_client_connections 1\n"),
-        "{attached}"
+        one_client.is_some(),
+        "the attached node does not count its client"
     );
 }

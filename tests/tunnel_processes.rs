@@ -306,6 +306,78 @@ fn under_token_auth_a_client_needs_a_valid_token() {
 }
 
 #[test]
+fn a_key_over_its_quota_of_new_names_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips = vec!["127.0.0.9".to_string()];
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[clients]\nclaims_per_minute = 20\n").unwrap();
+    let node = start_node_with(
+        dir.path(),
+        &dirs[0],
+        &ips[0],
+        None,
+        &["--config", config.to_str().unwrap()],
+    );
+    let service = eof_service();
+    // A client of the key kept in `dir/q` serving `n` tunnels PREFIX-0…
+    let client = |prefix: &str, n: usize| {
+        let file = dir.path().join(format!("{prefix}.toml"));
+        let tunnels: String = (0..n)
+            .map(|i| format!("[[tunnels]]\nname = \"{prefix}-{i}\"\nto = \"tcp://{service}\"\n"))
+            .collect();
+        std::fs::write(&file, tunnels).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["tunnel", "--config", file.to_str().unwrap()])
+            .args(["--via", &node.quic()])
+            .args(["--ca", dir.path().join("ca/ca.crt").to_str().unwrap()])
+            .args(["--state-dir", dir.path().join("q").to_str().unwrap()])
+            .arg("--ready-file")
+            .arg(dir.path().join(format!("{prefix}.ready")));
+        cmd
+    };
+    // Sixteen names: within the quota.
+    let _first = Reaped(
+        client("alpha", 16)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let attached = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(dir.path().join("alpha.ready"))
+            .is_ok_and(|r| r.contains("\"healthy\":1"))
+    });
+    assert!(attached.is_some(), "the first client did not attach");
+    // The same key with eight more names within the minute: 24 > 20.
+    let mut second = client("beta", 8)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_exit(&mut second, Duration::from_secs(10));
+    if exited.is_none() {
+        let _ = second.kill();
+    }
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(exited.is_some_and(|s| !s.success()), "{stderr}");
+    assert!(
+        stderr.contains("registered 20 new names at this node in the last minute"),
+        "{stderr}"
+    );
+    let metrics = http_get(node.admin(), "/metrics").unwrap();
+    assert!(
+        metrics.contains("specter_clients_refused_total{quota=\"claims_per_minute\"} 1\n"),
+        "{metrics}"
+    );
+    // The first client keeps its sixteen names.
+    let held = status(&node).unwrap()["tunnels"].as_array().unwrap().len();
+    assert_eq!(held, 16);
+}
+
+#[test]
 fn https_visitors_over_http1_and_http2_and_upgrades_through_every_node() {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = ca(dir.path());

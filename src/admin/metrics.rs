@@ -261,14 +261,25 @@ impl Collector for Snapshot {
             e,
             "tunnels_attached",
             "Tunnels attached at this node",
-            count(s.tunnels.len()),
+            count(s.tunnels_total),
         )?;
-        let connections: usize = s.tunnels.iter().map(|t| t.connections).sum();
+        let connections = s.tunnel_connections;
         gauge(
             e,
             "tunnel_client_connections",
             "Client connections holding tunnels here",
             count(connections),
+        )?;
+
+        labelled(
+            e,
+            "clients_refused",
+            "Client hellos refused by a quota of their key",
+            "quota",
+            &[
+                ("names_per_key", s.clients.refused_names),
+                ("claims_per_minute", s.clients.refused_rate),
+            ],
         )?;
 
         let i = &s.ingress;

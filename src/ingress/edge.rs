@@ -30,6 +30,11 @@ impl Edge {
             .with_context(|| format!("parsing {}", cert.display()))?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .with_context(|| format!("parsing {}", key.display()))?;
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let leaf = chain
+            .first()
+            .with_context(|| format!("{} holds no certificate", cert.display()))?;
+        covers(leaf, &domain).with_context(|| format!("{}", cert.display()))?;
         let mut tcp = rustls::ServerConfig::builder_with_provider(crate::net::tls::provider())
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
@@ -42,7 +47,7 @@ impl Edge {
         Ok(Edge {
             tcp: Arc::new(tcp),
             http: Arc::new(http),
-            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+            domain,
         })
     }
 
@@ -50,6 +55,43 @@ impl Edge {
     pub fn domain(&self) -> &str {
         &self.domain
     }
+}
+
+/// Checks that `leaf` is valid now and names every tunnel of `domain`
+/// (`*.domain` among its DNS names): a certificate for another domain, or an
+/// expired one, would fail every visitor's handshake.
+fn covers(leaf: &CertificateDer<'_>, domain: &str) -> Result<()> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| anyhow::anyhow!("the certificate does not parse: {e}"))?;
+    anyhow::ensure!(
+        cert.validity().is_valid(),
+        "the certificate is not valid now (valid {} to {})",
+        cert.validity().not_before,
+        cert.validity().not_after
+    );
+    let wildcard = format!("*.{domain}");
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => {
+                        Some(d.trim_end_matches('.').to_ascii_lowercase())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    anyhow::ensure!(
+        names.contains(&wildcard),
+        "the certificate is not for {wildcard} (it names {names:?})"
+    );
+    Ok(())
 }
 
 /// Why a visitor is refused before its TLS handshake, sent as a fatal TLS
@@ -111,6 +153,23 @@ pub(crate) async fn refuse<IO: AsyncWrite + Unpin>(io: &mut IO, why: Refusal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_edge_certificate_must_name_every_tunnel_of_the_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::pki::make_ca("test").unwrap();
+        let edge = crate::pki::make_edge_cert(&ca, "tun.example").unwrap();
+        let (cert, key) = (dir.path().join("e.crt"), dir.path().join("e.key"));
+        std::fs::write(&cert, &edge.cert).unwrap();
+        crate::pki::write_file(&key, &edge.key, true, true).unwrap();
+        assert!(Edge::load("tun.example", &cert, &key).is_ok());
+        assert!(Edge::load("TUN.example.", &cert, &key).is_ok());
+        let err = Edge::load("other.example", &cert, &key).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("not for *.other.example"),
+            "{err:#}"
+        );
+    }
 
     #[test]
     fn each_refusal_reads_back_from_its_alert() {

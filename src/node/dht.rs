@@ -91,7 +91,8 @@ pub struct DhtStatus {
     pub records_owned: usize,
     /// Records held as a replica.
     pub records_replica: usize,
-    /// The first [`STATUS_RECORDS_SHOWN`] records held, by name.
+    /// [`STATUS_RECORDS_SHOWN`] of the records held (the first in key
+    /// order), sorted by name.
     pub records: Vec<HeldRecord>,
     /// Records held in all.
     pub records_total: usize,

@@ -34,11 +34,24 @@ pub struct Histograms {
     pub lookup_hops: Histogram,
 }
 
+/// Every outcome [`Histograms::visits`] counts, shown from 0.
+pub const VISIT_OUTCOMES: [&str; 5] = [
+    "opened",
+    "unknown",
+    "unreachable",
+    "target_refused",
+    "not_ready",
+];
+
 impl Default for Histograms {
     fn default() -> Self {
+        let visits = Family::<Label, Counter>::default();
+        for outcome in VISIT_OUTCOMES {
+            let _ = visits.get_or_create(&[("outcome", outcome)]);
+        }
         Histograms {
             visit_open: latency(),
-            visits: Family::default(),
+            visits,
             lookup: latency(),
             lookup_hops: Histogram::new([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0]),
         }

@@ -499,7 +499,9 @@ fn publish(
                 since_ms: now,
             };
             // Unchanged since the last publication: keep when it changed.
-            if let Some(old) = before.iter().find(|o| o.id == status.id)
+            // `before` is sorted by id (below).
+            if let Ok(i) = before.binary_search_by(|o| o.id.cmp(&status.id))
+                && let Some(old) = before.get(i)
                 && (old.state, old.incarnation, old.generation)
                     == (status.state, status.incarnation, status.generation)
             {

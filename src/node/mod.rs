@@ -69,6 +69,8 @@ pub struct NodeOptions {
     pub client_auth: ClientAuth,
     /// What a visitor may hold, and for how long.
     pub ingress: IngressLimits,
+    /// What one client key may register.
+    pub clients: tunnels::quota::ClientLimits,
 }
 
 /// The plain-HTTP ingress.
@@ -247,6 +249,7 @@ impl Node {
             members,
             token_cas,
             ready: ready.clone(),
+            clients: options.clients,
         });
         let (https_listener, edge) = match https {
             Some(Https { listener, edge }) => (Some(listener), Some(edge)),
@@ -470,6 +473,12 @@ pub async fn run(
     reload: ReloadSource,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Watched from the start: until then SIGHUP would end the process.
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("watching SIGHUP")?;
+    // A reload compares the file with the settings as read, before the
+    // descriptor limit lowered any.
+    let as_read = config.clone();
     let mut config = config;
     let fds = crate::files::raise_descriptor_limit();
     if config.ingress_limits.fit_descriptors(fds) {
@@ -496,11 +505,10 @@ pub async fn run(
             rng_seed: rand::random(),
             client_auth: config.client_auth,
             ingress: config.ingress_limits.clone(),
+            clients: config.client_limits.clone(),
         },
     )?;
-    let reloader = node.enable_reload(reload, config.clone());
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("watching SIGHUP")?;
+    let reloader = node.enable_reload(reload, as_read);
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             let reloader = reloader.clone();

@@ -78,15 +78,9 @@ impl Reloader {
         // One reload at a time, so two cannot interleave their halves.
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         let (config, tls) = (self.source)().map_err(|e| format!("{e:#}"))?;
-        if tls.id != self.transport.local_id() {
-            return Err(format!(
-                "{} holds the key of node {}, not {}: a new key is a new node (restart it instead)",
-                config.key.display(),
-                tls.id,
-                self.transport.local_id()
-            ));
-        }
-        // Everything is loaded and checked before anything is applied.
+        // Everything is loaded and checked before anything is applied; after
+        // `set_tls` (which checks the key is this node's before it changes
+        // anything) nothing can fail.
         let edge = match (&running.ingress, &config.ingress) {
             (Some(now), Some(next)) => Some(
                 Edge::load(&now.domain, &next.edge_cert, &next.edge_key)
@@ -96,7 +90,7 @@ impl Reloader {
         };
         self.transport
             .set_tls(&tls)
-            .map_err(|e| format!("node certificate: {e}"))?;
+            .map_err(|e| format!("{}: {e}", config.key.display()))?;
         self.tunnels
             .set_token_cas(tls.ca_certs().iter().map(|c| c.to_vec()).collect());
         let mut reloaded = vec![
@@ -105,7 +99,7 @@ impl Reloader {
             config.key.display().to_string(),
         ];
         if let (Some(edge), Some(next)) = (edge, &config.ingress) {
-            self.ingress.set_edge(edge)?;
+            self.ingress.set_edge(edge);
             reloaded.push(next.edge_cert.display().to_string());
             reloaded.push(next.edge_key.display().to_string());
         }

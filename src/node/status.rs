@@ -39,9 +39,32 @@ pub struct NodeStatus {
     pub dht: DhtStatus,
     /// Visitor connections held now, the bounds, and the ingress counters.
     pub ingress: IngressStatus,
-    /// Tunnels attached here, with their client connection counts.
+    /// Tunnels attached here, with their client connection counts (the
+    /// first [`STATUS_TUNNELS_SHOWN`] by name).
     pub tunnels: Vec<TunnelStatus>,
+    /// Tunnels attached here in all.
+    pub tunnels_total: usize,
+    /// Client connections holding tunnels here, in all.
+    pub tunnel_connections: usize,
+    /// Client quotas in force and the hellos they refused.
+    pub clients: ClientsStatus,
 }
+
+/// The client quota part of `/status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientsStatus {
+    /// The quotas.
+    pub limits: super::tunnels::quota::ClientLimits,
+    /// Hellos refused: the key would hold too many names here.
+    pub refused_names: u64,
+    /// Hellos refused: the key registered too many new names this minute.
+    pub refused_rate: u64,
+}
+
+/// At most this many tunnels are listed in `/status` (the totals cover
+/// all): in `open` mode any number of keys may attach names, and the status
+/// page polls.
+pub const STATUS_TUNNELS_SHOWN: usize = 200;
 
 /// A tunnel attached at this node.
 #[derive(Clone, Debug, Serialize)]
@@ -96,6 +119,8 @@ impl NodeState {
     /// A consistent snapshot for `/status`.
     pub fn status(&self) -> NodeStatus {
         let view = read_view(&self.view);
+        let attached = self.ingress.tunnels.attached_names();
+        let tunnel_connections = attached.iter().map(|(_, c)| c).sum();
         NodeStatus {
             id: self.me.id.to_string(),
             addr: self.me.addr,
@@ -113,13 +138,22 @@ impl NodeState {
                 limits: self.ingress.limits.clone(),
                 counters: self.ingress.stats.counters(),
             },
-            tunnels: self
-                .ingress
-                .tunnels
-                .attached_names()
+            tunnels_total: attached.len(),
+            tunnel_connections,
+            tunnels: attached
                 .into_iter()
+                .take(STATUS_TUNNELS_SHOWN)
                 .map(|(name, connections)| TunnelStatus { name, connections })
                 .collect(),
+            clients: {
+                let t = &self.ingress.tunnels;
+                let q = &t.quotas;
+                ClientsStatus {
+                    limits: t.client_limits().clone(),
+                    refused_names: q.refused_names.load(std::sync::atomic::Ordering::Relaxed),
+                    refused_rate: q.refused_rate.load(std::sync::atomic::Ordering::Relaxed),
+                }
+            },
         }
     }
 }

@@ -184,6 +184,7 @@ impl Cluster {
                     handshakes_per_source: 4_096,
                     ..IngressLimits::default()
                 },
+                clients: Default::default(),
             },
         )
         .unwrap();

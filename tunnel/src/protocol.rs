@@ -120,6 +120,20 @@ pub enum RefuseCode {
     /// The registration could not be stored (DHT unreachable).
     #[error("the registration could not be stored; try another node")]
     Unavailable,
+    /// The key would hold more names at the node than its quota.
+    #[error("this client key may hold at most {max} names at a node")]
+    TooManyNames {
+        /// The node's quota.
+        max: usize,
+    },
+    /// The key registered its quota of new names at the node this minute.
+    #[error(
+        "this client key registered {per_minute} new names at this node in the last minute; wait and retry"
+    )]
+    TooManyNewNames {
+        /// The node's quota.
+        per_minute: usize,
+    },
 }
 
 /// What kind of visitor a stream carries.

@@ -154,7 +154,9 @@ where
 {
     let (mut a_to_b, mut b_to_a) = (Direction::new(), Direction::new());
     let (mut a_done, mut b_done) = (None, None);
-    poll_fn(|cx| {
+    // Within the task's budget, as tokio's own copy is: two QUIC streams
+    // are rarely pending, and one splice must not hold its worker.
+    tokio::task::coop::cooperative(poll_fn(|cx| {
         if a_done.is_none()
             && let Poll::Ready(moved) = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))
         {
@@ -169,7 +171,7 @@ where
             (Some(a_to_b), Some(b_to_a)) => Poll::Ready(Ok(Spliced { a_to_b, b_to_a })),
             _ => Poll::Pending,
         }
-    })
+    }))
     .await
 }
 

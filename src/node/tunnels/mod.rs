@@ -10,9 +10,11 @@
 //! - [`forward`]: serving visitors that other nodes forward here.
 
 pub mod forward;
+pub mod quota;
 pub mod session;
 pub mod visit;
 
+use self::quota::{ClientLimits, Quotas};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -36,9 +38,6 @@ pub const RENEW: Duration = Duration::from_secs(10);
 /// After a node joins (or returns), attachments are renewed this soon rather
 /// than at the next [`RENEW`].
 pub const REASSERT_AFTER: Duration = Duration::from_millis(300);
-/// A name's claim outlives its last attachment by this much, so a client that
-/// crashes and returns gets its name back, and nobody else can take it.
-pub const CLAIM_KEEP: Duration = Duration::from_secs(7 * 24 * 3_600);
 
 /// Who may register tunnels at a node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -67,6 +66,8 @@ pub struct TunnelParts {
     pub token_cas: Option<Vec<Vec<u8>>>,
     /// Whether the node can route yet; lookups and registrations wait for it.
     pub ready: Readiness,
+    /// What one client key may register here.
+    pub clients: ClientLimits,
 }
 
 /// Local attachments and the route cache.
@@ -78,6 +79,9 @@ pub struct Tunnels {
     /// See [`TunnelParts::token_cas`]; replaced on reload.
     token_cas: std::sync::RwLock<Option<Vec<Vec<u8>>>>,
     ready: Readiness,
+    clients: ClientLimits,
+    /// Registrations by key, for the quotas.
+    pub quotas: Quotas,
     /// Client connections by tunnel name.
     attached: Mutex<HashMap<String, Vec<Connection>>>,
     routes: RouteCache<Vec<Peer>>,
@@ -97,6 +101,7 @@ impl Tunnels {
             members,
             token_cas,
             ready,
+            clients,
         } = parts;
         Arc::new(Tunnels {
             me,
@@ -105,6 +110,8 @@ impl Tunnels {
             members,
             token_cas: std::sync::RwLock::new(token_cas),
             ready,
+            clients,
+            quotas: Quotas::default(),
             attached: Mutex::new(HashMap::new()),
             routes: RouteCache::new(),
             slow: Mutex::new(HashMap::new()),
@@ -141,6 +148,11 @@ impl Tunnels {
         if current.is_some() {
             *current = Some(cas);
         }
+    }
+
+    /// What one client key may register here.
+    pub fn client_limits(&self) -> &ClientLimits {
+        &self.clients
     }
 
     /// Names attached here, with their client connection counts.
@@ -274,6 +286,7 @@ mod tests {
             members,
             token_cas: None,
             ready,
+            clients: ClientLimits::default(),
         });
         (tunnels, reads)
     }

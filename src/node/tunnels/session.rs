@@ -15,7 +15,8 @@ use specter_tunnel::protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{CLAIM_KEEP, LEASE, REASSERT_AFTER, RENEW, Tunnels};
+use super::quota::Exceeded;
+use super::{LEASE, REASSERT_AFTER, RENEW, Tunnels};
 use crate::clock::now_ms;
 use crate::net::tls::peer_client_id;
 use crate::node::membership::READY_WAIT;
@@ -144,6 +145,7 @@ impl Tunnels {
         control: &mut FrameReader,
         stop: &CancellationToken,
     ) {
+        let since = std::time::Instant::now();
         let mut renew = tokio::time::interval(RENEW);
         renew.tick().await;
         let mut members = self.members.subscribe();
@@ -168,7 +170,7 @@ impl Tunnels {
                     }
                 },
                 _ = renew.tick() => {
-                    if !self.renew(conn, client, names, send, &mut renew).await {
+                    if !self.renew(conn, client, names, send, &mut renew, since).await {
                         return;
                     }
                 }
@@ -198,11 +200,12 @@ impl Tunnels {
         names: &mut Vec<String>,
         send: &mut SendStream,
         renew: &mut tokio::time::Interval,
+        since: std::time::Instant,
     ) -> bool {
         let mut taken = Vec::new();
         let mut retry = false;
         for n in names.iter() {
-            match self.attach(client, n).await {
+            match self.attach(client, n, since.elapsed()).await {
                 Ok(()) => {}
                 Err(RefuseCode::NameTaken) => taken.push(n.clone()),
                 Err(code) => {
@@ -238,14 +241,23 @@ impl Tunnels {
         nodes
     }
 
-    async fn attach(&self, client: ClientId, name: &str) -> Result<(), RefuseCode> {
+    /// Claims and attaches `name` here for `client`, whose session has been
+    /// attached for `attached_for` (how long the claim then outlives it:
+    /// see [`super::quota::ClientLimits::claim_for`]).
+    async fn attach(
+        &self,
+        client: ClientId,
+        name: &str,
+        attached_for: Duration,
+    ) -> Result<(), RefuseCode> {
+        let claim = self.clients.claim_for(attached_for);
         let op = WriteOp::Attach {
             client,
             node: self.me.id,
             addr: self.me.addr,
             version: now_ms(),
             lease_ms: u64::try_from(LEASE.as_millis()).unwrap_or(u64::MAX),
-            claim_ms: u64::try_from(CLAIM_KEEP.as_millis()).unwrap_or(u64::MAX),
+            claim_ms: u64::try_from(claim.as_millis()).unwrap_or(u64::MAX),
         };
         match self.dht.put(name, op).await {
             Some((Outcome::Wrote { .. }, _)) => {
@@ -304,11 +316,37 @@ impl Tunnels {
                 return Err((RefuseCode::Unauthorized, None));
             }
         }
+        let held = self.held_by(client);
+        self.quotas
+            .admit(
+                &self.clients,
+                client,
+                &names,
+                &held,
+                std::time::Instant::now(),
+            )
+            .map_err(|exceeded| {
+                let code = match exceeded {
+                    Exceeded::Names(max) => RefuseCode::TooManyNames { max },
+                    Exceeded::Rate(per_minute) => RefuseCode::TooManyNewNames { per_minute },
+                };
+                (code, None)
+            })?;
         for n in &names {
-            self.attach(client, n)
+            self.attach(client, n, Duration::ZERO)
                 .await
                 .map_err(|code| (code, Some(n.clone())))?;
         }
         Ok(names)
+    }
+
+    /// The names `client` holds attached here.
+    fn held_by(&self, client: ClientId) -> Vec<String> {
+        let attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+        attached
+            .iter()
+            .filter(|(_, conns)| conns.iter().any(|c| peer_client_id(c) == Some(client)))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 }
