@@ -331,6 +331,15 @@ fn specter(args: &[&str]) {
     );
 }
 
+/// `SPECTER_BENCH_WORKERS=N` runs Specter's processes with N tokio workers
+/// (`TOKIO_WORKER_THREADS`; the default is one per core), leaving the
+/// benchmark's own runtime as it is.
+fn workers(cmd: &mut Command) {
+    if let Ok(n) = std::env::var("SPECTER_BENCH_WORKERS") {
+        cmd.env("TOKIO_WORKER_THREADS", n);
+    }
+}
+
 /// Specter's visitor entries and processes.
 struct Setup {
     /// Raw TCP over TLS (`specter-tcp`): direct and forwarded path.
@@ -382,6 +391,7 @@ async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> Set
         let (quic, https) = (free_port(), free_port());
         let ready = nd.join("ready");
         let mut cmd = Command::new(bin());
+        workers(&mut cmd);
         cmd.args(["node", "--listen", &format!("127.0.0.1:{quic}")])
             .args([
                 "--admin",
@@ -424,7 +434,9 @@ async fn start_specter(dir: &Path, target: SocketAddr, procs: &mut Procs) -> Set
         ),
     )
     .unwrap();
-    let mut client = tokio::process::Command::new(bin())
+    let mut client = tokio::process::Command::new(bin());
+    workers(client.as_std_mut());
+    let mut client = client
         .args(["tunnel", "--config", tunnels.to_str().unwrap()])
         .args(["--via", &format!("127.0.0.1:{}", nodes[0].0)])
         .args(["--attachments", "1"])

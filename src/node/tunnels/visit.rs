@@ -99,11 +99,29 @@ pub struct Health {
     pub silent: bool,
     /// It failed or was slow to answer a visit within [`SLOW_FOR`].
     pub slow: bool,
+    /// Its round trip is well above the nearest attachment's (see [`far`]):
+    /// across a continent while another is next door.
+    pub far: bool,
 }
+
+/// Whether a round trip of `rtt` is far next to the nearest one, `nearest`:
+/// more than twice it plus [`NEAR_SLACK`], so nodes in one place still
+/// share visitors at random while one across an ocean is tried after them.
+pub fn far(rtt: Option<Duration>, nearest: Option<Duration>) -> bool {
+    match (rtt, nearest) {
+        (Some(rtt), Some(nearest)) => rtt > nearest * 2 + NEAR_SLACK,
+        _ => false,
+    }
+}
+
+/// Round trips within this of each other (besides a factor of two) count as
+/// equally near: jitter, or a neighbouring data centre.
+pub const NEAR_SLACK: Duration = Duration::from_millis(20);
 
 /// The order in which to try a tunnel's remote attachments: this node left
 /// out, visitors spread at random over equally healthy nodes, then live
-/// before dead, answering before silent, and fast before lately slow.
+/// before dead, answering before silent, fast before lately slow, and near
+/// before far.
 pub fn order_route(
     route: &[Peer],
     me: NodeId,
@@ -389,6 +407,11 @@ impl Tunnels {
             let now = std::time::Instant::now();
             let mut slow = self.slow.lock().unwrap_or_else(PoisonError::into_inner);
             slow.retain(|_, until| *until > now);
+            let nearest = route
+                .iter()
+                .filter(|p| p.id != self.me.id)
+                .filter_map(|p| self.transport.rtt(p.id))
+                .min();
             order_route(
                 &route,
                 self.me.id,
@@ -396,6 +419,7 @@ impl Tunnels {
                     dead: !self.members.is_live(id),
                     silent: self.transport.is_silent(id),
                     slow: slow.contains_key(&id),
+                    far: far(self.transport.rtt(id), nearest),
                 },
                 &mut rand::rng(),
             )
@@ -516,11 +540,37 @@ mod tests {
             dead: id == NodeId(2),
             silent: id == NodeId(3),
             slow: id == NodeId(4),
+            far: false,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let ordered = order_route(&route, NodeId(5), health, &mut rng);
         let ids: Vec<u64> = ordered.iter().map(|p| p.id.0).collect();
         assert_eq!(ids, vec![1, 4, 3, 2]);
+    }
+
+    #[test]
+    fn near_attachments_are_tried_before_far_ones_and_share_visitors() {
+        let ms = Duration::from_millis;
+        let rtt = |id: NodeId| Some(ms(if id.0 == 3 { 300 } else { 2 + id.0 }));
+        let nearest = Some(ms(3));
+        // 2 ms and 5 ms are equally near; 300 ms across an ocean is far.
+        assert!(!far(rtt(NodeId(1)), nearest));
+        assert!(!far(rtt(NodeId(3 - 1)), nearest));
+        assert!(far(rtt(NodeId(3)), nearest));
+        assert!(!far(None, nearest) && !far(Some(ms(300)), None));
+        let route: Vec<Peer> = (1..=3).map(peer).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut first = [0usize; 4];
+        for _ in 0..1_000 {
+            let health = |id: NodeId| Health {
+                far: far(rtt(id), nearest),
+                ..Health::default()
+            };
+            let ordered = order_route(&route, NodeId(9), health, &mut rng);
+            assert_eq!(ordered[2].id, NodeId(3), "the far one last");
+            first[usize::try_from(ordered[0].id.0).unwrap()] += 1;
+        }
+        assert!(first[1] > 400 && first[2] > 400, "{first:?}");
     }
 
     #[test]
