@@ -316,11 +316,7 @@ fn the_status_page_draws_every_member_of_the_ring() {
     let ips: Vec<String> = (51..=55).map(|i| format!("127.0.0.{i}")).collect();
     let dirs = issue_all(dir.path(), &ca_dir, &ips);
     let procs = start_all(dir.path(), &dirs, &ips);
-    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
-    let formed = wait_for(Duration::from_secs(20), || {
-        procs.iter().all(|p| ring(p) == 5)
-    });
-    assert!(formed.is_some(), "the ring did not form");
+    wait_ring(&procs);
     let url = format!("http://{}/", procs[0].admin());
     let profile = dir.path().join("chromium");
 

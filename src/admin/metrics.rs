@@ -64,19 +64,30 @@ fn count(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
 }
 
-/// One counter family with a label per value.
+/// One family with a label per value: counters, or (`counter` false)
+/// gauges.
 fn labelled(
     e: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     label: &'static str,
+    counter: bool,
     values: &[(&'static str, u64)],
 ) -> std::fmt::Result {
-    let mut family =
-        e.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+    let kind = if counter {
+        ConstCounter::new(0u64).metric_type()
+    } else {
+        ConstGauge::new(0i64).metric_type()
+    };
+    let mut family = e.encode_descriptor(name, help, None, kind)?;
     for (value, v) in values {
         let labels = [(label, *value)];
-        ConstCounter::new(*v).encode(family.encode_family(&labels)?)?;
+        let sample = family.encode_family(&labels)?;
+        if counter {
+            ConstCounter::new(*v).encode(sample)?;
+        } else {
+            ConstGauge::new(count(*v)).encode(sample)?;
+        }
     }
     Ok(())
 }
@@ -91,21 +102,19 @@ impl Collector for Snapshot {
             "1 once the node serves visitors and clients",
             i64::from(s.ready),
         )?;
-        let mut members = e.encode_descriptor(
+        let in_state = |state| s.members.iter().filter(|m| m.state == state).count() as u64;
+        labelled(
+            e,
             "members",
             "Members this node tracks, by state",
-            None,
-            ConstGauge::new(0i64).metric_type(),
+            "state",
+            false,
+            &[
+                ("alive", in_state(MemberState::Alive)),
+                ("suspect", in_state(MemberState::Suspect)),
+                ("down", in_state(MemberState::Down)),
+            ],
         )?;
-        for (label, state) in [
-            ("alive", MemberState::Alive),
-            ("suspect", MemberState::Suspect),
-            ("down", MemberState::Down),
-        ] {
-            let n = s.members.iter().filter(|m| m.state == state).count();
-            let labels = [("state", label)];
-            ConstGauge::new(count(n)).encode(members.encode_family(&labels)?)?;
-        }
 
         let g = s.gossip;
         for (name, help, v) in [
@@ -221,16 +230,17 @@ impl Collector for Snapshot {
             "Nodes on the ring, this one included",
             count(d.ring_size),
         )?;
-        let mut records = e.encode_descriptor(
+        labelled(
+            e,
             "dht_records",
             "Records held, by role",
-            None,
-            ConstGauge::new(0i64).metric_type(),
+            "role",
+            false,
+            &[
+                ("owner", d.records_owned as u64),
+                ("replica", d.records_replica as u64),
+            ],
         )?;
-        for (role, n) in [("owner", d.records_owned), ("replica", d.records_replica)] {
-            let labels = [("role", role)];
-            ConstGauge::new(count(n)).encode(records.encode_family(&labels)?)?;
-        }
         for (name, help, v) in [
             ("dht_requests", "DHT requests served", d.stats.requests),
             (
@@ -276,6 +286,7 @@ impl Collector for Snapshot {
             "clients_refused",
             "Client hellos refused by a quota of their key",
             "quota",
+            true,
             &[
                 ("names_per_key", s.clients.refused_names),
                 ("claims_per_minute", s.clients.refused_rate),
@@ -332,6 +343,7 @@ impl Collector for Snapshot {
             "ingress_refused",
             "Visitor connections refused, by reason",
             "reason",
+            true,
             &[
                 ("source_full", c.refused_source_full),
                 ("source_handshakes", c.refused_source_handshakes),
@@ -342,6 +354,7 @@ impl Collector for Snapshot {
             "ingress_timeouts",
             "Visitor connections cut at a deadline, by stage",
             "stage",
+            true,
             &[
                 ("handshake", c.timeout_handshake),
                 ("first_request", c.timeout_first_request),

@@ -379,3 +379,13 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Waits until every process in `procs` sees a ring of all of them.
+pub fn wait_ring(procs: &[Proc]) {
+    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
+    let n = u64::try_from(procs.len()).unwrap();
+    let formed = wait_for(Duration::from_secs(20), || {
+        procs.iter().all(|p| ring(p) == n)
+    });
+    assert!(formed.is_some(), "the ring did not form");
+}

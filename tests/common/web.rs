@@ -6,7 +6,6 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use super::procs::*;
 
@@ -58,12 +57,7 @@ pub fn ingress_cluster_via(
     for i in 1..ips.len() {
         procs.push(start(i, Some(&seed)));
     }
-    let ring = |p: &Proc| status(p).map_or(0, |s| s["dht"]["ring_size"].as_u64().unwrap_or(0));
-    let n = u64::try_from(ips.len()).unwrap();
-    let formed = wait_for(Duration::from_secs(20), || {
-        procs.iter().all(|p| ring(p) == n)
-    });
-    assert!(formed.is_some(), "the ring did not form");
+    wait_ring(&procs);
     procs
 }
 
