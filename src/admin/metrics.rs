@@ -292,6 +292,18 @@ impl Collector for Snapshot {
                 ("claims_per_minute", s.clients.refused_rate),
             ],
         )?;
+        counter(
+            e,
+            "forward_waits",
+            "Forwarded visitors that waited for a stream of their tunnel to the attached node (forwards_per_tunnel)",
+            s.clients.forward_waits,
+        )?;
+        gauge(
+            e,
+            "forwarding_pairs",
+            "Tunnel and node pairs with forwarded streams open",
+            count(s.clients.forwarding),
+        )?;
 
         let i = &s.ingress;
         let c = i.counters;

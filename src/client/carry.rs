@@ -1,5 +1,6 @@
 //! Carrying one visitor: the node opened a stream and wrote a [`Visit`]
-//! header; dial the tunnel's local target, answer `Ready` (or
+//! header; dial the tunnel's local target, write the header's early bytes
+//! (the visitor's request, sent without waiting for us), answer `Ready` (or
 //! `TargetRefused`), then splice.
 
 use std::collections::HashMap;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use specter_tunnel::protocol::{Visit, VisitReply};
+use tokio::io::AsyncWriteExt;
 
 use super::target::Target;
 use crate::wire::{STREAM_BROKEN, read_frame, write_frame, write_msg};
@@ -20,6 +22,10 @@ const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// deadline for an answer.
 const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A visitor whose target (or node) takes none of the bytes waiting for it
+/// this long is reset both ways, as the nodes do.
+const SPLICE_STALL: Duration = crate::ingress::limits::WRITE_STALL_TIMEOUT;
+
 /// Carries one visitor: reads the header, dials the target, splices.
 pub(super) async fn carry(
     mut send: quinn::SendStream,
@@ -31,6 +37,12 @@ pub(super) async fn carry(
         Ok(Ok(v)) => v,
         _ => return,
     };
+    if let Err(why) = visit.check() {
+        tracing::warn!(tunnel = %visit.name, "malformed visit header: {why}");
+        let _ = send.reset(STREAM_BROKEN);
+        let _ = recv.stop(STREAM_BROKEN);
+        return;
+    }
     let Some(target) = targets.get(&visit.name) else {
         tracing::warn!(tunnel = %visit.name, "visit for a tunnel this client does not serve");
         let _ = write_frame(&mut send, &VisitReply::TargetRefused).await;
@@ -54,12 +66,18 @@ pub(super) async fn carry(
             return;
         }
     };
+    let _ = local.set_nodelay(true);
+    if let Err(err) = local.write_all(&visit.early).await {
+        tracing::warn!(tunnel = %visit.name, visitor = %visit.visitor, target = %target.addr, %err, "target closed before taking the visitor's first bytes");
+        let _ = write_frame(&mut send, &VisitReply::TargetRefused).await;
+        return;
+    }
     if write_msg(&mut send, &VisitReply::Ready).await.is_err() {
         return;
     }
-    let _ = local.set_nodelay(true);
     let mut stream = tokio::io::join(&mut recv, &mut send);
-    if let Err(err) = specter_tunnel::splice::splice(&mut stream, &mut local).await {
+    let spliced = specter_tunnel::splice::splice_within(&mut stream, &mut local, SPLICE_STALL);
+    if let Err(err) = spliced.await {
         // Not a clean end: the node (and the visitor) must see a reset, and
         // the target a closed connection.
         tracing::info!(tunnel = %visit.name, visitor = %visit.visitor, %err, "visitor stream broken mid-way; reset");

@@ -26,11 +26,12 @@ use hyper::body::Incoming;
 use hyper::header::{HOST, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use specter_tunnel::protocol::{Visit, VisitKind};
+use specter_tunnel::protocol::{MAX_EARLY_DATA, Visit, VisitKind};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::admission::Slot;
 use super::bodies::{RateBody, Tracked};
+use super::early::{Open, Opening};
 use super::headers::{misdirected, set_forwarding};
 use super::limits::{BODY_RATE_WINDOW, CLOSE_GRACE, Cut, IngressLimits};
 use super::shared::{Ingress, idle};
@@ -405,57 +406,39 @@ async fn send_once(
             },
         }
     }
-    let visit = Visit {
-        name: name.to_string(),
-        visitor,
-        kind: VisitKind::Http,
+    // The stream opens when hyper has written the request head, which then
+    // goes with the visit header; only a request that may reach the target
+    // twice (see `Replay`) is sent before the client's `Ready`.
+    let early_limit = if Replay::of(&req).is_some() {
+        MAX_EARLY_DATA
+    } else {
+        0
     };
-    let (send, recv) = match conn.ingress.tunnels.open(name, &visit).await {
-        Ok(pair) => pair,
-        Err(err) => {
-            let (status, message) = match err {
-                OpenError::Unknown => (
-                    StatusCode::NOT_FOUND,
-                    format!("No tunnel named {name:?} is registered."),
-                ),
-                OpenError::TargetRefused => (
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "Tunnel {name:?}: the client could not reach its target (connection refused)."
-                    ),
-                ),
-                OpenError::Unreachable => (
-                    StatusCode::BAD_GATEWAY,
-                    format!("Tunnel {name:?} is registered but none of its attachments answered."),
-                ),
-                OpenError::NotReady => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "This node is starting and cannot route yet; try again in a moment."
-                        .to_string(),
-                ),
+    let (tunnels, owned_name) = (conn.ingress.tunnels.clone(), name.to_string());
+    let open: Open<_> = Box::new(move |early| {
+        Box::pin(async move {
+            let visit = Visit {
+                name: owned_name.clone(),
+                visitor,
+                kind: VisitKind::Http,
+                early,
             };
-            tracing::info!(%visitor, tunnel = %name, %err, "{}", status.as_u16());
-            let mut page = page(status, &message, head);
-            if status == StatusCode::SERVICE_UNAVAILABLE {
-                page.headers_mut()
-                    .insert("retry-after", HeaderValue::from_static("1"));
+            tunnels.open(&owned_name, &visit).await
+        })
+    });
+    let (io, outcome) = Opening::new(open, early_limit);
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(io)).await {
+            Ok(x) => x,
+            Err(err) => {
+                let page = page(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("Tunnel {name:?}: {err}"),
+                    head,
+                );
+                return Err((page, true));
             }
-            return Err((page, false));
-        }
-    };
-    let io = TokioIo::new(tokio::io::join(recv, send));
-    let (mut sender, connection) = match hyper::client::conn::http1::handshake::<_, Body>(io).await
-    {
-        Ok(x) => x,
-        Err(err) => {
-            let page = page(
-                StatusCode::BAD_GATEWAY,
-                &format!("Tunnel {name:?}: {err}"),
-                head,
-            );
-            return Err((page, true));
-        }
-    };
+        };
     tokio::spawn(async move {
         if let Err(err) = connection.with_upgrades().await {
             tracing::debug!(%err, "tunnel HTTP connection ended with an error");
@@ -469,10 +452,43 @@ async fn send_once(
             Ok(resp)
         }
         Err(err) => {
+            if let Some(failed) = outcome.failed() {
+                // No path was opened: say why, and do not try again.
+                return Err((open_failed(name, visitor, &failed, head), false));
+            }
             tracing::info!(%visitor, tunnel = %name, %err, "502: target did not answer");
             Err((bad_gateway(name, &err, head), true))
         }
     }
+}
+
+/// The page for a visitor whose tunnel stream could not be opened.
+fn open_failed(name: &str, visitor: SocketAddr, err: &OpenError, head: bool) -> Response<Body> {
+    let (status, message) = match err {
+        OpenError::Unknown => (
+            StatusCode::NOT_FOUND,
+            format!("No tunnel named {name:?} is registered."),
+        ),
+        OpenError::TargetRefused => (
+            StatusCode::BAD_GATEWAY,
+            format!("Tunnel {name:?}: the client could not reach its target (connection refused)."),
+        ),
+        OpenError::Unreachable => (
+            StatusCode::BAD_GATEWAY,
+            format!("Tunnel {name:?} is registered but none of its attachments answered."),
+        ),
+        OpenError::NotReady => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "This node is starting and cannot route yet; try again in a moment.".to_string(),
+        ),
+    };
+    tracing::info!(%visitor, tunnel = %name, %err, "{}", status.as_u16());
+    let mut page = page(status, &message, head);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        page.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+    }
+    page
 }
 
 fn bad_gateway(name: &str, err: &hyper::Error, head: bool) -> Response<Body> {
@@ -581,12 +597,13 @@ async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) ->
         let target_upgrade = hyper::upgrade::on(&mut resp);
         let (slot, stats) = (conn.slot.clone(), conn.ingress.stats.clone());
         let idle_limit = conn.ingress.limits.raw_tcp_idle;
+        let stall = conn.ingress.limits.write_stall_timeout;
         tokio::spawn(async move {
             if let (Ok(v), Ok(t)) = tokio::join!(visitor_upgrade, target_upgrade) {
                 let (mut v, mut t) = (TokioIo::new(v), TokioIo::new(t));
                 // Upgraded (a WebSocket): raw bytes, with raw TCP's idle rule.
                 tokio::select! {
-                    _ = specter_tunnel::splice::splice(&mut v, &mut t) => {}
+                    _ = specter_tunnel::splice::splice_within(&mut v, &mut t, stall) => {}
                     () = idle(&slot, idle_limit) => stats.cut(Cut::RawIdle),
                     () = slot.closed() => {}
                 }

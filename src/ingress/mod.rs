@@ -11,11 +11,14 @@
 //! [`watched`] records each one's activity and cuts stalled writes, and
 //! [`bodies`] hold request bodies to a rate. The certificate and the alerts
 //! that refuse a visitor are [`edge`]; the node's forwarding headers are
-//! [`headers`]; what all of a node's visitor tasks share is [`shared`].
+//! [`headers`]; what all of a node's visitor tasks share is [`shared`]. A
+//! request's tunnel stream opens with the request in its header ([`early`]),
+//! unless an idle one is reused ([`upstream`]).
 
 pub mod accept;
 pub mod admission;
 pub mod bodies;
+pub mod early;
 pub mod edge;
 pub mod headers;
 pub mod http;

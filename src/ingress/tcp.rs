@@ -36,8 +36,9 @@ pub(super) async fn visit(
         name: name.clone(),
         visitor,
         kind: VisitKind::Tcp,
+        early: bytes::Bytes::new(),
     };
-    let (mut send, mut recv) = match ingress.tunnels.open(&name, &header).await {
+    let mut tunnel = match ingress.tunnels.open(&name, &header).await {
         Ok(pair) => pair,
         Err(err) => {
             let why = match err {
@@ -50,10 +51,10 @@ pub(super) async fn visit(
         }
     };
     let (mut tls, slot) = ingress.finish_handshake(start, config).await?;
-    let mut tunnel = tokio::io::join(&mut recv, &mut send);
     let idle_limit = ingress.limits.raw_tcp_idle;
+    let stall = ingress.limits.write_stall_timeout;
     tokio::select! {
-        spliced = specter_tunnel::splice::splice(&mut tls, &mut tunnel) => match spliced {
+        spliced = specter_tunnel::splice::splice_within(&mut tls, &mut tunnel, stall) => match spliced {
             Ok(_) => {}
             // Most TCP clients hang up without a TLS close_notify: an end,
             // not a failure.
@@ -64,8 +65,7 @@ pub(super) async fn visit(
                 // socket closed with FIN, and a cut answer would look whole).
                 ingress.stats.broken();
                 tracing::info!(%visitor, tunnel = %name, err = %e, "raw TCP visitor broken mid-stream; both sides reset");
-                let _ = send.reset(STREAM_BROKEN);
-                let _ = recv.stop(STREAM_BROKEN);
+                tunnel.reset(STREAM_BROKEN);
                 let _ = tls.get_ref().0.get_ref().set_zero_linger();
             }
         },

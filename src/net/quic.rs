@@ -32,9 +32,28 @@ pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// by the stream count.
 pub const MAX_STREAMS_PER_PEER: u32 = 4_096;
 
-/// Bytes a peer may have in flight to us across all streams of a connection,
-/// so many open streams cannot make us buffer without bound.
+/// Bytes a client may have in flight to us across all streams of its
+/// connection (the answers of its visitors), so many open streams cannot make
+/// us buffer without bound. Also what a client grants a node.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
+
+/// Bytes another node may have in flight to us across all streams of the
+/// connection: every forwarded visitor and DHT request between the pair.
+/// Four times what one tunnel may hold of it (see
+/// [`NODE_STREAM_RECEIVE_WINDOW`] and
+/// `node::tunnels::slots::FORWARDS_PER_TUNNEL`), so a tunnel whose target
+/// stops reading leaves the rest to the other tenants and the DHT.
+pub const NODE_CONNECTION_RECEIVE_WINDOW: u32 = 128 << 20;
+
+/// Bytes in flight per stream on every connection a node makes or accepts.
+/// A stream whose far side stops reading holds this much of its
+/// connection's window until it ends; bounded per tunnel and node (64
+/// streams, 32 MiB), that is a quarter of [`NODE_CONNECTION_RECEIVE_WINDOW`].
+/// One stream then carries at most 512 KiB per round trip: 4 GB/s at
+/// loopback's 0.1 ms, 50 MB/s at 10 ms between data centres, 6.4 MB/s
+/// across an ocean at 80 ms (quinn's default, 1.25 MB, would let 53 stalled
+/// streams hold all of a 64 MiB window).
+pub const NODE_STREAM_RECEIVE_WINDOW: u32 = 512 << 10;
 
 /// What a connection we accepted may send before it has proven what it is
 /// (a node with a cluster certificate, or a client whose hello was
@@ -83,7 +102,8 @@ pub fn node_transport() -> quinn::TransportConfig {
     t.keep_alive_interval(Some(NODE_KEEP_ALIVE));
     t.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    t.receive_window(NODE_CONNECTION_RECEIVE_WINDOW.into());
+    t.stream_receive_window(NODE_STREAM_RECEIVE_WINDOW.into());
     t.congestion_controller_factory(congestion());
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(NODE_IDLE_TIMEOUT).expect("10 s fits a QUIC varint"),
@@ -105,7 +125,7 @@ pub fn accepted_transport() -> quinn::TransportConfig {
 /// CA) to the node limits. Credit only grows: what was granted stays.
 pub fn prove_node(conn: &quinn::Connection) {
     conn.set_max_concurrent_bi_streams(MAX_STREAMS_PER_PEER.into());
-    conn.set_receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    conn.set_receive_window(NODE_CONNECTION_RECEIVE_WINDOW.into());
 }
 
 /// Raises a client connection whose hello was accepted: visitors' answers

@@ -59,6 +59,11 @@ pub struct ClientsStatus {
     pub refused_names: u64,
     /// Hellos refused: the key registered too many new names this minute.
     pub refused_rate: u64,
+    /// Forwarded visitors that waited for their tunnel's streams to the
+    /// attached node to drop under `forwards_per_tunnel`.
+    pub forward_waits: u64,
+    /// (tunnel, node) pairs with forwarded streams open now.
+    pub forwarding: usize,
 }
 
 /// At most this many tunnels are listed in `/status` (the totals cover
@@ -152,6 +157,8 @@ impl NodeState {
                     limits: t.client_limits().clone(),
                     refused_names: q.refused_names.load(std::sync::atomic::Ordering::Relaxed),
                     refused_rate: q.refused_rate.load(std::sync::atomic::Ordering::Relaxed),
+                    forward_waits: t.slots.waited.load(std::sync::atomic::Ordering::Relaxed),
+                    forwarding: t.slots.len(),
                 }
             },
         }

@@ -244,7 +244,7 @@ impl Cluster {
 }
 
 /// Answers every HTTP/1.1 request on `conn` with a 100 KB body.
-async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut conn: S) {
+async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut conn: S, close: bool) {
     let body = vec![b'x'; BODY];
     let mut buf = vec![0u8; 16 * 1024];
     let mut have = Vec::new();
@@ -256,12 +256,14 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut con
         have.extend_from_slice(&buf[..n]);
         while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
             have.drain(..end + 4);
+            let connection = if close { "Connection: close\r\n" } else { "" };
             let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\nContent-Type: text/plain\r\n\r\n"
+                "HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\nContent-Type: text/plain\r\n{connection}\r\n"
             );
             if conn.write_all(head.as_bytes()).await.is_err()
                 || conn.write_all(&body).await.is_err()
                 || conn.flush().await.is_err()
+                || close
             {
                 return;
             }
@@ -269,14 +271,15 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut con
     }
 }
 
-/// A local HTTP/1.1 service: every request gets a 100 KB body.
-async fn service() -> SocketAddr {
+/// A local HTTP/1.1 service: every request gets a 100 KB body; with
+/// `close`, on a connection it then closes (so a node cannot reuse it).
+async fn service_at(close: bool) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((conn, _)) = listener.accept().await {
             let _ = conn.set_nodelay(true);
-            tokio::spawn(answer(conn));
+            tokio::spawn(answer(conn, close));
         }
     });
     addr
@@ -308,7 +311,7 @@ async fn tls_service(dir: &Path) -> SocketAddr {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(conn).await {
-                    answer(tls).await;
+                    answer(tls, false).await;
                 }
             });
         }
@@ -346,7 +349,11 @@ impl Fetch {
 }
 
 async fn fetch(dir: &Path, via: SocketAddr) -> Fetch {
-    let host = format!("wan.{DOMAIN}");
+    fetch_name(dir, via, "wan").await
+}
+
+async fn fetch_name(dir: &Path, via: SocketAddr, name: &str) -> Fetch {
+    let host = format!("{name}.{DOMAIN}");
     let out = tokio::process::Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-m", "20", "--http1.1"])
         .args([
@@ -388,6 +395,10 @@ struct Report {
     /// p50 seconds: whole request, TLS done to first byte; and the visitor's RTT.
     attached_rtts: Option<(f64, f64, f64)>,
     forwarded_rtts: Option<(f64, f64, f64)>,
+    /// p50 RTTs from TLS to first byte for a request on a new tunnel
+    /// stream (the target closes every connection, so none is reused),
+    /// through the attached and the forwarding entry.
+    cold: [Option<f64>; 2],
     /// The same, without Specter.
     direct: (f64, f64, f64),
 }
@@ -399,7 +410,8 @@ async fn run(net: Net) -> Report {
     assert!(formed, "{}: the ring did not form", net.name);
 
     // The client, in region 0, attached to three nodes.
-    let service = service().await;
+    let service = service_at(false).await;
+    let closing = service_at(true).await;
     let client_socket = LinkSocket::bind(SocketAddr::new(CLIENT_IP, 0), net.profile()).unwrap();
     let stop = CancellationToken::new();
     let ready_file = dir.path().join("client.json");
@@ -414,7 +426,13 @@ async fn run(net: Net) -> Report {
         name: Some("wan".into()),
         attachments: 3,
         token: None,
-        extra: Vec::new(),
+        extra: vec![(
+            "wan-cold".into(),
+            Target {
+                addr: closing.to_string(),
+                scheme: Scheme::Http,
+            },
+        )],
         ready_file: Some(ready_file.clone()),
     };
     let client = tokio::spawn(specter::client::run(
@@ -524,6 +542,21 @@ async fn run(net: Net) -> Report {
             rtt,
         )));
     }
+    // The same through a target that closes every connection: each request
+    // opens a tunnel stream, with the request in the visit header.
+    let mut cold = [None, None];
+    for (slot, entry) in [attached_entry, forwarding_entry].into_iter().enumerate() {
+        let Some(entry) = entry else { continue };
+        let rtt = net.rtt(VISITOR_IP, node_ip(entry)).as_secs_f64();
+        let mut after_tls = Vec::new();
+        for _ in 0..9 {
+            let f = fetch_name(dir.path(), relays[entry], "wan-cold").await;
+            cluster.watch();
+            assert!(f.ok(), "{}: {f:?}", net.name);
+            after_tls.push(f.first_byte.saturating_sub(f.tls_done));
+        }
+        cold[slot] = Some(p50(after_tls).as_secs_f64() / rtt);
+    }
 
     // Kills: visitors run through every node while attached nodes are
     // crashed and restarted.
@@ -608,7 +641,19 @@ async fn run(net: Net) -> Report {
         }
         through_live += 1;
         if !f.ok() {
-            failed_live.push(format!("entry {entry}: {f:?}"));
+            // Where it fell next to the crashes, to tell a restart's
+            // aftermath from the steady state.
+            let after: Vec<String> = windows
+                .iter()
+                .map(|&(n, down, up)| {
+                    format!(
+                        "node {n} down {:.1} s / back {:.1} s before it began",
+                        began.saturating_duration_since(down).as_secs_f64(),
+                        began.saturating_duration_since(up).as_secs_f64()
+                    )
+                })
+                .collect();
+            failed_live.push(format!("entry {entry}: {f:?} ({})", after.join("; ")));
         }
     }
     for node in cluster.nodes.drain(..).flatten() {
@@ -627,6 +672,7 @@ async fn run(net: Net) -> Report {
         short,
         attached_rtts: measure[0],
         forwarded_rtts: measure[1],
+        cold,
         direct,
     }
 }
@@ -661,7 +707,7 @@ fn check(report: &Report, name: &str) {
         .map(|d| format!("{:.1} s", d.as_secs_f64()))
         .collect();
     println!(
-        "| {name} | {} | {} | {} of {} | {} | {} | {} | {} |",
+        "| {name} | {} | {} | {} of {} | {} | {} | {} | {} | {} |",
         report.false_downs,
         detection.join(", "),
         report.failed_live.len(),
@@ -670,6 +716,10 @@ fn check(report: &Report, name: &str) {
         fmt(report.attached_rtts),
         fmt(report.forwarded_rtts),
         fmt(Some(report.direct)),
+        report
+            .cold
+            .map(|r| r.map_or("–".to_string(), |r| format!("{r:.1} RTT")))
+            .join(" / "),
     );
     assert_eq!(report.false_downs, 0, "{name}: false downs");
     assert!(
@@ -692,9 +742,9 @@ fn across_wide_area_links() {
         .build()
         .unwrap();
     println!(
-        "| profile | false downs | every node saw the crash after | failed through live entries | cut by a kill (reset) | 100 KB HTTPS p50 via the attached node | via a forwarding node | without Specter |"
+        "| profile | false downs | every node saw the crash after | failed through live entries | cut by a kill (reset) | 100 KB HTTPS p50 via the attached node | via a forwarding node | without Specter | TLS to first byte on a new tunnel stream, attached / forwarded |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let profiles = [
         Net {
             name: "RTT 80 ms, 2 % loss",
@@ -714,5 +764,23 @@ fn across_wide_area_links() {
     for net in profiles {
         let report = rt.block_on(run(net.clone()));
         check(&report, net.name);
+        if net.inside == net.across {
+            // Every leg the same RTT: a new tunnel stream costs the visitor's
+            // round trip and one node↔client round trip before the first
+            // byte (the request rides with the visit header), and forwarding
+            // one node↔node round trip more. Waiting for `Ready` first would
+            // add a whole RTT to each.
+            let [attached, forwarded] = report.cold;
+            assert!(
+                attached.is_none_or(|r| r < 2.6),
+                "{}: {attached:?} RTT",
+                net.name
+            );
+            assert!(
+                forwarded.is_none_or(|r| r < 3.6),
+                "{}: {forwarded:?} RTT",
+                net.name
+            );
+        }
     }
 }

@@ -10,13 +10,16 @@
 //!   gossip declares nodes dead, so the client drops attachments to them
 //!   without waiting for its own timeouts.
 //! - For each visitor the node opens a bi-stream to the client and writes a
-//!   [`Visit`] header; raw bytes follow both ways.
+//!   [`Visit`] header, which may carry the visitor's first bytes
+//!   ([`Visit::early`]) so they need not wait for the client's answer; raw
+//!   bytes follow both ways once the client answered [`VisitReply::Ready`].
 //! - Between nodes, a forwarded visitor's stream (after its kind byte, see
 //!   the node's `wire` module) carries the same [`Visit`] header to the
 //!   attached node, then raw bytes.
 
 use std::net::SocketAddr;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use specter_dht::Peer;
 
@@ -24,8 +27,16 @@ pub use specter_dht::messages::{
     FrameError, MAX_FRAME_SIZE, decode, decode_frame, encode, frame_len,
 };
 
-/// Version the client and node must share.
-pub const TUNNEL_PROTOCOL_VERSION: u16 = 1;
+/// Version the client and node must share. Version 2 added
+/// [`Visit::early`].
+pub const TUNNEL_PROTOCOL_VERSION: u16 = 2;
+
+/// Most visitor bytes a [`Visit`] header carries ahead of `Ready`: a whole
+/// request head as the HTTP ingress accepts it (64 KiB), so a request
+/// without a body reaches the target in the header's flight. A node keeps
+/// them until `Ready` to send them again on the next path, so this is also
+/// what one opening visit holds.
+pub const MAX_EARLY_DATA: usize = 64 * 1024;
 
 /// ALPN a visitor uses for raw TCP over TLS.
 pub const ALPN_TCP: &[u8] = b"specter-tcp";
@@ -154,12 +165,33 @@ pub struct Visit {
     pub visitor: SocketAddr,
     /// What the stream carries.
     pub kind: VisitKind,
+    /// The visitor's first bytes (at most [`MAX_EARLY_DATA`]), for the
+    /// client to write to the target as soon as it connected, before its
+    /// `Ready` comes back. Only bytes that may reach the target twice are
+    /// sent early (an idempotent request without a body): a path that fails
+    /// before `Ready` is replaced by the next one with the same header, and
+    /// a slow one raced against it.
+    #[serde(default, skip_serializing_if = "Bytes::is_empty")]
+    pub early: Bytes,
+}
+
+impl Visit {
+    /// Whether the header is well formed: early bytes within bounds.
+    pub fn check(&self) -> Result<(), String> {
+        if self.early.len() > MAX_EARLY_DATA {
+            return Err(format!(
+                "{} early bytes, more than {MAX_EARLY_DATA}",
+                self.early.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The client's answer to a [`Visit`] header, sent once it tried the target.
-/// The node only starts carrying the visitor's bytes after `Ready`, so a dead
-/// attachment (no answer) costs latency, never an error: the node tries the
-/// next one.
+/// The node only starts carrying the visitor's bytes (past the header's early
+/// ones) after `Ready`, so a dead attachment (no answer) costs latency, never
+/// an error: the node tries the next one with the same header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VisitReply {
     /// Connected to the target; raw bytes follow.
@@ -220,11 +252,27 @@ mod tests {
             name: "a".into(),
             visitor: "127.0.0.9:5555".parse().unwrap(),
             kind: VisitKind::Tcp,
+            early: Bytes::new(),
         };
         assert_eq!(
             decode_frame::<Visit>(&encode(&visit).unwrap()).unwrap(),
             visit
         );
+        let early = Visit {
+            kind: VisitKind::Http,
+            early: Bytes::from_static(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"),
+            ..visit.clone()
+        };
+        let frame = encode(&early).unwrap();
+        assert_eq!(decode_frame::<Visit>(&frame).unwrap(), early);
+        assert!(early.check().is_ok());
+        // Without early bytes the header is as short as before they existed.
+        assert!(encode(&visit).unwrap().len() < frame.len() - early.early.len());
+        let flood = Visit {
+            early: Bytes::from(vec![b'x'; MAX_EARLY_DATA + 1]),
+            ..visit.clone()
+        };
+        assert!(flood.check().is_err());
         assert!(decode_frame::<Visit>(&[0, 0, 0, 2, 1, 0xc1]).is_err());
     }
 }

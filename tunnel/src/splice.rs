@@ -3,13 +3,20 @@
 //! shut down (QUIC FIN, TCP FIN) and the opposite direction keeps flowing until
 //! it finishes too. A service that reads a request to EOF before answering
 //! works through the tunnel.
+//!
+//! A side that stops taking bytes (a target that never reads, a visitor
+//! whose window stays full, a stream out of flow-control credit) ends the
+//! splice after a deadline ([`splice_within`]): blocked, neither side's
+//! reset or close would ever be seen, and both sockets would stay open.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// Largest buffer per direction. The 8 KiB default of `copy_bidirectional`
 /// costs many more wake-ups per byte; 1 MiB measured ≈ 2.5× the throughput
@@ -76,6 +83,11 @@ impl Direction {
             // Empty now: nothing to copy, and the old pages go back.
             self.buf = vec![0; next];
         }
+    }
+
+    /// Whether read bytes wait for the writer.
+    fn holding(&self) -> bool {
+        self.pos < self.filled
     }
 
     fn poll_copy<R, W>(
@@ -147,13 +159,85 @@ impl Direction {
 /// Copies `a → b` and `b → a` until both directions reached EOF, preserving
 /// half-close. Returns the byte counts, or the first IO error. Each
 /// direction's buffer grows with the traffic (see [`SPLICE_BUFFER_START`]).
+/// No deadline: for a local pipe (stdin/stdout); a splice between parties
+/// that may stop reading uses [`splice_within`].
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<Spliced>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    splice_inner(a, b, None).await
+}
+
+/// [`splice`], ending with [`io::ErrorKind::TimedOut`] when a side has
+/// taken none of the bytes waiting for it for `stall`, so the caller resets
+/// both sides and their sockets and streams are freed.
+pub async fn splice_within<A, B>(a: &mut A, b: &mut B, stall: Duration) -> io::Result<Spliced>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    splice_inner(a, b, Some(stall)).await
+}
+
+/// When each direction last saw its writer take nothing of what it held,
+/// and the timer for the earliest deadline.
+struct Stall {
+    after: Duration,
+    since: [Option<Instant>; 2],
+    moved: [u64; 2],
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Stall {
+    /// Notes direction `i`'s state after a poll; `Err` once it held bytes
+    /// without progress for the deadline.
+    fn check(&mut self, cx: &mut Context<'_>, dirs: [&Direction; 2]) -> io::Result<()> {
+        let mut deadline: Option<Instant> = None;
+        for (i, d) in dirs.into_iter().enumerate() {
+            if !d.holding() || d.moved != self.moved[i] {
+                self.since[i] = None;
+                self.moved[i] = d.moved;
+            }
+            if d.holding() {
+                let since = *self.since[i].get_or_insert_with(Instant::now);
+                let at = since + self.after;
+                deadline = Some(deadline.map_or(at, |d| d.min(at)));
+            }
+        }
+        let Some(deadline) = deadline else {
+            self.timer = None;
+            return Ok(());
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("a side took none of the bytes for {:?}", self.after),
+            ));
+        }
+        Ok(())
+    }
+}
+
+async fn splice_inner<A, B>(a: &mut A, b: &mut B, stall: Option<Duration>) -> io::Result<Spliced>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let (mut a_to_b, mut b_to_a) = (Direction::new(), Direction::new());
     let (mut a_done, mut b_done) = (None, None);
+    let mut stall = stall.map(|after| Stall {
+        after,
+        since: [None, None],
+        moved: [0, 0],
+        timer: None,
+    });
     // Within the task's budget, as tokio's own copy is: two QUIC streams
     // are rarely pending, and one splice must not hold its worker.
     tokio::task::coop::cooperative(poll_fn(|cx| {
@@ -169,7 +253,12 @@ where
         }
         match (a_done, b_done) {
             (Some(a_to_b), Some(b_to_a)) => Poll::Ready(Ok(Spliced { a_to_b, b_to_a })),
-            _ => Poll::Pending,
+            _ => {
+                if let Some(stall) = &mut stall {
+                    stall.check(cx, [&a_to_b, &b_to_a])?;
+                }
+                Poll::Pending
+            }
         }
     }))
     .await
@@ -208,6 +297,56 @@ mod tests {
                 b_to_a: 9
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_side_that_stops_reading_ends_the_splice_after_the_deadline() {
+        // The far side never reads: the pipe fills, then the splice's
+        // buffer, and it must give up rather than hold both ends forever.
+        let (mut visitor, mut relay_a) = duplex(1024);
+        let (mut relay_b, _never_read) = duplex(1024);
+        let stall = Duration::from_secs(30);
+        let relay =
+            tokio::spawn(async move { splice_within(&mut relay_a, &mut relay_b, stall).await });
+        let began = Instant::now();
+        let writer = tokio::spawn(async move {
+            let chunk = [7u8; 4096];
+            while visitor.write_all(&chunk).await.is_ok() {}
+        });
+        let err = relay.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let took = began.elapsed();
+        assert!(
+            took >= stall && took < stall + Duration::from_secs(1),
+            "{took:?}"
+        );
+        writer.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_taking_bytes_is_not_a_stall() {
+        let (mut visitor, mut relay_a) = duplex(1024);
+        let (mut relay_b, mut slow) = duplex(1024);
+        let relay = tokio::spawn(async move {
+            splice_within(&mut relay_a, &mut relay_b, Duration::from_secs(5)).await
+        });
+        let total = 64 * 1024;
+        tokio::spawn(async move {
+            visitor.write_all(&vec![1u8; total]).await.unwrap();
+            visitor.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            visitor.read_to_end(&mut rest).await.unwrap();
+        });
+        // 1 KiB every 2 s: far slower than the writer, never stalled 5 s.
+        let mut got = 0;
+        let mut buf = [0u8; 1024];
+        while got < total {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            got += slow.read(&mut buf).await.unwrap();
+        }
+        slow.shutdown().await.unwrap();
+        let moved = relay.await.unwrap().unwrap();
+        assert_eq!(moved.a_to_b, total as u64);
     }
 
     #[test]

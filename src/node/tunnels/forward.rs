@@ -1,6 +1,6 @@
 //! Visitors that other nodes forward here (streams of kind `Forward`): read
-//! the [`Visit`] header, open a stream to the tunnel's client attached here,
-//! answer `Ready` (or why not), then splice.
+//! the [`Visit`] header, pass it (early bytes and all) on a stream to the
+//! tunnel's client attached here, answer `Ready` (or why not), then splice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,12 @@ use crate::wire::{STREAM_BROKEN, STREAM_NOT_HERE, read_frame, write_frame, write
 
 /// A forwarded stream must deliver its [`Visit`] header this soon.
 pub const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A forwarded visitor whose entry node or client takes none of the bytes
+/// waiting for it this long is reset both ways (the entry node's own
+/// ingress deadline is usually first): blocked, its stream would hold the
+/// node pair's flow-control credit and neither end's reset would be seen.
+pub const SPLICE_STALL: Duration = crate::ingress::limits::WRITE_STALL_TIMEOUT;
 
 /// Serves forwarded visitors from `forwards` until `stop` fires.
 pub async fn serve(tunnels: Arc<Tunnels>, mut forwards: StreamInbox, stop: CancellationToken) {
@@ -42,9 +48,10 @@ impl Tunnels {
         } = stream;
         let header = tokio::time::timeout(VISIT_HEADER_TIMEOUT, read_frame::<Visit>(&mut recv));
         let visit = match header.await {
-            Ok(Ok(v)) => v,
+            Ok(Ok(v)) if v.check().is_ok() => v,
             _ => {
                 let _ = send.reset(STREAM_NOT_HERE);
+                let _ = recv.stop(STREAM_NOT_HERE);
                 return;
             }
         };
@@ -56,7 +63,7 @@ impl Tunnels {
                 .collect(),
             route_pending: false,
         };
-        let (mut c_send, mut c_recv) = match self.race(&visit.name, &visit, paths).await {
+        let mut client = match self.race(&visit.name, &visit, paths).await {
             Ok(pair) => pair,
             Err(OpenError::TargetRefused) => {
                 let _ = write_frame(&mut send, &VisitReply::TargetRefused).await;
@@ -73,15 +80,14 @@ impl Tunnels {
             return;
         }
         let mut entry = tokio::io::join(&mut recv, &mut send);
-        let mut client = tokio::io::join(&mut c_recv, &mut c_send);
-        if let Err(err) = specter_tunnel::splice::splice(&mut entry, &mut client).await {
+        let spliced = specter_tunnel::splice::splice_within(&mut entry, &mut client, SPLICE_STALL);
+        if let Err(err) = spliced.await {
             // Both hops are reset: dropped, quinn would finish them cleanly
             // and a cut answer would look complete.
             tracing::info!(from = %peer, tunnel = %visit.name, %err, "forwarded stream broken mid-way; reset");
             let _ = send.reset(STREAM_BROKEN);
             let _ = recv.stop(STREAM_BROKEN);
-            let _ = c_send.reset(STREAM_BROKEN);
-            let _ = c_recv.stop(STREAM_BROKEN);
+            client.reset(STREAM_BROKEN);
         }
     }
 }

@@ -12,9 +12,11 @@
 pub mod forward;
 pub mod quota;
 pub mod session;
+pub mod slots;
 pub mod visit;
 
 use self::quota::{ClientLimits, Quotas};
+use self::slots::ForwardSlots;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -88,6 +90,8 @@ pub struct Tunnels {
     /// Nodes that lately failed or were slow to answer a visit, and until
     /// when they are tried last.
     slow: Mutex<HashMap<NodeId, std::time::Instant>>,
+    /// Streams open per tunnel and node this node forwards to.
+    pub slots: Arc<ForwardSlots>,
     public: std::sync::OnceLock<Ingress>,
 }
 
@@ -103,6 +107,7 @@ impl Tunnels {
             ready,
             clients,
         } = parts;
+        let slots = ForwardSlots::new(clients.forwards_per_tunnel);
         Arc::new(Tunnels {
             me,
             dht,
@@ -115,6 +120,7 @@ impl Tunnels {
             attached: Mutex::new(HashMap::new()),
             routes: RouteCache::new(),
             slow: Mutex::new(HashMap::new()),
+            slots,
             public: std::sync::OnceLock::new(),
         })
     }
@@ -211,6 +217,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use bytes::Bytes;
     use specter_dht::{Attachment, Item, Outcome, Record};
     use specter_tunnel::protocol::{Visit, VisitKind, VisitReply};
     use tokio::sync::mpsc;
@@ -315,6 +322,7 @@ mod tests {
             name: name.into(),
             visitor: SocketAddr::from(([127, 0, 0, 9], 5555)),
             kind: VisitKind::Http,
+            early: Bytes::new(),
         }
     }
 
@@ -324,7 +332,7 @@ mod tests {
     fn attached_node(
         mut forwards: mpsc::Receiver<IncomingStream>,
         ready: bool,
-    ) -> mpsc::UnboundedReceiver<String> {
+    ) -> mpsc::UnboundedReceiver<Visit> {
         let (seen, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(IncomingStream {
@@ -334,7 +342,7 @@ mod tests {
                 let Ok(v) = read_frame::<Visit>(&mut recv).await else {
                     continue;
                 };
-                let _ = seen.send(v.name);
+                let _ = seen.send(v);
                 if !ready {
                     let _ = send.reset(STREAM_NOT_HERE);
                     continue;
@@ -407,11 +415,12 @@ mod tests {
         members.publish(MemberChange::Up(x));
         let records = BTreeMap::from([("web".to_string(), attached_at(&[x]))]);
         let (tunnels, _) = tunnels(&ca, records, members);
-        let (mut send, mut recv) = tunnels.open("web", &visit("web")).await.unwrap();
-        assert_eq!(seen.recv().await.unwrap(), "web");
-        send.write_all(b"hello").await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut pair = tunnels.open("web", &visit("web")).await.unwrap();
+        assert_eq!(seen.recv().await.unwrap().name, "web");
+        pair.write_all(b"hello").await.unwrap();
         let mut echo = [0u8; 5];
-        recv.read_exact(&mut echo).await.unwrap();
+        pair.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"hello");
     }
 
@@ -433,7 +442,7 @@ mod tests {
         for _ in 0..20 {
             let opened = tunnels.open("web", &visit("web")).await;
             assert!(opened.is_ok(), "a visit failed while a path answered");
-            assert_eq!(good_seen.recv().await.unwrap(), "web");
+            assert_eq!(good_seen.recv().await.unwrap().name, "web");
             if bad_seen.try_recv().is_ok() {
                 tried_bad = true;
                 break;
@@ -443,12 +452,45 @@ mod tests {
         // Now it is marked slow: the answering node comes first every time.
         for _ in 0..10 {
             tunnels.open("web", &visit("web")).await.unwrap();
-            assert_eq!(good_seen.recv().await.unwrap(), "web");
+            assert_eq!(good_seen.recv().await.unwrap().name, "web");
         }
         assert!(
             bad_seen.try_recv().is_err(),
             "a node marked slow was tried first"
         );
+    }
+
+    #[tokio::test]
+    async fn early_bytes_go_with_the_header_and_again_on_the_next_path() {
+        let ca = make_ca("t").unwrap();
+        let (bad, bad_inboxes) = transport(&ca, "bad");
+        let (good, good_inboxes) = transport(&ca, "good");
+        let mut bad_seen = attached_node(bad_inboxes.forwards, false);
+        let mut good_seen = attached_node(good_inboxes.forwards, true);
+        let (bad, good) = (peer_of(&bad), peer_of(&good));
+        let members = Members::default();
+        members.publish(MemberChange::Up(bad));
+        members.publish(MemberChange::Up(good));
+        let records = BTreeMap::from([("web".to_string(), attached_at(&[bad, good]))]);
+        let (tunnels, _) = tunnels(&ca, records, members);
+        let early = Visit {
+            early: Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
+            ..visit("web")
+        };
+        let mut replayed = false;
+        for _ in 0..20 {
+            tunnels.open("web", &early).await.unwrap();
+            // Whichever path answered got the request with the header, before
+            // its `Ready`; one that refused it got it too, and the next path
+            // got it again.
+            assert_eq!(good_seen.recv().await.unwrap().early, early.early);
+            if let Ok(refused) = bad_seen.try_recv() {
+                assert_eq!(refused.early, early.early);
+                replayed = true;
+                break;
+            }
+        }
+        assert!(replayed, "the refusing node was never tried");
     }
 
     #[tokio::test]
@@ -465,7 +507,7 @@ mod tests {
         let (tunnels, _) = tunnels(&ca, records, members);
         for _ in 0..10 {
             tunnels.open("web", &visit("web")).await.unwrap();
-            assert_eq!(live_seen.recv().await.unwrap(), "web");
+            assert_eq!(live_seen.recv().await.unwrap().name, "web");
         }
         assert!(dead_seen.try_recv().is_err());
     }

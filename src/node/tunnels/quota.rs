@@ -53,6 +53,8 @@ pub struct ClientLimits {
     /// See [`CLAIM_KEEP`].
     #[serde(with = "crate::ingress::limits::secs")]
     pub claim_keep: Duration,
+    /// See [`super::slots::FORWARDS_PER_TUNNEL`].
+    pub forwards_per_tunnel: usize,
 }
 
 impl Default for ClientLimits {
@@ -63,6 +65,7 @@ impl Default for ClientLimits {
             claim_fresh: CLAIM_FRESH,
             claim_earned_after: CLAIM_EARNED_AFTER,
             claim_keep: CLAIM_KEEP,
+            forwards_per_tunnel: super::slots::FORWARDS_PER_TUNNEL,
         }
     }
 }

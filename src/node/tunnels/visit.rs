@@ -20,10 +20,12 @@ use specter_tunnel::route_cache::Cached;
 use tokio::time::Instant;
 
 use super::Tunnels;
+use super::slots::ForwardSlot;
 use crate::clock::now_ms;
 use crate::net::Transport;
 use crate::net::liveness::{PEER_SILENCE, silent};
 use crate::node::membership::{Members, READY_WAIT};
+use crate::node::tunnels::slots::ForwardSlots;
 use crate::wire::{STREAM_NOT_HERE, StreamKind, WireError, read_frame, write_msg};
 
 /// How long one attachment may take to answer a visit before the next one
@@ -43,7 +45,7 @@ pub const VISIT_DEADLINE: Duration = Duration::from_secs(10);
 pub const SLOW_FOR: Duration = Duration::from_secs(10);
 
 /// Why a visitor stream could not be opened.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum OpenError {
     /// No such tunnel is registered.
     #[error("unknown tunnel")]
@@ -60,8 +62,60 @@ pub enum OpenError {
     NotReady,
 }
 
-/// A ready stream to the tunnel's client: `(send, recv)`.
-pub type Pair = (SendStream, RecvStream);
+/// A ready stream to the tunnel's client, readable and writable as one
+/// (its halves are public for resets). A forwarded one holds its tunnel's
+/// slot on that node (see [`super::slots`]) until dropped.
+pub struct Pair {
+    /// Towards the client.
+    pub send: SendStream,
+    /// From the client.
+    pub recv: RecvStream,
+    /// Held, not read: freed with the pair.
+    _slot: Option<ForwardSlot>,
+}
+
+impl Pair {
+    /// Resets both halves with `code`: the far side sees a broken stream,
+    /// never a clean end.
+    pub fn reset(&mut self, code: quinn::VarInt) {
+        let _ = self.send.reset(code);
+        let _ = self.recv.stop(code);
+    }
+}
+
+impl tokio::io::AsyncRead for Pair {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().recv).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Pair {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.get_mut().send), cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.get_mut().send), cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        tokio::io::AsyncWrite::poll_shutdown(std::pin::Pin::new(&mut self.get_mut().send), cx)
+    }
+}
 
 /// One way to a tunnel's client.
 #[derive(Clone)]
@@ -237,6 +291,7 @@ async fn await_ready(recv: &mut RecvStream) -> Result<(), OpenError> {
 struct Reach {
     transport: Arc<Transport>,
     members: Members,
+    slots: Arc<ForwardSlots>,
 }
 
 /// Opens a visitor stream along `path` and waits until the far end is ready.
@@ -257,12 +312,14 @@ async fn attempt(
         let _ = hedge.try_send(index);
     }
     let unreachable = |_: WireError| OpenError::Unreachable;
+    let mut slot = None;
     let (conn, mut send, mut recv) = match &path {
         Path::Local(conn) => {
             let (send, recv) = conn.open_bi().await.map_err(|_| OpenError::Unreachable)?;
             (conn.clone(), send, recv)
         }
         Path::Via(peer) => {
+            slot = Some(reach.slots.take(peer.id, &visit.name).await);
             let (_, conn) = reach
                 .transport
                 .connect(peer.addr, Some(peer.id))
@@ -298,7 +355,11 @@ async fn attempt(
         }
     };
     match ready {
-        Ok(()) => Ok((send, recv)),
+        Ok(()) => Ok(Pair {
+            send,
+            recv,
+            _slot: slot,
+        }),
         Err(err) => {
             let _ = send.reset(STREAM_NOT_HERE);
             let _ = recv.stop(STREAM_NOT_HERE);
@@ -458,6 +519,7 @@ impl Tunnels {
         let reach = Reach {
             transport: self.transport.clone(),
             members: self.members.clone(),
+            slots: self.slots.clone(),
         };
         loop {
             if race.wants_next(Instant::now()) {
