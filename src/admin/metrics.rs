@@ -205,6 +205,11 @@ impl Collector for Snapshot {
                 t.handshakes_refused,
             ),
             (
+                "dht_frames_refused",
+                "DHT request frames refused as larger than the frame limit",
+                t.frames_refused,
+            ),
+            (
                 "quic_wrong_peer",
                 "Dials that reached another node than the one meant",
                 t.wrong_peer,

@@ -130,6 +130,7 @@ pub struct TransportStats {
     pub(super) wrong_peer: AtomicU64,
     pub(super) duplicates_closed: AtomicU64,
     pub(super) idle_closed: AtomicU64,
+    pub(super) frames_refused: AtomicU64,
 }
 
 /// A point-in-time copy of [`TransportStats`].
@@ -146,6 +147,7 @@ pub struct TransportCounters {
     pub wrong_peer: u64,
     pub duplicates_closed: u64,
     pub idle_closed: u64,
+    pub frames_refused: u64,
 }
 
 /// Whether a new connection to a peer replaces the open one (`existing_age`
@@ -585,7 +587,13 @@ impl Transport {
             wrong_peer: get(&s.wrong_peer),
             duplicates_closed: get(&s.duplicates_closed),
             idle_closed: get(&s.idle_closed),
+            frames_refused: get(&s.frames_refused),
         }
+    }
+
+    /// A peer's request frame was refused as larger than the frame limit.
+    pub fn frame_refused(&self) {
+        bump(&self.stats.frames_refused);
     }
 }
 

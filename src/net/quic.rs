@@ -28,8 +28,9 @@ pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bi-streams a peer may have open to us at once (QUIC enforces it). Each
 /// forwarded visitor holds one for its whole life, so this bounds concurrent
 /// visitors per pair of nodes (and per client attachment); 64 stalled the
-/// 65th visitor. Memory stays bounded by [`CONNECTION_RECEIVE_WINDOW`], not
-/// by the stream count.
+/// 65th visitor. Memory stays bounded by the connection window
+/// ([`NODE_CONNECTION_RECEIVE_WINDOW`], [`CONNECTION_RECEIVE_WINDOW`]), not by
+/// the stream count.
 pub const MAX_STREAMS_PER_PEER: u32 = 4_096;
 
 /// Bytes a client may have in flight to us across all streams of its

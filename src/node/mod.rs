@@ -274,7 +274,12 @@ impl Node {
             tokio::spawn(driver.run()),
             tokio::spawn(transport.clone().serve(stop.clone())),
             tokio::spawn(dht_driver.run()),
-            tokio::spawn(rpc::serve(inboxes.rpc, served_tx, stop.clone())),
+            tokio::spawn(rpc::serve(
+                inboxes.rpc,
+                served_tx,
+                transport.clone(),
+                stop.clone(),
+            )),
             tokio::spawn(serve_clients(
                 inboxes.clients,
                 tunnels.clone(),

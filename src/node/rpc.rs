@@ -85,6 +85,7 @@ pub struct Served {
 pub async fn serve(
     mut streams: StreamInbox,
     dht: mpsc::Sender<Served>,
+    transport: Arc<Transport>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -96,11 +97,11 @@ pub async fn serve(
                 None => return,
             },
         };
-        tokio::spawn(serve_one(stream, dht.clone()));
+        tokio::spawn(serve_one(stream, dht.clone(), transport.clone()));
     }
 }
 
-async fn serve_one(stream: IncomingStream, dht: mpsc::Sender<Served>) {
+async fn serve_one(stream: IncomingStream, dht: mpsc::Sender<Served>, transport: Arc<Transport>) {
     let IncomingStream {
         peer,
         mut send,
@@ -116,7 +117,10 @@ async fn serve_one(stream: IncomingStream, dht: mpsc::Sender<Served>) {
         Ok(Err(WireError::Frame(FrameError::TooLarge(len)))) => {
             let _ = send.reset(STREAM_TOO_LARGE);
             let _ = recv.stop(STREAM_TOO_LARGE);
-            tracing::info!(%peer, len, max = MAX_FRAME_SIZE, "refused oversized rpc frame");
+            // Records lost in flight unless the sender splits its batches:
+            // worth an operator's attention.
+            transport.frame_refused();
+            tracing::warn!(%peer, len, max = MAX_FRAME_SIZE, "refused an oversized DHT request frame");
             return;
         }
         Ok(Err(WireError::Frame(e))) => {
