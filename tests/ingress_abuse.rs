@@ -145,15 +145,6 @@ impl Fixture {
     }
 }
 
-fn p99(mut took: Vec<Duration>) -> Duration {
-    took.sort();
-    took[(took.len() * 99 / 100).min(took.len() - 1)]
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 /// CPU time (user + system) a process has used.
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -22,6 +22,9 @@ use common::procs::*;
 use common::web::{DOMAIN, client_config, http_service, ingress_cluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The attacks share the machine's two cores: one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Uploaders in the attack: 320 streams of 512 KiB each would hold more
 /// than the node pair's whole 128 MiB window, were they all let through.
 const UPLOADERS: usize = 320;
@@ -40,15 +43,6 @@ fn never_reading_service() -> SocketAddr {
         }
     });
     addr
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-fn p99(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[(v.len() * 99 / 100).min(v.len() - 1)]
 }
 
 async fn tls_from(
@@ -145,6 +139,9 @@ fn names_elsewhere(from: &Proc, n: usize) -> Vec<String> {
 
 #[test]
 fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = ca(dir.path());
     let config = dir.path().join("node.toml");
@@ -285,4 +282,123 @@ fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair
     );
     // And the other tenant is served as before.
     rt.block_on(fetch(entry, &ca_file)).unwrap();
+}
+
+/// Keep-alive HTTPS visitors through E: `requests` each, one after another
+/// on one connection; the latency of every answer.
+async fn keepalive_visitor(
+    entry: SocketAddr,
+    ca: &Path,
+    host: &str,
+    requests: usize,
+) -> Result<Vec<Duration>, String> {
+    let mut tls = tls_from(
+        IpAddr::from([127, 0, 0, 201]),
+        entry,
+        host,
+        &[b"http/1.1"],
+        ca,
+    )
+    .await
+    .map_err(|e| format!("connect: {e}"))?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut took = Vec::new();
+    let mut buf = [0u8; 4096];
+    for _ in 0..requests {
+        let began = Instant::now();
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\r\n\r\nok") {
+            let read = tokio::time::timeout(Duration::from_secs(15), tls.read(&mut buf)).await;
+            match read {
+                Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+                other => {
+                    return Err(format!(
+                        "after {} answers: {other:?}, got {:?}",
+                        took.len(),
+                        String::from_utf8_lossy(&answer)
+                    ));
+                }
+            }
+        }
+        if !answer.starts_with(b"HTTP/1.1 200") {
+            return Err(String::from_utf8_lossy(&answer).to_string());
+        }
+        took.push(began.elapsed());
+    }
+    Ok(took)
+}
+
+/// A tunnel with more keep-alive visitors through a node pair than its bound
+/// of forwarded streams: the ones past it wait for a stream of the tunnel to
+/// be done (an answered upstream is then closed instead of kept idle, so it
+/// frees its slot), never for the visit's 10 s deadline.
+#[test]
+fn visitors_past_a_tunnels_bound_wait_for_a_stream_and_are_all_answered() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    const VISITORS: usize = 16;
+    const REQUESTS: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[clients]\nforwards_per_tunnel = 4\n").unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let ips = ["127.0.88.3".to_string(), "127.0.88.4".to_string()];
+    let mut nodes = ingress_cluster(dir.path(), &ca_dir, &ips, |_| {
+        vec!["--config".into(), config.clone()]
+    });
+    let entry_node = nodes.remove(1);
+    let attached = nodes.remove(0);
+    let (service, _) = common::web::keepalive_service();
+    let _client = attach_one(
+        dir.path(),
+        "ka",
+        "ka",
+        &format!("http://{service}"),
+        &attached.quic(),
+    );
+    let ca_file = dir.path().join("ca/ca.crt");
+    let entry: SocketAddr = entry_node.https().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let host = format!("ka.{DOMAIN}");
+    let visitors: Vec<_> = (0..VISITORS)
+        .map(|_| {
+            let (ca_file, host) = (ca_file.clone(), host.clone());
+            rt.spawn(async move { keepalive_visitor(entry, &ca_file, &host, REQUESTS).await })
+        })
+        .collect();
+    let mut took = Vec::new();
+    for v in visitors {
+        took.extend(rt.block_on(v).unwrap().expect("every request answered"));
+    }
+    let metrics = http_get(entry_node.admin(), "/metrics").unwrap();
+    let waits: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("specter_forward_waits_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .expect("the forward_waits counter");
+    let slowest = *took.iter().max().unwrap();
+    println!(
+        "{} answers, p99 {:?}, slowest {slowest:?}; {waits} visits waited for a slot",
+        took.len(),
+        p99(took.clone())
+    );
+    assert_eq!(took.len(), VISITORS * REQUESTS);
+    assert!(waits > 0, "the bound was never reached");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a visit waited {slowest:?}"
+    );
 }

@@ -607,10 +607,6 @@ async fn https_get(dir: &Path, https: &str, host: &str, path: &str) -> String {
     String::from_utf8_lossy(&out).to_string()
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 #[test]
 fn a_thousand_concurrent_visitors_and_abusive_ones_leave_nothing_behind() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

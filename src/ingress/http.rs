@@ -35,7 +35,7 @@ use super::early::{Open, Opening};
 use super::headers::{misdirected, set_forwarding};
 use super::limits::{BODY_RATE_WINDOW, CLOSE_GRACE, Cut, IngressLimits};
 use super::shared::{Ingress, idle};
-use super::upstream::{IDLE_TIMEOUT, Upstreams};
+use super::upstream::IDLE_TIMEOUT;
 use crate::node::tunnels::visit::OpenError;
 use hyper::client::conn::http1::SendRequest;
 
@@ -392,7 +392,7 @@ async fn send_once(
     if reuse && let Some(mut pooled) = upstreams.take(name) {
         match pooled.try_send_request(req).await {
             Ok(resp) => {
-                keep_when_done(upstreams.clone(), name, pooled);
+                keep_when_done(conn, name, pooled);
                 return Ok(resp);
             }
             Err(mut err) => match err.take_message() {
@@ -447,7 +447,7 @@ async fn send_once(
     match sender.send_request(req).await {
         Ok(resp) => {
             if reuse {
-                keep_when_done(upstreams.clone(), name, sender);
+                keep_when_done(conn, name, sender);
             }
             Ok(resp)
         }
@@ -503,11 +503,16 @@ fn bad_gateway(name: &str, err: &hyper::Error, head: bool) -> Response<Body> {
 
 /// Returns `sender` to the pool once its answer has been read to the end
 /// (hyper reports it ready again); a connection the target closes, or whose
-/// answer takes longer than the idle time to finish, is dropped.
-fn keep_when_done(upstreams: Arc<Upstreams<Body>>, name: &str, mut sender: SendRequest<Body>) {
+/// answer takes longer than the idle time to finish, is dropped. So is one
+/// of a tunnel whose visits wait for a forwarded stream (see
+/// [`crate::node::tunnels::slots`]): idle, it would hold a slot they need.
+fn keep_when_done(conn: &Conn, name: &str, mut sender: SendRequest<Body>) {
+    let (upstreams, tunnels) = (conn.ingress.upstreams.clone(), conn.ingress.tunnels.clone());
     let name = name.to_string();
     tokio::spawn(async move {
-        if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, sender.ready()).await {
+        if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, sender.ready()).await
+            && !tunnels.slots.wanted(&name)
+        {
             upstreams.put(&name, sender);
         }
     });

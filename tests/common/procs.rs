@@ -367,6 +367,17 @@ pub fn wait_for_every(
     None
 }
 
+/// Descriptors a process holds open (from /proc).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The 99th percentile of `took`.
+pub fn p99(mut took: Vec<Duration>) -> Duration {
+    took.sort();
+    took[(took.len() * 99 / 100).min(took.len() - 1)]
+}
+
 /// Resident set size of a process in KiB (from /proc).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -206,20 +206,26 @@ impl Stall {
             }
         }
         let Some(deadline) = deadline else {
-            self.timer = None;
+            // Kept armed: a spurious wake-up at its deadline is cheaper than
+            // dropping and re-registering it whenever a write blocks.
             return Ok(());
         };
+        // Armed once per stall, not on every blocked write: one that fires
+        // early (progress was made since) is moved to the new deadline.
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() != deadline {
+        if timer.deadline() > deadline {
             timer.as_mut().reset(deadline);
         }
-        if timer.as_mut().poll(cx).is_ready() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("a side took none of the bytes for {:?}", self.after),
-            ));
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("a side took none of the bytes for {:?}", self.after),
+                ));
+            }
+            timer.as_mut().reset(deadline);
         }
         Ok(())
     }

@@ -13,7 +13,10 @@
 //! quarter of [`crate::net::quic::NODE_CONNECTION_RECEIVE_WINDOW`] at most.
 //! Visitors past the bound wait for a stream to end (the visit's race tries
 //! the tunnel's other attachments meanwhile); a stalled stream ends at the
-//! splice's stall deadline.
+//! splice's stall deadline. Idle HTTP upstreams hold their slots too, so
+//! while visits of a tunnel wait, its answered upstreams are closed rather
+//! than kept for reuse ([`ForwardSlots::wanted`]): a waiter gets a slot as
+//! soon as any request of its tunnel is answered.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +38,8 @@ type Key = (NodeId, String);
 pub struct ForwardSlots {
     limit: usize,
     open: Mutex<HashMap<Key, Arc<Semaphore>>>,
+    /// Visits waiting for a slot, by tunnel.
+    waiting: Mutex<HashMap<String, usize>>,
     /// Forwarded visits that waited for a slot.
     pub waited: AtomicU64,
 }
@@ -52,6 +57,7 @@ impl ForwardSlots {
         Arc::new(ForwardSlots {
             limit: limit.max(1),
             open: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
             waited: AtomicU64::new(0),
         })
     }
@@ -73,6 +79,7 @@ impl ForwardSlots {
             Ok(permit) => permit,
             Err(_) => {
                 self.waited.fetch_add(1, Ordering::Relaxed);
+                let _waiting = Waiting::new(self, name);
                 semaphore
                     .acquire_owned()
                     .await
@@ -86,6 +93,16 @@ impl ForwardSlots {
         }
     }
 
+    /// Whether visits of tunnel `name` are waiting for a slot: a stream of
+    /// it that is done should then end instead of waiting idle for reuse.
+    pub fn wanted(&self, name: &str) -> bool {
+        self.waiters().contains_key(name)
+    }
+
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// (tunnel, node) pairs with a stream open or a visitor waiting.
     pub fn len(&self) -> usize {
         self.map().len()
@@ -94,6 +111,32 @@ impl ForwardSlots {
     /// Whether no forwarded stream is open.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A visit waiting for a slot of its tunnel, counted while it waits (and
+/// uncounted if the visit is dropped meanwhile).
+struct Waiting<'a> {
+    slots: &'a ForwardSlots,
+    name: &'a str,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(slots: &'a ForwardSlots, name: &'a str) -> Self {
+        *slots.waiters().entry(name.to_string()).or_default() += 1;
+        Waiting { slots, name }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut waiters = self.slots.waiters();
+        if let Some(n) = waiters.get_mut(self.name) {
+            *n -= 1;
+            if *n == 0 {
+                waiters.remove(self.name);
+            }
+        }
     }
 }
 
@@ -130,6 +173,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished());
+        assert!(slots.wanted("greedy") && !slots.wanted("quiet"));
         // ...while another tunnel, or the same one to another node, does not.
         let _other = tokio::time::timeout(Duration::from_secs(1), slots.take(a, "quiet"))
             .await
@@ -143,6 +187,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(slots.waited.load(Ordering::Relaxed), 1);
+        assert!(!slots.wanted("greedy"));
         drop(third);
     }
 
