@@ -351,10 +351,9 @@ struct Setup {
 }
 
 /// Idle visitors held at once through one path in the memory rows. Each
-/// raw-TCP visitor holds a QUIC stream on the client's connection, which
-/// takes at most 4,096 (`MAX_STREAMS_PER_PEER`), and the HTTPS rows leave
-/// pooled upstream streams on it for a while.
-const IDLE_VISITORS: usize = 3_000;
+/// raw-TCP visitor holds a QUIC stream on the client's connection (at most
+/// `MAX_STREAMS_PER_PEER`, 16,384).
+const IDLE_VISITORS: usize = 5_000;
 
 /// Two `specter node` processes with ingress and a `specter tunnel` client
 /// attached to one of them, serving a `tcp://` and an `http://` tunnel.

@@ -141,6 +141,7 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
     refresh.tick().await;
     let mut check = tokio::time::interval(SILENCE_CHECK);
     let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
+    let budget = crate::net::quic::StreamBudget::new(&conn);
     let mut silent = false;
     let why = loop {
         tokio::select! {
@@ -152,7 +153,11 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
             }
             stream = conn.accept_bi() => match stream {
                 Ok((s, r)) => {
-                    tokio::spawn(carry(s, r, targets.clone()));
+                    let (held, targets) = (budget.opened(), targets.clone());
+                    tokio::spawn(async move {
+                        let _held = held;
+                        carry(s, r, targets).await;
+                    });
                 }
                 Err(e) => break e.to_string(),
             },

@@ -30,8 +30,72 @@ pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// visitors per pair of nodes (and per client attachment); 64 stalled the
 /// 65th visitor. Memory stays bounded by the connection window
 /// ([`NODE_CONNECTION_RECEIVE_WINDOW`], [`CONNECTION_RECEIVE_WINDOW`]), not by
-/// the stream count.
-pub const MAX_STREAMS_PER_PEER: u32 = 4_096;
+/// the stream count. A connection starts at [`STREAMS_START`] and grows to
+/// this as its streams are used ([`StreamBudget`]); at 4,096 a client could
+/// not hold 5,000 idle raw-TCP visitors through one node.
+pub const MAX_STREAMS_PER_PEER: u32 = 16_384;
+
+/// Bi-streams a peer may open to us at first. quinn keeps state for every
+/// stream the peer may open (two hash-map entries each, allocated up front):
+/// at 4,096 that was ~0.35 MB per connection, 10 MB of an idle node's memory
+/// in a cluster of 30. The limit doubles whenever more than half of it is
+/// open ([`StreamBudget`]), one round trip ahead of a burst.
+pub const STREAMS_START: u32 = 256;
+
+/// The concurrent-stream limit a peer is given next, once `open` of `limit`
+/// streams are open: doubled (up to `max`) past half.
+pub fn next_stream_limit(open: u32, limit: u32, max: u32) -> Option<u32> {
+    (open.saturating_mul(2) > limit && limit < max).then(|| limit.saturating_mul(2).min(max))
+}
+
+/// Grows one connection's limit of concurrent incoming bi-streams from
+/// [`STREAMS_START`] to [`MAX_STREAMS_PER_PEER`] as its streams are used
+/// (see [`next_stream_limit`]); never lowered, since quinn keeps what it
+/// allocated.
+pub struct StreamBudget {
+    conn: quinn::Connection,
+    open: std::sync::atomic::AtomicU32,
+    limit: std::sync::atomic::AtomicU32,
+}
+
+/// One open incoming stream, counted until dropped.
+pub struct HeldStream(std::sync::Arc<StreamBudget>);
+
+impl StreamBudget {
+    /// The budget of `conn`, whose limit is [`STREAMS_START`] now.
+    pub fn new(conn: &quinn::Connection) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(StreamBudget {
+            conn: conn.clone(),
+            open: std::sync::atomic::AtomicU32::new(0),
+            limit: std::sync::atomic::AtomicU32::new(STREAMS_START),
+        })
+    }
+
+    /// Counts a stream the peer opened, raising the limit if it is getting
+    /// used up; the stream counts until the returned guard is dropped.
+    pub fn opened(self: &std::sync::Arc<Self>) -> HeldStream {
+        use std::sync::atomic::Ordering;
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        let limit = self.limit.load(Ordering::Relaxed);
+        if let Some(next) = next_stream_limit(open, limit, MAX_STREAMS_PER_PEER)
+            && self
+                .limit
+                .compare_exchange(limit, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.conn.set_max_concurrent_bi_streams(next.into());
+        }
+        HeldStream(self.clone())
+    }
+}
+
+impl Drop for HeldStream {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// Bytes a client may have in flight to us across all streams of its
 /// connection (the answers of its visitors), so many open streams cannot make
@@ -101,7 +165,7 @@ pub fn node_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.mtu_discovery_config(Some(mtu_discovery()));
     t.keep_alive_interval(Some(NODE_KEEP_ALIVE));
-    t.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
+    t.max_concurrent_bidi_streams(STREAMS_START.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.receive_window(NODE_CONNECTION_RECEIVE_WINDOW.into());
     t.stream_receive_window(NODE_STREAM_RECEIVE_WINDOW.into());
@@ -125,7 +189,7 @@ pub fn accepted_transport() -> quinn::TransportConfig {
 /// Raises an accepted node connection (its certificate is from the cluster
 /// CA) to the node limits. Credit only grows: what was granted stays.
 pub fn prove_node(conn: &quinn::Connection) {
-    conn.set_max_concurrent_bi_streams(MAX_STREAMS_PER_PEER.into());
+    conn.set_max_concurrent_bi_streams(STREAMS_START.into());
     conn.set_receive_window(NODE_CONNECTION_RECEIVE_WINDOW.into());
 }
 
@@ -141,12 +205,34 @@ pub fn client_transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.mtu_discovery_config(Some(mtu_discovery()));
     t.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
-    // Nodes open one stream per visitor to the client.
-    t.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
+    // Nodes open one stream per visitor to the client: grown as they are
+    // used (see `StreamBudget`).
+    t.max_concurrent_bidi_streams(STREAMS_START.into());
     t.receive_window(CONNECTION_RECEIVE_WINDOW.into());
     t.congestion_controller_factory(congestion());
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(CLIENT_IDLE_TIMEOUT).expect("3 s fits a QUIC varint"),
     ));
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_limit_doubles_past_half_use_up_to_the_maximum() {
+        assert_eq!(next_stream_limit(128, 256, 4_096), None);
+        assert_eq!(next_stream_limit(129, 256, 4_096), Some(512));
+        assert_eq!(next_stream_limit(2_049, 4_096, 4_096), None);
+        assert_eq!(next_stream_limit(1_500, 2_048, 3_000), Some(3_000));
+        // From the start to the maximum in six doublings.
+        let mut limit = STREAMS_START;
+        let mut steps = 0;
+        while let Some(next) = next_stream_limit(limit, limit, MAX_STREAMS_PER_PEER) {
+            limit = next;
+            steps += 1;
+        }
+        assert_eq!((limit, steps), (MAX_STREAMS_PER_PEER, 6));
+    }
 }

@@ -8,6 +8,7 @@ use quinn::Connection;
 use specter_gossip::NodeId;
 use tokio::sync::mpsc;
 
+use super::quic::{HeldStream, StreamBudget};
 use crate::wire::{STREAM_BUSY, STREAM_UNKNOWN_KIND, StreamKind};
 
 /// A node stream must name its kind (its first byte) this soon; a peer that
@@ -29,6 +30,8 @@ pub struct IncomingStream {
     pub send: quinn::SendStream,
     /// Our receiving half.
     pub recv: quinn::RecvStream,
+    /// Counts the stream toward its connection's limit while held.
+    pub held: HeldStream,
 }
 
 impl IncomingStream {
@@ -71,13 +74,20 @@ impl StreamRoutes {
     /// kind holds back nothing else; QUIC's stream limit bounds how many
     /// wait.
     pub async fn serve(self, conn: Connection, peer: NodeId) {
+        let budget = StreamBudget::new(&conn);
         while let Ok((send, mut recv)) = conn.accept_bi().await {
             let routes = self.clone();
+            let held = budget.opened();
             tokio::spawn(async move {
                 let mut byte = [0u8; 1];
                 let got =
                     tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut byte)).await;
-                let stream = IncomingStream { peer, send, recv };
+                let stream = IncomingStream {
+                    peer,
+                    send,
+                    recv,
+                    held,
+                };
                 let kind = match got {
                     Ok(Ok(())) => StreamKind::of(byte[0]),
                     _ => None,

@@ -106,6 +106,7 @@ async fn serve_one(stream: IncomingStream, dht: mpsc::Sender<Served>, transport:
         peer,
         mut send,
         mut recv,
+        held: _held,
     } = stream;
     let request = match tokio::time::timeout(RPC_TIMEOUT, read_frame::<Request>(&mut recv)).await {
         Err(_) => {

@@ -45,6 +45,7 @@ impl Tunnels {
             peer,
             mut send,
             mut recv,
+            held: _held,
         } = stream;
         let header = tokio::time::timeout(VISIT_HEADER_TIMEOUT, read_frame::<Visit>(&mut recv));
         let visit = match header.await {
