@@ -7,15 +7,15 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::pool::{HANDSHAKE_TIMEOUT, SWEEP_PERIOD, Transport, bump};
-use super::tls::{self, ALPN_CLIENT, ALPN_NODE};
+use super::tls::{self, ALPN_CLIENT, ALPN_CLIENT_EARLY, ALPN_NODE, ALPN_NODE_EARLY};
 use crate::wire::{CLOSE_BAD_ALPN, CLOSE_BUSY, CLOSE_NOT_MEMBER, CLOSE_WRONG_PEER};
 
 /// What an accepted connection is, by the ALPN its handshake negotiated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Alpn {
-    /// Another node (`specter-node/1`).
+    /// Another node (`specter-node/1` or `/2`).
     Node,
-    /// A tunnel client (`specter-client/1`).
+    /// A tunnel client (`specter-client/1` or `/2`).
     Client,
     /// Anything else: closed.
     Other,
@@ -25,8 +25,8 @@ impl Alpn {
     /// Classifies a negotiated ALPN.
     pub fn of(protocol: Option<&[u8]>) -> Alpn {
         match protocol {
-            Some(p) if p == ALPN_NODE => Alpn::Node,
-            Some(p) if p == ALPN_CLIENT => Alpn::Client,
+            Some(p) if p == ALPN_NODE || p == ALPN_NODE_EARLY => Alpn::Node,
+            Some(p) if p == ALPN_CLIENT || p == ALPN_CLIENT_EARLY => Alpn::Client,
             _ => Alpn::Other,
         }
     }

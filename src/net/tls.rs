@@ -24,8 +24,27 @@ use crate::pki;
 /// ALPN of node↔node connections.
 pub const ALPN_NODE: &[u8] = b"specter-node/1";
 
+/// ALPN of node↔node connections whose visit headers may carry the
+/// visitor's first bytes (`Visit::early`). Offered first; a node of an
+/// earlier release answers with [`ALPN_NODE`], and then gets them after
+/// `Ready`, as it expects (a header with early bytes would not decode there).
+pub const ALPN_NODE_EARLY: &[u8] = b"specter-node/2";
+
 /// ALPN of client→node connections (a tunnel client's self-signed certificate).
 pub const ALPN_CLIENT: &[u8] = b"specter-client/1";
+
+/// [`ALPN_CLIENT`] for a client that takes early bytes in visit headers (see
+/// [`ALPN_NODE_EARLY`]).
+pub const ALPN_CLIENT_EARLY: &[u8] = b"specter-client/2";
+
+/// Whether the far end of `conn` negotiated an ALPN that takes early bytes
+/// in visit headers ([`ALPN_NODE_EARLY`], [`ALPN_CLIENT_EARLY`]).
+pub fn takes_early(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == ALPN_NODE_EARLY || p == ALPN_CLIENT_EARLY)
+}
 
 /// Server name sent when dialing a node. Not checked (see the module docs); it
 /// only has to be a valid DNS name.
@@ -72,6 +91,9 @@ pub struct NodeTls {
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     provider: Arc<CryptoProvider>,
+    /// Whether to offer the ALPNs that take early bytes in visit headers;
+    /// off only to play a node of an earlier release in tests.
+    pub early: bool,
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -150,6 +172,7 @@ impl NodeTls {
             chain,
             key: Arc::new(key),
             provider,
+            early: true,
         })
     }
 
@@ -194,7 +217,17 @@ impl NodeTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        tls.alpn_protocols = vec![ALPN_NODE.to_vec(), ALPN_CLIENT.to_vec()];
+        // The server's order decides: the newer protocols first.
+        tls.alpn_protocols = if self.early {
+            vec![
+                ALPN_NODE_EARLY.to_vec(),
+                ALPN_CLIENT_EARLY.to_vec(),
+                ALPN_NODE.to_vec(),
+                ALPN_CLIENT.to_vec(),
+            ]
+        } else {
+            vec![ALPN_NODE.to_vec(), ALPN_CLIENT.to_vec()]
+        };
         let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(super::quic::accepted_transport()));
@@ -215,7 +248,11 @@ impl NodeTls {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        tls.alpn_protocols = vec![ALPN_NODE.to_vec()];
+        tls.alpn_protocols = if self.early {
+            vec![ALPN_NODE_EARLY.to_vec(), ALPN_NODE.to_vec()]
+        } else {
+            vec![ALPN_NODE.to_vec()]
+        };
         let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(super::quic::node_transport()));
@@ -247,7 +284,7 @@ pub fn client_quic_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![cert], key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN_CLIENT.to_vec()];
+    tls.alpn_protocols = vec![ALPN_CLIENT_EARLY.to_vec(), ALPN_CLIENT.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(super::quic::client_transport()));

@@ -27,15 +27,18 @@ pub use specter_dht::messages::{
     FrameError, MAX_FRAME_SIZE, decode, decode_frame, encode, frame_len,
 };
 
-/// Version the client and node must share. Version 2 added
-/// [`Visit::early`].
-pub const TUNNEL_PROTOCOL_VERSION: u16 = 2;
+/// Version the client and node must share. [`Visit::early`] is negotiated
+/// apart, by the connection's ALPN (`specter-client/2`, `specter-node/2`),
+/// so clients and nodes of either release work together: a header without
+/// early bytes encodes exactly as before they existed.
+pub const TUNNEL_PROTOCOL_VERSION: u16 = 1;
 
 /// Most visitor bytes a [`Visit`] header carries ahead of `Ready`: a whole
 /// request head as the HTTP ingress accepts it (64 KiB), so a request
 /// without a body reaches the target in the header's flight. A node keeps
 /// them until `Ready` to send them again on the next path, so this is also
-/// what one opening visit holds.
+/// what one opening visit holds. Sent only to a peer whose connection
+/// negotiated them; others get the same bytes right after `Ready`.
 pub const MAX_EARLY_DATA: usize = 64 * 1024;
 
 /// ALPN a visitor uses for raw TCP over TLS.

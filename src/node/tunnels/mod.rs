@@ -233,8 +233,19 @@ mod tests {
 
     /// A node's transport on loopback, serving until the test ends.
     fn transport(ca: &CaPem, name: &str) -> (Arc<Transport>, crate::net::pool::Inboxes) {
+        transport_of_release(ca, name, true)
+    }
+
+    /// A node's transport; `early` false plays a node of the release before
+    /// early bytes in visit headers.
+    fn transport_of_release(
+        ca: &CaPem,
+        name: &str,
+        early: bool,
+    ) -> (Arc<Transport>, crate::net::pool::Inboxes) {
         let pem = make_node_cert(ca, name, &[]).unwrap();
-        let tls = NodeTls::from_pem(&ca.cert, &pem.cert, &pem.key).unwrap();
+        let mut tls = NodeTls::from_pem(&ca.cert, &pem.cert, &pem.key).unwrap();
+        tls.early = early;
         let endpoint = crate::net::bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         let (transport, inboxes) = Transport::new(endpoint, &tls).unwrap();
         tokio::spawn(
@@ -491,6 +502,33 @@ mod tests {
             }
         }
         assert!(replayed, "the refusing node was never tried");
+    }
+
+    #[tokio::test]
+    async fn a_node_of_an_earlier_release_gets_the_early_bytes_after_its_ready() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ca = make_ca("t").unwrap();
+        let (old, old_inboxes) = transport_of_release(&ca, "old", false);
+        // Echoes the 5 bytes that follow its `Ready`.
+        let mut seen = attached_node(old_inboxes.forwards, true);
+        let old = peer_of(&old);
+        let members = Members::default();
+        members.publish(MemberChange::Up(old));
+        let records = BTreeMap::from([("web".to_string(), attached_at(&[old]))]);
+        let (tunnels, _) = tunnels(&ca, records, members);
+        let early = Visit {
+            early: Bytes::from_static(b"hello"),
+            ..visit("web")
+        };
+        let mut pair = tunnels.open("web", &early).await.unwrap();
+        // The header it got decodes as the earlier release's did: no early
+        // bytes in it...
+        assert!(seen.recv().await.unwrap().early.is_empty());
+        // ...and they came after `Ready`, as the visitor's bytes.
+        let mut echo = [0u8; 5];
+        pair.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"hello");
+        pair.shutdown().await.unwrap();
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ use super::slots::ForwardSlot;
 use crate::clock::now_ms;
 use crate::net::Transport;
 use crate::net::liveness::{PEER_SILENCE, silent};
+use crate::net::tls::takes_early;
 use crate::node::membership::{Members, READY_WAIT};
 use crate::node::tunnels::slots::ForwardSlots;
 use crate::wire::{STREAM_NOT_HERE, StreamKind, WireError, read_frame, write_msg};
@@ -332,7 +333,20 @@ async fn attempt(
             (conn, send, recv)
         }
     };
-    write_msg(&mut send, &visit).await.map_err(unreachable)?;
+    // A peer of an earlier release takes no early bytes in the header: it
+    // gets them right after its `Ready`, as the rest of the visitor's bytes.
+    let late = (!visit.early.is_empty() && !takes_early(&conn)).then(|| {
+        let late = visit.early.clone();
+        (
+            Visit {
+                early: bytes::Bytes::new(),
+                ..visit.clone()
+            },
+            late,
+        )
+    });
+    let header = late.as_ref().map_or(&visit, |(header, _)| header);
+    write_msg(&mut send, header).await.map_err(unreachable)?;
     let via = via.map(|p| p.id);
     let ready = {
         let answer = await_ready(&mut recv);
@@ -354,6 +368,11 @@ async fn attempt(
             }
         }
     };
+    if let (Ok(()), Some((_, late))) = (&ready, &late)
+        && send.write_all(late).await.is_err()
+    {
+        return Err(OpenError::Unreachable);
+    }
     match ready {
         Ok(()) => Ok(Pair {
             send,
