@@ -300,13 +300,13 @@ impl Collector for Snapshot {
         counter(
             e,
             "forward_waits",
-            "Forwarded visitors that waited for a stream of their tunnel to the attached node (forwards_per_tunnel)",
+            "Forwarded visit attempts that waited for a stream of their tunnel to the attached node (forwards_per_tunnel)",
             s.clients.forward_waits,
         )?;
         gauge(
             e,
             "forwarding_pairs",
-            "Tunnel and node pairs with forwarded streams open",
+            "Tunnel and node pairs with forwarded streams open or visits waiting for one",
             count(s.clients.forwarding),
         )?;
 

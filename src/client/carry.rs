@@ -67,7 +67,13 @@ pub(super) async fn carry(
         }
     };
     let _ = local.set_nodelay(true);
-    if let Err(err) = local.write_all(&visit.early).await {
+    // Bounded: a target that accepts and never reads must not hold the
+    // stream after the node gave up on it.
+    let early = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, local.write_all(&visit.early));
+    if let Err(err) = early
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    {
         tracing::warn!(tunnel = %visit.name, visitor = %visit.visitor, target = %target.addr, %err, "target closed before taking the visitor's first bytes");
         let _ = write_frame(&mut send, &VisitReply::TargetRefused).await;
         return;

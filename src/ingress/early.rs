@@ -65,8 +65,11 @@ pub struct Opening<S> {
     early: BytesMut,
     limit: usize,
     outcome: OpenOutcome,
-    /// A read that came before the open started.
+    /// A read and a write (or flush) waiting for the open: whichever polls
+    /// the open last is the one its future wakes, so both are woken here
+    /// when it starts and when it ends.
     reader: Option<Waker>,
+    writer: Option<Waker>,
 }
 
 impl<S> Opening<S> {
@@ -79,6 +82,7 @@ impl<S> Opening<S> {
             limit,
             outcome: outcome.clone(),
             reader: None,
+            writer: None,
         };
         (opening, outcome)
     }
@@ -104,24 +108,53 @@ impl<S: Unpin> Opening<S> {
                     };
                     let early = std::mem::take(&mut self.early).freeze();
                     self.state = State::Opening(open(early));
-                    if let Some(reader) = self.reader.take() {
-                        reader.wake();
+                    self.wake_waiting();
+                }
+                State::Opening(fut) => {
+                    let opened = ready!(fut.as_mut().poll(cx));
+                    self.wake_waiting();
+                    match opened {
+                        Ok(stream) => self.state = State::Open(stream),
+                        Err(err) => {
+                            self.outcome.set(err.clone());
+                            self.state = State::Failed;
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::NotConnected,
+                                err,
+                            )));
+                        }
                     }
                 }
-                State::Opening(fut) => match ready!(fut.as_mut().poll(cx)) {
-                    Ok(stream) => self.state = State::Open(stream),
-                    Err(err) => {
-                        self.outcome.set(err.clone());
-                        self.state = State::Failed;
-                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, err)));
-                    }
-                },
                 State::Open(_) => return Poll::Ready(Ok(())),
                 State::Failed => {
                     return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
                 }
             }
         }
+    }
+}
+
+impl<S> Opening<S> {
+    fn wake_waiting(&mut self) {
+        for waker in [self.reader.take(), self.writer.take()]
+            .into_iter()
+            .flatten()
+        {
+            waker.wake();
+        }
+    }
+
+    /// The opened stream, once it is.
+    pub fn stream_mut(&mut self) -> Option<&mut S> {
+        match &mut self.state {
+            State::Open(stream) => Some(stream),
+            _ => None,
+        }
+    }
+
+    /// Nothing kept yet, and the open not started.
+    fn untouched(&self) -> bool {
+        matches!(self.state, State::Keeping(_)) && self.early.is_empty()
     }
 }
 
@@ -137,8 +170,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for Opening<S> {
             this.reader = Some(cx.waker().clone());
             return Poll::Pending;
         }
+        if !matches!(this.state, State::Open(_)) {
+            this.reader = Some(cx.waker().clone());
+        }
         let stream = ready!(this.poll_open(cx))?;
         Pin::new(stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: Unpin> Opening<S> {
+    /// [`Opening::poll_open`] for a write, flush or shutdown.
+    fn poll_writer_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut S>> {
+        if !matches!(self.state, State::Open(_)) {
+            self.writer = Some(cx.waker().clone());
+        }
+        self.poll_open(cx)
     }
 }
 
@@ -157,19 +203,29 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Opening<S> {
                 return Poll::Ready(Ok(n));
             }
         }
-        let stream = ready!(this.poll_open(cx))?;
+        let stream = ready!(this.poll_writer_open(cx))?;
         Pin::new(stream).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let stream = ready!(this.poll_open(cx))?;
+        if this.untouched() {
+            // hyper flushes on every turn of its loop, also before it wrote
+            // anything: opening then would send the request late.
+            return Poll::Ready(Ok(()));
+        }
+        let stream = ready!(this.poll_writer_open(cx))?;
         Pin::new(stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let stream = ready!(this.poll_open(cx))?;
+        if this.untouched() {
+            // Closed before anything was written: nothing to open.
+            this.state = State::Failed;
+            return Poll::Ready(Ok(()));
+        }
+        let stream = ready!(this.poll_writer_open(cx))?;
         Pin::new(stream).poll_shutdown(cx)
     }
 }
@@ -259,6 +315,19 @@ mod tests {
         writer.flush().await.unwrap();
         far.write_all(b"ok").await.unwrap();
         assert_eq!(&read.await.unwrap().unwrap(), b"ok");
+    }
+
+    #[tokio::test]
+    async fn a_flush_before_anything_was_written_opens_nothing() {
+        let (near, _far) = duplex(1 << 16);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let opens = Arc::new(AtomicUsize::new(0));
+        let (mut io, _) = Opening::new(pipe_open(near, tx, opens.clone()), 64);
+        io.flush().await.unwrap();
+        assert_eq!(opens.load(Ordering::SeqCst), 0);
+        io.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        io.flush().await.unwrap();
+        assert_eq!(&rx.await.unwrap()[..], b"GET / HTTP/1.1\r\n\r\n");
     }
 
     #[tokio::test]

@@ -608,7 +608,17 @@ async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) ->
                 let (mut v, mut t) = (TokioIo::new(v), TokioIo::new(t));
                 // Upgraded (a WebSocket): raw bytes, with raw TCP's idle rule.
                 tokio::select! {
-                    _ = specter_tunnel::splice::splice_within(&mut v, &mut t, stall) => {}
+                    spliced = specter_tunnel::splice::splice_within(&mut v, &mut t, stall) => {
+                        if let Err(err) = spliced
+                            && err.kind() != std::io::ErrorKind::UnexpectedEof
+                        {
+                            // A side broke or stalled: the tunnel stream is
+                            // reset, not finished as if the far end were done.
+                            stats.broken();
+                            tracing::info!(%err, "upgraded connection broken mid-way; reset");
+                            reset_upgraded(t.into_inner());
+                        }
+                    }
                     () = idle(&slot, idle_limit) => stats.cut(Cut::RawIdle),
                     () = slot.closed() => {}
                 }
@@ -616,6 +626,18 @@ async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) ->
         });
     }
     resp.map(|body| body.map_err(Into::into).boxed())
+}
+
+/// Resets the tunnel stream under an upgraded upstream connection (always a
+/// fresh one: upgrades are never pooled).
+fn reset_upgraded(upgraded: hyper::upgrade::Upgraded) {
+    type Upstream = TokioIo<Opening<crate::node::tunnels::visit::Pair>>;
+    if let Ok(parts) = upgraded.downcast::<Upstream>() {
+        let mut opening = parts.io.into_inner();
+        if let Some(pair) = opening.stream_mut() {
+            pair.reset(crate::wire::STREAM_BROKEN);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -50,11 +50,20 @@ impl Ingress {
             },
             stats.clone(),
         );
+        let upstreams: Arc<Upstreams<ProxyBody>> = Arc::default();
+        // A visit that must wait for a forwarded stream of its tunnel frees
+        // the ones idle connections hold.
+        let idle = Arc::downgrade(&upstreams);
+        tunnels.slots.on_wait(Box::new(move |name| {
+            if let Some(idle) = idle.upgrade() {
+                idle.evict(name);
+            }
+        }));
         Arc::new(Ingress {
             tunnels,
             limits,
             stats,
-            upstreams: Arc::default(),
+            upstreams,
             admission,
             domain: edge
                 .as_ref()

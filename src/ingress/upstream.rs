@@ -96,6 +96,14 @@ impl<B> Upstreams<B> {
         }
     }
 
+    /// Closes every idle connection to `name`: visits of that tunnel wait
+    /// for a forwarded stream, and idle ones hold theirs (see
+    /// `node::tunnels::slots`).
+    pub fn evict(&self, name: &str) {
+        let evicted = self.idle().remove(name);
+        drop(evicted);
+    }
+
     /// Idle connections kept now.
     pub fn len(&self) -> usize {
         self.idle().values().map(Vec::len).sum()

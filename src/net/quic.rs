@@ -126,7 +126,8 @@ pub const NODE_STREAM_RECEIVE_WINDOW: u32 = 512 << 10;
 /// request) and this many bytes in flight. Anyone can complete a handshake
 /// as a tunnel client; with the node limits from the start, 8 such
 /// connections pushing data on streams the node never reads held 490 MB.
-/// Proven connections are raised to [`MAX_STREAMS_PER_PEER`] and
+/// A proven node connection is raised to [`STREAMS_START`] (then grown, see
+/// [`StreamBudget`]) and [`NODE_CONNECTION_RECEIVE_WINDOW`], a client's to
 /// [`CONNECTION_RECEIVE_WINDOW`] (see [`prove_node`], [`prove_client`]).
 pub const UNPROVEN_STREAMS: u32 = 1;
 /// See [`UNPROVEN_STREAMS`]: room for a hello (16 names) many times over.

@@ -59,10 +59,11 @@ pub struct ClientsStatus {
     pub refused_names: u64,
     /// Hellos refused: the key registered too many new names this minute.
     pub refused_rate: u64,
-    /// Forwarded visitors that waited for their tunnel's streams to the
-    /// attached node to drop under `forwards_per_tunnel`.
+    /// Forwarded visit attempts that waited for their tunnel's streams to
+    /// the attached node to drop under `forwards_per_tunnel`.
     pub forward_waits: u64,
-    /// (tunnel, node) pairs with forwarded streams open now.
+    /// (tunnel, node) pairs with forwarded streams open or visits waiting
+    /// for one now.
     pub forwarding: usize,
 }
 

@@ -13,10 +13,10 @@
 //! quarter of [`crate::net::quic::NODE_CONNECTION_RECEIVE_WINDOW`] at most.
 //! Visitors past the bound wait for a stream to end (the visit's race tries
 //! the tunnel's other attachments meanwhile); a stalled stream ends at the
-//! splice's stall deadline. Idle HTTP upstreams hold their slots too, so
-//! while visits of a tunnel wait, its answered upstreams are closed rather
-//! than kept for reuse ([`ForwardSlots::wanted`]): a waiter gets a slot as
-//! soon as any request of its tunnel is answered.
+//! splice's stall deadline. Idle HTTP upstreams hold their slots too: when a
+//! visit starts waiting, the tunnel's idle upstreams are closed
+//! ([`ForwardSlots::on_wait`]), and while visits wait, answered upstreams are
+//! closed rather than kept for reuse ([`ForwardSlots::wanted`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,13 +34,19 @@ pub const FORWARDS_PER_TUNNEL: usize = 64;
 
 type Key = (NodeId, String);
 
+/// What to do when a visit of a tunnel starts waiting for a slot.
+pub type WaitHook = Box<dyn Fn(&str) + Send + Sync>;
+
 /// The forwarded streams open per (attached node, tunnel).
 pub struct ForwardSlots {
     limit: usize,
     open: Mutex<HashMap<Key, Arc<Semaphore>>>,
     /// Visits waiting for a slot, by tunnel.
     waiting: Mutex<HashMap<String, usize>>,
-    /// Forwarded visits that waited for a slot.
+    /// Called with the tunnel's name when a visit starts waiting.
+    on_wait: std::sync::OnceLock<WaitHook>,
+    /// Forwarded visit attempts that waited for a slot (a visit raced over
+    /// two paths may count twice).
     pub waited: AtomicU64,
 }
 
@@ -58,6 +64,7 @@ impl ForwardSlots {
             limit: limit.max(1),
             open: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
+            on_wait: std::sync::OnceLock::new(),
             waited: AtomicU64::new(0),
         })
     }
@@ -70,9 +77,16 @@ impl ForwardSlots {
     /// be freed if the tunnel holds them all.
     pub async fn take(self: &Arc<Self>, node: NodeId, name: &str) -> ForwardSlot {
         let key = (node, name.to_string());
+        // First, so that it is dropped last: a visit dropped while it waits
+        // (its race won elsewhere) forgets the pair like an ended stream.
+        let mut slot = ForwardSlot {
+            slots: self.clone(),
+            key: key.clone(),
+            permit: None,
+        };
         let semaphore = self
             .map()
-            .entry(key.clone())
+            .entry(key)
             .or_insert_with(|| Arc::new(Semaphore::new(self.limit)))
             .clone();
         let permit = match semaphore.clone().try_acquire_owned() {
@@ -81,16 +95,21 @@ impl ForwardSlots {
                 self.waited.fetch_add(1, Ordering::Relaxed);
                 let _waiting = Waiting::new(self, name);
                 semaphore
+                    .clone()
                     .acquire_owned()
                     .await
                     .expect("the semaphore is never closed")
             }
         };
-        ForwardSlot {
-            slots: self.clone(),
-            key,
-            permit: Some(permit),
-        }
+        drop(semaphore);
+        slot.permit = Some(permit);
+        slot
+    }
+
+    /// Sets what to do when a visit starts waiting (the HTTP ingress closes
+    /// the tunnel's idle upstreams, which hold slots). Set once.
+    pub fn on_wait(&self, hook: WaitHook) {
+        let _ = self.on_wait.set(hook);
     }
 
     /// Whether visits of tunnel `name` are waiting for a slot: a stream of
@@ -124,6 +143,9 @@ struct Waiting<'a> {
 impl<'a> Waiting<'a> {
     fn new(slots: &'a ForwardSlots, name: &'a str) -> Self {
         *slots.waiters().entry(name.to_string()).or_default() += 1;
+        if let Some(hook) = slots.on_wait.get() {
+            hook(name);
+        }
         Waiting { slots, name }
     }
 }
@@ -189,6 +211,24 @@ mod tests {
         assert_eq!(slots.waited.load(Ordering::Relaxed), 1);
         assert!(!slots.wanted("greedy"));
         drop(third);
+    }
+
+    #[tokio::test]
+    async fn a_visit_dropped_while_it_waits_leaves_nothing_behind() {
+        let slots = ForwardSlots::new(1);
+        let held = slots.take(NodeId(1), "t").await;
+        let waiting = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.take(NodeId(1), "t").await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(slots.wanted("t"));
+        // Its slot is handed over as the visit is dropped.
+        drop(held);
+        waiting.abort();
+        let _ = waiting.await;
+        assert!(!slots.wanted("t"));
+        assert!(slots.is_empty(), "{} pairs left", slots.len());
     }
 
     #[tokio::test]

@@ -305,6 +305,7 @@ async fn attempt(
     visit: Visit,
     hedge: tokio::sync::mpsc::Sender<usize>,
     index: usize,
+    slotted: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Pair, OpenError> {
     let via = path.node();
     if via.is_some_and(|peer| !reach.members.is_live(peer.id)) {
@@ -320,7 +321,10 @@ async fn attempt(
             (conn.clone(), send, recv)
         }
         Path::Via(peer) => {
+            // Waiting here is the tunnel's own bound, not the node being
+            // slow: the race does not hold it against the node.
             slot = Some(reach.slots.take(peer.id, &visit.name).await);
+            slotted.store(true, std::sync::atomic::Ordering::Relaxed);
             let (_, conn) = reach
                 .transport
                 .connect(peer.addr, Some(peer.id))
@@ -530,7 +534,9 @@ impl Tunnels {
         mut paths: Paths,
     ) -> Result<Pair, OpenError> {
         let began = Instant::now();
-        let mut race: Race<Option<Peer>> = Race::new(began);
+        // Each attempt's node, and whether it got its forwarded-stream slot
+        // (until then it waits on its tunnel's bound, not on the node).
+        let mut race: Race<(Option<Peer>, Arc<std::sync::atomic::AtomicBool>)> = Race::new(began);
         let mut running = tokio::task::JoinSet::new();
         // Task ids of the attempts, so one that panicked can be told apart.
         let mut tasks = std::collections::HashMap::new();
@@ -545,16 +551,25 @@ impl Tunnels {
                 match self.next_path(name, &mut paths).await {
                     Some(path) => {
                         if race.running().next().is_some() {
-                            for peer in race.running().flatten() {
-                                self.mark_slow(peer.id, true);
+                            for (peer, slotted) in race.running() {
+                                if let Some(peer) = peer
+                                    && slotted.load(std::sync::atomic::Ordering::Relaxed)
+                                {
+                                    self.mark_slow(peer.id, true);
+                                }
                             }
                             tracing::info!(tunnel = name, next = %path, waited = ?began.elapsed(), "no attachment answered yet; trying the next as well");
                         }
-                        let index = race.launched(Instant::now(), path.node());
+                        let slotted = Arc::new(std::sync::atomic::AtomicBool::new(matches!(
+                            path,
+                            Path::Local(_)
+                        )));
+                        let index = race.launched(Instant::now(), (path.node(), slotted.clone()));
                         let (reach, visit, hedge) =
                             (reach.clone(), visit.clone(), hedge_tx.clone());
                         let task = running.spawn(async move {
-                            let result = attempt(reach, path.clone(), visit, hedge, index).await;
+                            let result =
+                                attempt(reach, path.clone(), visit, hedge, index, slotted).await;
                             (index, path, result)
                         });
                         tasks.insert(task.id(), index);
