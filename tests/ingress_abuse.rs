@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::procs::*;
-use common::web::{DOMAIN, client_config, curl, http_service, ingress_cluster_via};
+use common::web::{
+    DOMAIN, client_config, curl, get_from, http_service, ingress_cluster_via, tcp_from, tls_from,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The floods share the machine's two cores: one test at a time.
@@ -160,52 +162,10 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 1_000 / hz)
 }
 
-async fn tcp_from(source: IpAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    socket.connect(to).await
-}
-
-async fn tls_from(
-    source: IpAddr,
-    to: SocketAddr,
-    host: &str,
-    config: Arc<rustls::ClientConfig>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let tcp = tcp_from(source, to).await?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-}
-
 /// One legitimate HTTPS fetch from [`LEGIT`]: its latency, or what went
 /// wrong.
 async fn legit_get(ca: &Path, to: SocketAddr, host: &str) -> Result<Duration, String> {
-    let began = Instant::now();
-    let fetch = async {
-        let config = client_config(ca, &[b"http/1.1"]);
-        let mut tls = tls_from(IpAddr::from(LEGIT), to, host, config)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let request = format!("GET /legit HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        tls.write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut answer = Vec::new();
-        let _ = tls.read_to_end(&mut answer).await;
-        let answer = String::from_utf8_lossy(&answer).to_string();
-        if answer.starts_with("HTTP/1.1 200") {
-            Ok(())
-        } else {
-            Err(format!("answer: {answer:?}"))
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(10), fetch).await {
-        Ok(Ok(())) => Ok(began.elapsed()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err("no answer in 10 s".into()),
-    }
+    get_from(IpAddr::from(LEGIT), ca, to, host, "/legit").await
 }
 
 /// Waits until `conn` is closed by the node (EOF or an error); how long that

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::procs::*;
-use common::web::{DOMAIN, client_config, http_service, ingress_cluster};
+use common::web::{DOMAIN, client_config, get_from, http_service, ingress_cluster, tls_from};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The attacks share the machine's two cores: one test at a time.
@@ -45,29 +45,15 @@ fn never_reading_service() -> SocketAddr {
     addr
 }
 
-async fn tls_from(
-    source: IpAddr,
-    to: SocketAddr,
-    host: &str,
-    alpn: &[&[u8]],
-    ca: &Path,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let tcp = socket.connect(to).await?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(client_config(ca, alpn))
-        .connect(name, tcp)
-        .await
-}
-
 /// One uploader: raw TCP through the entry, writing without pause; again
 /// whenever the node ends it, until `stop`.
 async fn upload(source: IpAddr, entry: SocketAddr, ca: &Path, stop: Arc<AtomicBool>) {
     let host = format!("hog.{DOMAIN}");
     let chunk = vec![0x55u8; 64 * 1024];
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut tls) = tls_from(source, entry, &host, &[b"specter-tcp"], ca).await else {
+        let Ok(mut tls) =
+            tls_from(source, entry, &host, client_config(ca, &[b"specter-tcp"])).await
+        else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -82,36 +68,8 @@ async fn upload(source: IpAddr, entry: SocketAddr, ca: &Path, stop: Arc<AtomicBo
 
 /// One HTTPS fetch of the other tenant's service through the entry.
 async fn fetch(entry: SocketAddr, ca: &Path) -> Result<Duration, String> {
-    let began = Instant::now();
     let host = format!("web.{DOMAIN}");
-    let get = async {
-        let mut tls = tls_from(
-            IpAddr::from([127, 0, 0, 200]),
-            entry,
-            &host,
-            &[b"http/1.1"],
-            ca,
-        )
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-        let request = format!("GET /other HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        tls.write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut answer = Vec::new();
-        let _ = tls.read_to_end(&mut answer).await;
-        let answer = String::from_utf8_lossy(&answer).to_string();
-        if answer.starts_with("HTTP/1.1 200") {
-            Ok(())
-        } else {
-            Err(format!("answer: {answer:?}"))
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(10), get).await {
-        Ok(Ok(())) => Ok(began.elapsed()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err("no answer in 10 s".into()),
-    }
+    get_from(IpAddr::from([127, 0, 0, 200]), ca, entry, &host, "/other").await
 }
 
 /// How long a DHT get of `name` takes from `node` (the lookup's own time,
@@ -137,61 +95,101 @@ fn names_elsewhere(from: &Proc, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Two nodes with TLS ingress and `config` as their `node.toml`: A, where
+/// the tunnels attach, and E, where the visitors enter; the CA file, E's
+/// HTTPS address, and a runtime for the visitors.
+struct NodePair {
+    dir: tempfile::TempDir,
+    attached: Proc,
+    entry_node: Proc,
+    ca_file: std::path::PathBuf,
+    entry: SocketAddr,
+    rt: tokio::runtime::Runtime,
+}
+
+impl NodePair {
+    fn start(ips: [&str; 2], config: &str) -> NodePair {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = ca(dir.path());
+        let config_file = dir.path().join("node.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let config_file = config_file.to_str().unwrap().to_string();
+        let ips = ips.map(str::to_string);
+        let mut nodes = ingress_cluster(dir.path(), &ca_dir, &ips, |_| {
+            vec!["--config".into(), config_file.clone()]
+        });
+        let entry_node = nodes.remove(1);
+        let attached = nodes.remove(0);
+        let ca_file = dir.path().join("ca/ca.crt");
+        let entry = entry_node.https().parse().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        NodePair {
+            dir,
+            attached,
+            entry_node,
+            ca_file,
+            entry,
+            rt,
+        }
+    }
+
+    /// A client serving `name` at `to`, attached to A alone.
+    fn attach(&self, name: &str, to: &str) -> Reaped {
+        attach_one(self.dir.path(), name, name, to, &self.attached.quic())
+    }
+
+    /// E's `specter_forward_waits_total`.
+    fn forward_waits(&self) -> u64 {
+        let metrics = http_get(self.entry_node.admin(), "/metrics").unwrap();
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("specter_forward_waits_total ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .expect("the forward_waits counter")
+    }
+}
+
 #[test]
 fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair() {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = ca(dir.path());
-    let config = dir.path().join("node.toml");
     // Short stall deadline so the test sees the sockets come back in
     // seconds; the mechanism is the one the 30 s default drives.
-    std::fs::write(
-        &config,
+    let pair = NodePair::start(
+        ["127.0.88.1", "127.0.88.2"],
         "[ingress]\nwrite_stall_timeout = 3\nhandshakes_per_source = 64\n",
-    )
-    .unwrap();
-    let config = config.to_str().unwrap().to_string();
-    let ips = ["127.0.88.1".to_string(), "127.0.88.2".to_string()];
-    let mut nodes = ingress_cluster(dir.path(), &ca_dir, &ips, |_| {
-        vec!["--config".into(), config.clone()]
-    });
-    let entry_node = nodes.remove(1);
-    let attached = nodes.remove(0);
-    let hog = never_reading_service();
-    let web = http_service();
-    let hog_client = attach_one(
-        dir.path(),
-        "hog",
-        "hog",
-        &format!("tcp://{hog}"),
-        &attached.quic(),
     );
-    let _web_client = attach_one(
-        dir.path(),
-        "web",
-        "web",
-        &format!("http://{web}"),
-        &attached.quic(),
-    );
-    let ca_file = dir.path().join("ca/ca.crt");
-    let entry: SocketAddr = entry_node.https().parse().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let hog_client = pair.attach("hog", &format!("tcp://{}", never_reading_service()));
+    let _web_client = pair.attach("web", &format!("http://{}", http_service()));
+    let waits_now = || pair.forward_waits();
+    let NodePair {
+        attached,
+        entry_node,
+        ca_file,
+        entry,
+        rt,
+        ..
+    } = &pair;
+    let entry = *entry;
 
     // Before: the other tenant's visits and the DHT, for comparison.
-    let a_names = names_elsewhere(&entry_node, 10);
+    let a_names = names_elsewhere(entry_node, 10);
     assert!(a_names.len() >= 5, "few names owned by A: {a_names:?}");
     for _ in 0..5 {
-        rt.block_on(fetch(entry, &ca_file)).unwrap();
+        rt.block_on(fetch(entry, ca_file)).unwrap();
     }
     let quiet_dht: Vec<Duration> = a_names
         .iter()
-        .map(|n| dht_get(&entry_node, n).unwrap().0)
+        .map(|n| dht_get(entry_node, n).unwrap().0)
         .collect();
     let fd_baseline = (open_fds(entry_node.child.id()), open_fds(hog_client.0.id()));
 
@@ -215,12 +213,12 @@ fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair
     let (mut rss_entry, mut rss_attached) = (0, 0);
     let attack_until = Instant::now() + Duration::from_secs(12);
     while Instant::now() < attack_until {
-        match rt.block_on(fetch(entry, &ca_file)) {
+        match rt.block_on(fetch(entry, ca_file)) {
             Ok(t) => took.push(t),
             Err(e) => failed.push(e),
         }
         for name in &a_names {
-            match dht_get(&entry_node, name) {
+            match dht_get(entry_node, name) {
                 Ok((took, _)) => dht.push(took),
                 Err(e) => dht_failed.push(e),
             }
@@ -229,16 +227,7 @@ fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair
         rss_attached = rss_attached.max(rss_kib(attached.child.id()).unwrap_or(0));
         std::thread::sleep(Duration::from_millis(100));
     }
-    let metrics = http_get(entry_node.admin(), "/metrics").unwrap();
-    let waits: u64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("specter_forward_waits_total ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .expect("the forward_waits counter");
+    let waits = waits_now();
     stop.store(true, Ordering::Relaxed);
     for u in uploaders {
         rt.block_on(u).unwrap();
@@ -294,7 +283,7 @@ fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair
         client_settled.unwrap()
     );
     // And the other tenant is served as before.
-    rt.block_on(fetch(entry, &ca_file)).unwrap();
+    rt.block_on(fetch(entry, ca_file)).unwrap();
 }
 
 /// Keep-alive HTTPS visitors through E: `requests` each, one after another
@@ -305,15 +294,10 @@ async fn keepalive_visitor(
     host: &str,
     requests: usize,
 ) -> Result<Vec<Duration>, String> {
-    let mut tls = tls_from(
-        IpAddr::from([127, 0, 0, 201]),
-        entry,
-        host,
-        &[b"http/1.1"],
-        ca,
-    )
-    .await
-    .map_err(|e| format!("connect: {e}"))?;
+    let config = client_config(ca, &[b"http/1.1"]);
+    let mut tls = tls_from(IpAddr::from([127, 0, 0, 201]), entry, host, config)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
     let mut took = Vec::new();
     let mut buf = [0u8; 4096];
@@ -355,32 +339,13 @@ fn visitors_past_a_tunnels_bound_wait_for_a_stream_and_are_all_answered() {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     const VISITORS: usize = 16;
     const REQUESTS: usize = 40;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = ca(dir.path());
-    let config = dir.path().join("node.toml");
-    std::fs::write(&config, "[clients]\nforwards_per_tunnel = 4\n").unwrap();
-    let config = config.to_str().unwrap().to_string();
-    let ips = ["127.0.88.3".to_string(), "127.0.88.4".to_string()];
-    let mut nodes = ingress_cluster(dir.path(), &ca_dir, &ips, |_| {
-        vec!["--config".into(), config.clone()]
-    });
-    let entry_node = nodes.remove(1);
-    let attached = nodes.remove(0);
-    let (service, _) = common::web::keepalive_service();
-    let _client = attach_one(
-        dir.path(),
-        "ka",
-        "ka",
-        &format!("http://{service}"),
-        &attached.quic(),
+    let pair = NodePair::start(
+        ["127.0.88.3", "127.0.88.4"],
+        "[clients]\nforwards_per_tunnel = 4\n",
     );
-    let ca_file = dir.path().join("ca/ca.crt");
-    let entry: SocketAddr = entry_node.https().parse().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (service, _) = common::web::keepalive_service();
+    let _client = pair.attach("ka", &format!("http://{service}"));
+    let (ca_file, entry, rt) = (&pair.ca_file, pair.entry, &pair.rt);
     let host = format!("ka.{DOMAIN}");
     let visitors: Vec<_> = (0..VISITORS)
         .map(|_| {
@@ -392,16 +357,7 @@ fn visitors_past_a_tunnels_bound_wait_for_a_stream_and_are_all_answered() {
     for v in visitors {
         took.extend(rt.block_on(v).unwrap().expect("every request answered"));
     }
-    let metrics = http_get(entry_node.admin(), "/metrics").unwrap();
-    let waits: u64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("specter_forward_waits_total ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .expect("the forward_waits counter");
+    let waits = pair.forward_waits();
     let slowest = *took.iter().max().unwrap();
     println!(
         "{} answers, p99 {:?}, slowest {slowest:?}; {waits} visits waited for a slot",

@@ -223,6 +223,29 @@ fn dht_get(p: &Proc, name: &str) -> serde_json::Value {
     serde_json::from_str(&http_get(p.admin(), &format!("/dht/get?name={name}")).unwrap()).unwrap()
 }
 
+/// Runs `cmd` (output captured) until it exits, or kills it after
+/// `deadline`: its exit status if it exited, stdout, stderr.
+fn run_to_exit(
+    cmd: &mut Command,
+    deadline: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut child, deadline);
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        status,
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 fn wait_exit(child: &mut Child, deadline: Duration) -> Option<std::process::ExitStatus> {
     let end = Instant::now() + deadline;
     while Instant::now() < end {
@@ -249,28 +272,14 @@ fn under_token_auth_a_client_needs_a_valid_token() {
     );
     let service = eof_service();
     let run = |extra: &[&str], name: &str, state: &str| {
-        let mut child = tunnel_cmd(
+        let mut cmd = tunnel_cmd(
             dir.path(),
             state,
             name,
             &format!("tcp://{service}"),
             &node.quic(),
-        )
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-        let status = wait_exit(&mut child, Duration::from_secs(10));
-        if status.is_none() {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output().unwrap();
-        (
-            status,
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
+        );
+        run_to_exit(cmd.args(extra), Duration::from_secs(10))
     };
     // No token: refused with a clear error.
     let (status, _, stderr) = run(&[], "team-web", "s1");
@@ -351,17 +360,7 @@ fn a_key_over_its_quota_of_new_names_is_refused_with_a_clear_message() {
     });
     assert!(attached.is_some(), "the first client did not attach");
     // The same key with eight more names within the minute: 24 > 20.
-    let mut second = client("beta", 8)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let exited = wait_exit(&mut second, Duration::from_secs(10));
-    if exited.is_none() {
-        let _ = second.kill();
-    }
-    let out = second.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (exited, _, stderr) = run_to_exit(&mut client("beta", 8), Duration::from_secs(10));
     assert!(exited.is_some_and(|s| !s.success()), "{stderr}");
     assert!(
         stderr.contains("registered 20 new names at this node in the last minute"),

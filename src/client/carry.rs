@@ -22,10 +22,6 @@ const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// deadline for an answer.
 const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A visitor whose target (or node) takes none of the bytes waiting for it
-/// this long is reset both ways, as the nodes do.
-const SPLICE_STALL: Duration = crate::ingress::limits::WRITE_STALL_TIMEOUT;
-
 /// Carries one visitor: reads the header, dials the target, splices.
 pub(super) async fn carry(
     mut send: quinn::SendStream,
@@ -82,7 +78,11 @@ pub(super) async fn carry(
         return;
     }
     let mut stream = tokio::io::join(&mut recv, &mut send);
-    let spliced = specter_tunnel::splice::splice_within(&mut stream, &mut local, SPLICE_STALL);
+    let spliced = specter_tunnel::splice::splice_within(
+        &mut stream,
+        &mut local,
+        specter_tunnel::splice::SPLICE_STALL,
+    );
     if let Err(err) = spliced.await {
         // Not a clean end: the node (and the visitor) must see a reset, and
         // the target a closed connection.

@@ -60,8 +60,10 @@ pub const BODY_MIN_RATE: u64 = 1_024;
 pub const BODY_RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// A visitor that takes none of the answer for this long (its TCP window or
-/// its HTTP/2 stream window stays full) is cut off.
-pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// its HTTP/2 stream window stays full) is cut off; so is a raw-TCP or
+/// upgraded visitor's splice whose tunnel side takes nothing. The splice
+/// default ([`specter_tunnel::splice::SPLICE_STALL`]).
+pub const WRITE_STALL_TIMEOUT: Duration = specter_tunnel::splice::SPLICE_STALL;
 
 /// A raw-TCP visitor (`specter connect`) with no byte either way for this
 /// long is closed. Long: ssh sessions sit idle for hours.

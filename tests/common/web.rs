@@ -212,3 +212,63 @@ pub fn client_config(ca: &Path, alpn: &[&[u8]]) -> std::sync::Arc<rustls::Client
     config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     std::sync::Arc::new(config)
 }
+
+/// A TCP connection to `to` from the loopback address `source`.
+pub async fn tcp_from(
+    source: std::net::IpAddr,
+    to: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    socket.connect(to).await
+}
+
+/// TLS to `to` for `host` from `source`.
+pub async fn tls_from(
+    source: std::net::IpAddr,
+    to: std::net::SocketAddr,
+    host: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tcp_from(source, to).await?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+}
+
+/// One HTTPS GET of `path` from `source` on a connection of its own, within
+/// 10 s: its latency, or what went wrong.
+pub async fn get_from(
+    source: std::net::IpAddr,
+    ca: &Path,
+    to: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<std::time::Duration, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let began = std::time::Instant::now();
+    let fetch = async {
+        let config = client_config(ca, &[b"http/1.1"]);
+        let mut tls = tls_from(source, to, host, config)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer).to_string();
+        if answer.starts_with("HTTP/1.1 200") {
+            Ok(())
+        } else {
+            Err(format!("answer: {answer:?}"))
+        }
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), fetch).await {
+        Ok(Ok(())) => Ok(began.elapsed()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no answer in 10 s".into()),
+    }
+}

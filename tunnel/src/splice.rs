@@ -30,6 +30,14 @@ pub const SPLICE_BUFFER: usize = 1 << 20;
 /// idle visitors then cost kilobytes each, not 2 MiB per process.
 pub const SPLICE_BUFFER_START: usize = 16 * 1024;
 
+/// How long a spliced side may take none of the bytes waiting for it before
+/// [`splice_within`] ends both ways, where nobody set another: at attached
+/// nodes and clients, and the default of a node's ingress
+/// (`write_stall_timeout`). Long enough for a slow reader that keeps taking
+/// bytes, or a paused stream; short enough that a blocked splice does not
+/// hold its sockets and its stream's flow-control credit for minutes.
+pub const SPLICE_STALL: Duration = Duration::from_secs(30);
+
 /// Bytes moved by a finished splice.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Spliced {

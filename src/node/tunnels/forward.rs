@@ -17,12 +17,6 @@ use crate::wire::{STREAM_BROKEN, STREAM_NOT_HERE, read_frame, write_frame, write
 /// A forwarded stream must deliver its [`Visit`] header this soon.
 pub const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A forwarded visitor whose entry node or client takes none of the bytes
-/// waiting for it this long is reset both ways (the entry node's own
-/// ingress deadline is usually first): blocked, its stream would hold the
-/// node pair's flow-control credit and neither end's reset would be seen.
-pub const SPLICE_STALL: Duration = crate::ingress::limits::WRITE_STALL_TIMEOUT;
-
 /// Serves forwarded visitors from `forwards` until `stop` fires.
 pub async fn serve(tunnels: Arc<Tunnels>, mut forwards: StreamInbox, stop: CancellationToken) {
     loop {
@@ -81,7 +75,11 @@ impl Tunnels {
             return;
         }
         let mut entry = tokio::io::join(&mut recv, &mut send);
-        let spliced = specter_tunnel::splice::splice_within(&mut entry, &mut client, SPLICE_STALL);
+        let spliced = specter_tunnel::splice::splice_within(
+            &mut entry,
+            &mut client,
+            specter_tunnel::splice::SPLICE_STALL,
+        );
         if let Err(err) = spliced.await {
             // Both hops are reset: dropped, quinn would finish them cleanly
             // and a cut answer would look complete.

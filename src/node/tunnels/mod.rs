@@ -435,19 +435,30 @@ mod tests {
         assert_eq!(&echo, b"hello");
     }
 
-    #[tokio::test]
-    async fn a_failing_attachment_costs_a_retry_not_an_error_and_is_tried_last_afterwards() {
+    /// Tunnel `web` attached at two nodes: one that refuses every visit and
+    /// one that answers; also what each was sent.
+    fn refusing_and_answering() -> (
+        Arc<Tunnels>,
+        mpsc::UnboundedReceiver<Visit>,
+        mpsc::UnboundedReceiver<Visit>,
+    ) {
         let ca = make_ca("t").unwrap();
         let (bad, bad_inboxes) = transport(&ca, "bad");
         let (good, good_inboxes) = transport(&ca, "good");
-        let mut bad_seen = attached_node(bad_inboxes.forwards, false);
-        let mut good_seen = attached_node(good_inboxes.forwards, true);
+        let bad_seen = attached_node(bad_inboxes.forwards, false);
+        let good_seen = attached_node(good_inboxes.forwards, true);
         let (bad, good) = (peer_of(&bad), peer_of(&good));
         let members = Members::default();
         members.publish(MemberChange::Up(bad));
         members.publish(MemberChange::Up(good));
         let records = BTreeMap::from([("web".to_string(), attached_at(&[bad, good]))]);
         let (tunnels, _) = tunnels(&ca, records, members);
+        (tunnels, bad_seen, good_seen)
+    }
+
+    #[tokio::test]
+    async fn a_failing_attachment_costs_a_retry_not_an_error_and_is_tried_last_afterwards() {
+        let (tunnels, mut bad_seen, mut good_seen) = refusing_and_answering();
         // Until the failing node has been tried once, either may come first.
         let mut tried_bad = false;
         for _ in 0..20 {
@@ -473,17 +484,7 @@ mod tests {
 
     #[tokio::test]
     async fn early_bytes_go_with_the_header_and_again_on_the_next_path() {
-        let ca = make_ca("t").unwrap();
-        let (bad, bad_inboxes) = transport(&ca, "bad");
-        let (good, good_inboxes) = transport(&ca, "good");
-        let mut bad_seen = attached_node(bad_inboxes.forwards, false);
-        let mut good_seen = attached_node(good_inboxes.forwards, true);
-        let (bad, good) = (peer_of(&bad), peer_of(&good));
-        let members = Members::default();
-        members.publish(MemberChange::Up(bad));
-        members.publish(MemberChange::Up(good));
-        let records = BTreeMap::from([("web".to_string(), attached_at(&[bad, good]))]);
-        let (tunnels, _) = tunnels(&ca, records, members);
+        let (tunnels, mut bad_seen, mut good_seen) = refusing_and_answering();
         let early = Visit {
             early: Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
             ..visit("web")
