@@ -130,13 +130,6 @@ fn records_survive_the_owners_sigkill_and_return_to_it_after_restart() {
     assert_eq!(code, 200);
 }
 
-fn metric(p: &Proc, name: &str) -> u64 {
-    let text = http_get(p.admin(), "/metrics").unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
 fn records_total(p: &Proc) -> u64 {
     status(p).map_or(0, |s| s["dht"]["records_total"].as_u64().unwrap_or(0))
 }

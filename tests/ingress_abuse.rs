@@ -106,10 +106,7 @@ impl Fixture {
     }
 
     fn metric(&self, line_start: &str) -> u64 {
-        let text = http_get(self.node.admin(), "/metrics").unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+        metric(&self.node, line_start)
     }
 
     fn visitors(&self) -> u64 {

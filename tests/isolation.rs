@@ -144,16 +144,7 @@ impl NodePair {
 
     /// E's `specter_forward_waits_total`.
     fn forward_waits(&self) -> u64 {
-        let metrics = http_get(self.entry_node.admin(), "/metrics").unwrap();
-        metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("specter_forward_waits_total ")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .expect("the forward_waits counter")
+        metric(&self.entry_node, "specter_forward_waits_total ")
     }
 }
 
@@ -282,6 +273,9 @@ fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair
         entry_settled.unwrap(),
         client_settled.unwrap()
     );
+    // The attached node ended its blocked splices (and counted them).
+    let broken = metric(attached, "specter_forwards_broken_total ");
+    assert!(broken > 0, "no forwarded splice ended at A");
     // And the other tenant is served as before.
     rt.block_on(fetch(entry, ca_file)).unwrap();
 }

@@ -303,6 +303,12 @@ impl Collector for Snapshot {
             "Forwarded visit attempts that waited for a stream of their tunnel to the attached node (forwards_per_tunnel)",
             s.clients.forward_waits,
         )?;
+        counter(
+            e,
+            "forwards_broken",
+            "Visitors forwarded here whose splice broke, or stalled past the deadline; both sides reset",
+            s.clients.forwards_broken,
+        )?;
         gauge(
             e,
             "forwarding_pairs",

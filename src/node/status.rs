@@ -65,6 +65,8 @@ pub struct ClientsStatus {
     /// (tunnel, node) pairs with forwarded streams open or visits waiting
     /// for one now.
     pub forwarding: usize,
+    /// Visitors forwarded here whose splice broke or stalled.
+    pub forwards_broken: u64,
 }
 
 /// At most this many tunnels are listed in `/status` (the totals cover
@@ -160,6 +162,7 @@ impl NodeState {
                     refused_rate: q.refused_rate.load(std::sync::atomic::Ordering::Relaxed),
                     forward_waits: t.slots.waited.load(std::sync::atomic::Ordering::Relaxed),
                     forwarding: t.slots.len(),
+                    forwards_broken: t.forwards_broken.load(std::sync::atomic::Ordering::Relaxed),
                 }
             },
         }

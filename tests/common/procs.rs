@@ -367,6 +367,15 @@ pub fn wait_for_every(
     None
 }
 
+/// A sample of `p`'s `/metrics` whose line starts with `line_start` (a
+/// name, with its labels if any, and the trailing space).
+pub fn metric(p: &Proc, line_start: &str) -> u64 {
+    let text = http_get(p.admin(), "/metrics").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+}
+
 /// Descriptors a process holds open (from /proc).
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())

@@ -83,6 +83,8 @@ impl Tunnels {
         if let Err(err) = spliced.await {
             // Both hops are reset: dropped, quinn would finish them cleanly
             // and a cut answer would look complete.
+            self.forwards_broken
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(from = %peer, tunnel = %visit.name, %err, "forwarded stream broken mid-way; reset");
             let _ = send.reset(STREAM_BROKEN);
             let _ = recv.stop(STREAM_BROKEN);

@@ -92,6 +92,9 @@ pub struct Tunnels {
     slow: Mutex<HashMap<NodeId, std::time::Instant>>,
     /// Streams open per tunnel and node this node forwards to.
     pub slots: Arc<ForwardSlots>,
+    /// Visitors forwarded here whose splice broke or stalled (a side took
+    /// nothing for the stall deadline), both sides reset.
+    pub forwards_broken: std::sync::atomic::AtomicU64,
     public: std::sync::OnceLock<Ingress>,
 }
 
@@ -121,6 +124,7 @@ impl Tunnels {
             routes: RouteCache::new(),
             slow: Mutex::new(HashMap::new()),
             slots,
+            forwards_broken: std::sync::atomic::AtomicU64::new(0),
             public: std::sync::OnceLock::new(),
         })
     }
