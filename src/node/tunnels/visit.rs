@@ -20,13 +20,12 @@ use specter_tunnel::route_cache::Cached;
 use tokio::time::Instant;
 
 use super::Tunnels;
-use super::slots::ForwardSlot;
+use super::slots::{ForwardSlot, ForwardSlots};
 use crate::clock::now_ms;
 use crate::net::Transport;
 use crate::net::liveness::{PEER_SILENCE, silent};
 use crate::net::tls::takes_early;
 use crate::node::membership::{Members, READY_WAIT};
-use crate::node::tunnels::slots::ForwardSlots;
 use crate::wire::{STREAM_NOT_HERE, StreamKind, WireError, read_frame, write_msg};
 
 /// How long one attachment may take to answer a visit before the next one
@@ -487,15 +486,19 @@ impl Tunnels {
     /// Remote attachments of `name`, in the order to try them.
     pub(super) async fn route(&self, name: &str) -> Result<Vec<Path>, OpenError> {
         let route = self.lookup(name).await?;
+        // Each round trip read once (the pool's lock), for the nearest and
+        // for each node's health.
+        let rtts: Vec<(NodeId, Option<Duration>)> = route
+            .iter()
+            .filter(|p| p.id != self.me.id)
+            .map(|p| (p.id, self.transport.rtt(p.id)))
+            .collect();
+        let nearest = rtts.iter().filter_map(|(_, rtt)| *rtt).min();
+        let rtt_of = |id: NodeId| rtts.iter().find(|(n, _)| *n == id).and_then(|(_, r)| *r);
         let ordered = {
             let now = std::time::Instant::now();
             let mut slow = self.slow.lock().unwrap_or_else(PoisonError::into_inner);
             slow.retain(|_, until| *until > now);
-            let nearest = route
-                .iter()
-                .filter(|p| p.id != self.me.id)
-                .filter_map(|p| self.transport.rtt(p.id))
-                .min();
             order_route(
                 &route,
                 self.me.id,
@@ -503,7 +506,7 @@ impl Tunnels {
                     dead: !self.members.is_live(id),
                     silent: self.transport.is_silent(id),
                     slow: slow.contains_key(&id),
-                    far: far(self.transport.rtt(id), nearest),
+                    far: far(rtt_of(id), nearest),
                 },
                 &mut rand::rng(),
             )
