@@ -14,6 +14,28 @@ use tokio_util::sync::CancellationToken;
 use super::admission::{Admission, Ticket};
 use super::limits::IngressStats;
 
+/// Connections the kernel completes and queues for an ingress port before
+/// the node accepts them (capped by `net.core.somaxconn`, 4,096 by default).
+/// A flood arrives faster than the node accepts; with tokio's default of
+/// 1,024 the queue overflowed during the 1,500-connection flood of
+/// `tests/ingress_abuse.rs` (3 drops a run, `TcpExtListenOverflows`), and a
+/// legitimate visitor whose SYN was one of them waited the kernel's 1 s
+/// retransmit. Queued connections hold no descriptor of ours.
+pub const LISTEN_BACKLOG: u32 = 4_096;
+
+/// Binds a TCP listener for visitors on `addr` with [`LISTEN_BACKLOG`].
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's bind does: a restarted node rebinds at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// First wait after a failed `accept`...
 pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// ...doubling up to this while it keeps failing.

@@ -444,16 +444,14 @@ pub async fn bind(config: &NodeConfig) -> anyhow::Result<Sockets> {
                 &ingress.edge_cert,
                 &ingress.edge_key,
             )?),
-            listener: TcpListener::bind(ingress.https)
-                .await
+            listener: crate::ingress::accept::listen(ingress.https)
                 .with_context(|| format!("binding the ingress on {}", ingress.https))?,
         }),
         None => None,
     };
     let http = match &config.http {
         Some((addr, mode, domain)) => Some(PlainHttp {
-            listener: TcpListener::bind(addr)
-                .await
+            listener: crate::ingress::accept::listen(*addr)
                 .with_context(|| format!("binding the plain-HTTP ingress on {addr}"))?,
             mode: *mode,
             domain: domain.clone(),
