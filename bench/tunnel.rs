@@ -917,7 +917,14 @@ async fn run(quick: bool, install: bool, peers: bool) {
     }
 
     let mut rows = Vec::new();
-    for (label, entry, _) in &subjects {
+    // `SPECTER_BENCH_ONLY=text`: only the rows whose label contains it (the
+    // direct loopback row always runs, for the ratios), e.g. to profile one
+    // path.
+    let only = std::env::var("SPECTER_BENCH_ONLY").ok();
+    for (i, (label, entry, _)) in subjects.iter().enumerate() {
+        if i > 0 && only.as_ref().is_some_and(|o| !label.contains(o.as_str())) {
+            continue;
+        }
         match measure(label, entry, bytes, secs).await {
             Ok(row) => rows.push(row),
             Err(err) => eprintln!("{label}: {err}"),
