@@ -35,7 +35,7 @@ use super::early::{Open, Opening};
 use super::headers::{misdirected, set_forwarding};
 use super::limits::{BODY_RATE_WINDOW, CLOSE_GRACE, Cut, IngressLimits};
 use super::shared::{Ingress, idle};
-use super::upstream::IDLE_TIMEOUT;
+use super::upstream::{Return, Returning};
 use crate::node::tunnels::visit::OpenError;
 use hyper::client::conn::http1::SendRequest;
 
@@ -70,14 +70,19 @@ struct Conn {
 
 impl Conn {
     /// The request, held to the body rate, with the node's forwarding
-    /// headers.
-    fn prepare(&self, req: Request<Incoming>, proto: &'static str) -> Request<Body> {
+    /// headers; `host` is its [`host_of`].
+    fn prepare(
+        &self,
+        req: Request<Incoming>,
+        host: Option<String>,
+        proto: &'static str,
+    ) -> Request<Body> {
+        use hyper::body::Body as _;
         let limits = &self.ingress.limits;
         let trust = proto == "http" && limits.trust_proxy_headers;
         let (mut parts, body) = req.into_parts();
         // The target speaks HTTP/1.1: carry the authority of HTTP/2
         // requests as Host.
-        let host = host_of(&parts.headers, &parts.uri);
         if let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
             parts.headers.insert(HOST, v);
         }
@@ -89,8 +94,16 @@ impl Conn {
             trust,
         );
         parts.version = Version::HTTP_11;
-        if let Some(pq) = parts.uri.path_and_query().cloned() {
+        // Origin form (`/path?query`), as HTTP/1.1 requests to a server are;
+        // an HTTP/1.1 request's target mostly is already.
+        if (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
+            && let Some(pq) = parts.uri.path_and_query().cloned()
+        {
             parts.uri = pq.as_str().parse().unwrap_or_default();
+        }
+        // A body known to be empty (most GETs) has no rate to keep.
+        if body.is_end_stream() {
+            return Request::from_parts(parts, body.map_err(Into::into).boxed());
         }
         let body = RateBody::new(
             body,
@@ -143,7 +156,7 @@ pub async fn serve<IO>(
                     head,
                 )
             } else {
-                let req = conn.prepare(req, "https");
+                let req = conn.prepare(req, host, "https");
                 forward(req, &name, &conn, head).await
             };
             Ok::<_, Infallible>(track(resp, &conn, in_flight))
@@ -206,14 +219,26 @@ where
 /// enforce: no first request, HTTP/2 idle, or an answer the visitor stopped
 /// taking. Returns which.
 async fn watch(slot: &Slot, limits: &IngressLimits) -> Cut {
-    let mut wait = WATCH_EVERY;
+    // One timer for the connection's life, moved rather than made anew: a
+    // busy keep-alive connection costs a wake-up per tick, not a timer and a
+    // wake-up per request.
+    let tick = tokio::time::sleep(WATCH_EVERY);
+    tokio::pin!(tick);
+    let mut idle_wait = false;
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            // A request began: its answer is now worth watching every tick.
-            () = slot.request_began() => {}
+        if idle_wait {
+            tokio::select! {
+                () = tick.as_mut() => {}
+                // A request began: its answer is now worth watching every
+                // tick.
+                () = slot.request_began() => {}
+            }
+        } else {
+            tick.as_mut().await;
         }
-        wait = WATCH_EVERY;
+        idle_wait = false;
+        tick.as_mut()
+            .reset(tokio::time::Instant::now() + WATCH_EVERY);
         // A frame the visitor has not taken, and no byte written to it
         // either: it stopped reading. (A stream paused while the connection
         // still moves bytes is the visitor's choice, not a stall.)
@@ -236,8 +261,11 @@ async fn watch(slot: &Slot, limits: &IngressLimits) -> Cut {
             return why;
         }
         // Nothing in flight (so no answer to stall): an idle connection costs
-        // one wake-up per idle deadline, not one per tick.
-        wait = (limit - idle).max(WATCH_EVERY);
+        // one wake-up per idle deadline, not one per tick, unless a request
+        // begins meanwhile.
+        let wait = (limit - idle).max(WATCH_EVERY);
+        tick.as_mut().reset(tokio::time::Instant::now() + wait);
+        idle_wait = true;
     }
 }
 
@@ -291,7 +319,8 @@ pub async fn serve_plain<IO>(
                 }
                 Some(name) => match mode {
                     HttpMode::Proxy => {
-                        let req = conn.prepare(req, "http");
+                        let host = host_of(req.headers(), req.uri());
+                        let req = conn.prepare(req, host, "http");
                         forward(req, &name, &conn, head).await
                     }
                     HttpMode::Redirect => redirect(&req, &host, https_port, head),
@@ -376,25 +405,22 @@ pub fn page(status: StatusCode, message: &str, head: bool) -> Response<Body> {
 
 /// Sends `req` to tunnel `name`'s target as HTTP/1.1: on an idle pooled
 /// connection if there is one (see [`super::upstream`]), else over a new
-/// tunnel stream. `Err` is the page the visitor gets, and whether the
-/// request may not have reached the target's answer (so a replayable one may
-/// be retried). A connection whose answer is done goes back to the pool,
-/// unless the request asked for an upgrade.
+/// tunnel stream. `Ok` is the answer and, unless the request asked for an
+/// upgrade, its connection, to go back to the pool when the answer is done.
+/// `Err` is the page the visitor gets, and whether the request may not have
+/// reached the target's answer (so a replayable one may be retried).
 async fn send_once(
     mut req: Request<Body>,
     name: &str,
     conn: &Conn,
     head: bool,
-) -> Result<Response<Incoming>, (Response<Body>, bool)> {
+) -> Result<(Response<Incoming>, Option<SendRequest<Body>>), (Response<Body>, bool)> {
     let visitor = conn.visitor;
     let upstreams = &conn.ingress.upstreams;
     let reuse = !req.headers().contains_key(hyper::header::UPGRADE);
     if reuse && let Some(mut pooled) = upstreams.take(name) {
         match pooled.try_send_request(req).await {
-            Ok(resp) => {
-                keep_when_done(conn, name, pooled);
-                return Ok(resp);
-            }
+            Ok(resp) => return Ok((resp, Some(pooled))),
             Err(mut err) => match err.take_message() {
                 // Never sent (the connection had died): a fresh stream.
                 Some(unsent) => req = unsent,
@@ -445,12 +471,7 @@ async fn send_once(
         }
     });
     match sender.send_request(req).await {
-        Ok(resp) => {
-            if reuse {
-                keep_when_done(conn, name, sender);
-            }
-            Ok(resp)
-        }
+        Ok(resp) => Ok((resp, reuse.then_some(sender))),
         Err(err) => {
             if let Some(failed) = outcome.failed() {
                 // No path was opened: say why, and do not try again.
@@ -499,23 +520,6 @@ fn bad_gateway(name: &str, err: &hyper::Error, head: bool) -> Response<Body> {
         ),
         head,
     )
-}
-
-/// Returns `sender` to the pool once its answer has been read to the end
-/// (hyper reports it ready again); a connection the target closes, or whose
-/// answer takes longer than the idle time to finish, is dropped. So is one
-/// of a tunnel whose visits wait for a forwarded stream (see
-/// [`crate::node::tunnels::slots`]): idle, it would hold a slot they need.
-fn keep_when_done(conn: &Conn, name: &str, mut sender: SendRequest<Body>) {
-    let (upstreams, tunnels) = (conn.ingress.upstreams.clone(), conn.ingress.tunnels.clone());
-    let name = name.to_string();
-    tokio::spawn(async move {
-        if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, sender.ready()).await
-            && !tunnels.slots.wanted(&name)
-        {
-            upstreams.put(&name, sender);
-        }
-    });
 }
 
 /// What is needed to send a request again: one with an idempotent method,
@@ -580,7 +584,7 @@ async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) ->
     let replay = Replay::of(&req);
     let mut next = Some(req);
     let mut attempts = 0;
-    let mut resp = loop {
+    let (mut resp, reusable) = loop {
         attempts += 1;
         let req = next.take().or_else(|| replay.as_ref().map(Replay::request));
         let Some(req) = req else {
@@ -625,7 +629,20 @@ async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) ->
             }
         });
     }
-    resp.map(|body| body.map_err(Into::into).boxed())
+    // A reused (or reusable) connection goes back to the pool when its
+    // answer has been read to the end.
+    match reusable {
+        Some(sender) => {
+            let back = Return {
+                sender,
+                name: name.to_string(),
+                upstreams: conn.ingress.upstreams.clone(),
+                tunnels: conn.ingress.tunnels.clone(),
+            };
+            resp.map(|body| Returning::new(body, back).boxed())
+        }
+        None => resp.map(|body| body.map_err(Into::into).boxed()),
+    }
 }
 
 /// Resets the tunnel stream under an upgraded upstream connection (always a

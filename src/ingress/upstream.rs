@@ -11,10 +11,17 @@
 //! costs a retry for a replayable request, as any path does.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
+
+use super::bodies::BoxError;
+use crate::node::tunnels::Tunnels;
 
 /// Idle connections kept per tunnel: enough for 64 keep-alive visitors
 /// through one node without reopening.
@@ -33,21 +40,61 @@ struct Idle<B> {
     since: Instant,
 }
 
+impl<B> Idle<B> {
+    fn live(&self) -> bool {
+        self.since.elapsed() < IDLE_TIMEOUT && !self.sender.is_closed()
+    }
+}
+
+/// The lists, and how many connections they hold in all.
+struct Lists<B> {
+    by_tunnel: HashMap<String, Vec<Idle<B>>>,
+    total: usize,
+}
+
+impl<B> Lists<B> {
+    /// Drops what expired or closed in `name`'s list (every list when
+    /// `name` is `None`), so they hold only live connections.
+    fn sweep(&mut self, name: Option<&str>) {
+        let mut dropped = 0;
+        let mut prune = |list: &mut Vec<Idle<B>>| {
+            let before = list.len();
+            list.retain(Idle::live);
+            dropped += before - list.len();
+            !list.is_empty()
+        };
+        match name {
+            Some(name) => {
+                if let Some(list) = self.by_tunnel.get_mut(name)
+                    && !prune(list)
+                {
+                    self.by_tunnel.remove(name);
+                }
+            }
+            None => self.by_tunnel.retain(|_, list| prune(list)),
+        }
+        self.total -= dropped;
+    }
+}
+
 /// The idle upstream connections of a node's HTTP ingress, by tunnel.
 pub struct Upstreams<B> {
-    idle: Mutex<HashMap<String, Vec<Idle<B>>>>,
+    idle: Mutex<Lists<B>>,
 }
 
 impl<B> Default for Upstreams<B> {
     fn default() -> Self {
         Upstreams {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Lists {
+                by_tunnel: HashMap::new(),
+                total: 0,
+            }),
         }
     }
 }
 
 impl<B> Upstreams<B> {
-    fn idle(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle<B>>>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Lists<B>> {
         // Handles only; a panic elsewhere leaves the map usable.
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -55,62 +102,250 @@ impl<B> Upstreams<B> {
     /// An idle, open, ready connection to tunnel `name`, newest first.
     pub fn take(&self, name: &str) -> Option<SendRequest<B>> {
         let mut idle = self.idle();
-        let list = idle.get_mut(name)?;
+        let list = idle.by_tunnel.get_mut(name)?;
+        let mut popped = 0;
         let found = loop {
             let Some(candidate) = list.pop() else {
                 break None;
             };
-            let usable = candidate.since.elapsed() < IDLE_TIMEOUT
-                && !candidate.sender.is_closed()
-                && candidate.sender.is_ready();
-            if usable {
+            popped += 1;
+            if candidate.live() && candidate.sender.is_ready() {
                 break Some(candidate.sender);
             }
         };
         if list.is_empty() {
-            idle.remove(name);
+            idle.by_tunnel.remove(name);
         }
+        idle.total -= popped;
         found
     }
 
     /// Keeps `sender`, whose answer is done, for the next request to `name`
     /// (unless the bounds are reached; then it is dropped and closes).
+    /// What expired or closed meanwhile is dropped from `name`'s list, and
+    /// from every list when the total bound is reached, so the map holds at
+    /// most the bounds of live connections without walking all of it on
+    /// every answer.
     pub fn put(&self, name: &str, sender: SendRequest<B>) {
         let mut idle = self.idle();
-        // Drop what expired or closed meanwhile, everywhere, so the map holds
-        // at most the bounds of live connections.
-        idle.retain(|_, list| {
-            list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && !i.sender.is_closed());
-            !list.is_empty()
-        });
-        let total: usize = idle.values().map(Vec::len).sum();
-        if total >= IDLE_TOTAL {
-            return;
+        idle.sweep(Some(name));
+        if idle.total >= IDLE_TOTAL {
+            idle.sweep(None);
+            if idle.total >= IDLE_TOTAL {
+                return;
+            }
         }
-        let list = idle.entry(name.to_string()).or_default();
-        if list.len() < IDLE_PER_TUNNEL {
-            list.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+        let kept = Idle {
+            sender,
+            since: Instant::now(),
+        };
+        match idle.by_tunnel.get_mut(name) {
+            Some(list) if list.len() >= IDLE_PER_TUNNEL => return,
+            Some(list) => list.push(kept),
+            None => {
+                idle.by_tunnel.insert(name.to_string(), vec![kept]);
+            }
         }
+        idle.total += 1;
     }
 
     /// Closes every idle connection to `name`: visits of that tunnel wait
     /// for a forwarded stream, and idle ones hold theirs (see
     /// `node::tunnels::slots`).
     pub fn evict(&self, name: &str) {
-        let evicted = self.idle().remove(name);
+        let evicted = {
+            let mut idle = self.idle();
+            let evicted = idle.by_tunnel.remove(name);
+            idle.total -= evicted.as_ref().map_or(0, Vec::len);
+            evicted
+        };
         drop(evicted);
     }
 
     /// Idle connections kept now.
     pub fn len(&self) -> usize {
-        self.idle().values().map(Vec::len).sum()
+        self.idle().total
     }
 
     /// Whether none is kept.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Where an answered upstream goes back to, and when: unless visits of its
+/// tunnel wait for a forwarded stream (`wanted`), since idle it would hold
+/// a slot they need (see `node::tunnels::slots`).
+pub struct Return<B: Send + 'static> {
+    pub sender: SendRequest<B>,
+    pub name: String,
+    pub upstreams: Arc<Upstreams<B>>,
+    pub tunnels: Arc<Tunnels>,
+}
+
+impl<B: Send + 'static> Return<B> {
+    /// Pools the connection if it is ready for the next request now (its
+    /// answer was read to the end and hyper took it back), else once it is,
+    /// within the idle time; a connection the target closed is dropped.
+    fn home(self) {
+        if self.sender.is_ready() {
+            self.put();
+            return;
+        }
+        let mut this = self;
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, this.sender.ready()).await {
+                this.put();
+            }
+        });
+    }
+
+    fn put(self) {
+        if !self.tunnels.slots.wanted(&self.name) {
+            self.upstreams.put(&self.name, self.sender);
+        }
+    }
+}
+
+/// An upstream's answer on its way to the visitor: when it has been read
+/// to the end, its connection goes back to the pool from here, without a
+/// task per request to wait for it; an answer dropped before its end (or
+/// never polled, as a HEAD's) leaves that to a task.
+pub struct Returning<B: Send + 'static> {
+    inner: Incoming,
+    back: Option<Return<B>>,
+}
+
+impl<B: Send + 'static> Returning<B> {
+    pub fn new(inner: Incoming, back: Return<B>) -> Self {
+        Returning {
+            inner,
+            back: Some(back),
+        }
+    }
+}
+
+impl<B: Send + 'static> Body for Returning<B> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let done = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            Poll::Ready(Some(Err(_))) => {
+                // A broken answer: the connection is not reused.
+                self.back = None;
+                false
+            }
+            Poll::Pending => false,
+        };
+        if done && let Some(back) = self.back.take() {
+            back.home();
+        }
+        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: Send + 'static> Drop for Returning<B> {
+    fn drop(&mut self) {
+        if let Some(back) = self.back.take() {
+            back.home();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Empty;
+    use hyper_util::rt::TokioIo;
+
+    /// A ready HTTP/1.1 sender over an in-memory pipe, and the far end
+    /// (dropping it closes the connection).
+    async fn sender() -> (SendRequest<Empty<Bytes>>, tokio::io::DuplexStream) {
+        let (near, far) = tokio::io::duplex(1024);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender.ready().await.unwrap();
+        (sender, far)
+    }
+
+    #[tokio::test]
+    async fn the_count_follows_puts_takes_evictions_and_closed_connections() {
+        let pool = Upstreams::default();
+        let mut far_ends = Vec::new();
+        for name in ["a", "a", "a", "b", "b"] {
+            let (s, far) = sender().await;
+            pool.put(name, s);
+            far_ends.push(far);
+        }
+        assert_eq!(pool.len(), 5);
+        assert!(pool.take("a").is_some());
+        assert_eq!(pool.len(), 4);
+        pool.evict("b");
+        assert_eq!(pool.len(), 2);
+        assert!(pool.take("b").is_none());
+
+        // The far ends of "a"'s two go away: the next put to "a" drops them.
+        far_ends.truncate(0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (s, far) = sender().await;
+            far_ends.push(far);
+            pool.put("a", s);
+            if pool.len() == 1 {
+                break;
+            }
+            assert!(pool.take("a").is_some(), "the live one is still there");
+            assert!(Instant::now() < deadline, "closed connections were kept");
+            tokio::task::yield_now().await;
+        }
+        assert!(pool.take("a").is_some());
+        assert!(pool.take("a").is_none());
+        assert!(pool.is_empty());
+    }
+
+    #[tokio::test]
+    async fn past_the_total_bound_answered_connections_are_not_kept() {
+        let pool = Upstreams::default();
+        let mut far_ends = Vec::new();
+        for i in 0..IDLE_TOTAL + 5 {
+            let (s, far) = sender().await;
+            pool.put(&format!("t{}", i / IDLE_PER_TUNNEL), s);
+            far_ends.push(far);
+        }
+        assert_eq!(pool.len(), IDLE_TOTAL);
+        // Once some close, room is made for new ones.
+        far_ends.truncate(IDLE_TOTAL - 10);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (s, far) = sender().await;
+            far_ends.push(far);
+            pool.put("new", s);
+            if pool.take("new").is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "closed connections held the bound"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(pool.len() < IDLE_TOTAL);
     }
 }
