@@ -1,8 +1,8 @@
 //! Bodies with deadlines: a request body must keep a minimum rate while the
 //! tunnel waits for it ([`RateBody`]), and a response body notes when the
 //! visitor stops taking it ([`Tracked`]), so the connection's watchdog can
-//! cut a visitor that stopped reading. Both hold the request in flight
-//! until they are dropped.
+//! cut a visitor that stopped reading; the response body holds the request
+//! in flight until it is dropped.
 
 use std::pin::Pin;
 use std::sync::Arc;

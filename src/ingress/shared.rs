@@ -50,7 +50,7 @@ impl Ingress {
             },
             stats.clone(),
         );
-        let upstreams: Arc<Upstreams<ProxyBody>> = Arc::default();
+        let upstreams: Arc<Upstreams<ProxyBody>> = Upstreams::new();
         // A visit that must wait for a forwarded stream of its tunnel frees
         // the ones idle connections hold.
         let idle = Arc::downgrade(&upstreams);

@@ -35,6 +35,12 @@ pub const IDLE_TOTAL: usize = 1_024;
 /// closes one just as it is reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often the pool drops what expired or closed, whatever the traffic
+/// (an answer sweeps only its own tunnel's list): a tunnel that went quiet
+/// keeps its connections, their tunnel streams and the client's target
+/// connections at most this much past [`IDLE_TIMEOUT`].
+pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
 struct Idle<B> {
     sender: SendRequest<B>,
     since: Instant,
@@ -54,7 +60,8 @@ struct Lists<B> {
 
 impl<B> Lists<B> {
     /// Drops what expired or closed in `name`'s list (every list when
-    /// `name` is `None`), so they hold only live connections.
+    /// `name` is `None`), so they hold only live connections. (Dropping a
+    /// sender only closes a channel; its connection task ends on its own.)
     fn sweep(&mut self, name: Option<&str>) {
         let mut dropped = 0;
         let mut prune = |list: &mut Vec<Idle<B>>| {
@@ -90,6 +97,29 @@ impl<B> Default for Upstreams<B> {
                 total: 0,
             }),
         }
+    }
+}
+
+impl<B: Send + 'static> Upstreams<B> {
+    /// A pool that drops its expired connections every [`SWEEP_EVERY`]
+    /// while it lives (when made inside a tokio runtime).
+    pub fn new() -> Arc<Self> {
+        let pool = Arc::new(Self::default());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&pool);
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(pool) = weak.upgrade() else {
+                        break;
+                    };
+                    pool.idle().sweep(None);
+                }
+            });
+        }
+        pool
     }
 }
 
@@ -188,12 +218,20 @@ impl<B: Send + 'static> Return<B> {
     /// answer was read to the end and hyper took it back), else once it is,
     /// within the idle time; a connection the target closed is dropped.
     fn home(self) {
+        if self.sender.is_closed() {
+            return;
+        }
         if self.sender.is_ready() {
             self.put();
             return;
         }
+        // hyper's connection task has not taken it back yet (or the answer
+        // was dropped before its end): wait for it, bounded.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let mut this = self;
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, this.sender.ready()).await {
                 this.put();
             }
@@ -208,9 +246,10 @@ impl<B: Send + 'static> Return<B> {
 }
 
 /// An upstream's answer on its way to the visitor: when it has been read
-/// to the end, its connection goes back to the pool from here, without a
-/// task per request to wait for it; an answer dropped before its end (or
-/// never polled, as a HEAD's) leaves that to a task.
+/// to the end, its connection goes back to the pool from here, mostly
+/// without a task per request to wait for it (one is spawned when hyper has
+/// not taken the connection back yet, or the answer was dropped before its
+/// end or never polled, as a HEAD's is).
 pub struct Returning<B: Send + 'static> {
     inner: Incoming,
     back: Option<Return<B>>,
@@ -318,6 +357,22 @@ mod tests {
         assert!(pool.take("a").is_some());
         assert!(pool.take("a").is_none());
         assert!(pool.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_tunnels_expired_connections_are_dropped_without_traffic() {
+        let pool = Upstreams::new();
+        let (s, _far) = sender().await;
+        pool.put("quiet", s);
+        assert_eq!(pool.len(), 1);
+        tokio::time::sleep(SWEEP_EVERY * 2).await;
+        assert_eq!(pool.len(), 1, "a live connection was dropped");
+        // `Idle::live` reads the real clock, which paused time does not
+        // move: age the entry by hand. No answer and no take follow: only
+        // the sweep can drop it.
+        pool.idle().by_tunnel.get_mut("quiet").unwrap()[0].since -= IDLE_TIMEOUT;
+        tokio::time::sleep(SWEEP_EVERY * 2).await;
+        assert!(pool.is_empty(), "the sweep left an expired connection");
     }
 
     #[tokio::test]
