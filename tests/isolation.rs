@@ -202,6 +202,8 @@ fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair
     let (mut took, mut failed, mut dht) = (Vec::new(), Vec::new(), Vec::new());
     let mut dht_failed = Vec::new();
     let (mut rss_entry, mut rss_attached) = (0, 0);
+    // Streams E holds open to A, as A counts them.
+    let mut peer_streams = 0;
     let attack_until = Instant::now() + Duration::from_secs(12);
     while Instant::now() < attack_until {
         match rt.block_on(fetch(entry, ca_file)) {
@@ -216,6 +218,7 @@ fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair
         }
         rss_entry = rss_entry.max(rss_kib(entry_node.child.id()).unwrap_or(0));
         rss_attached = rss_attached.max(rss_kib(attached.child.id()).unwrap_or(0));
+        peer_streams = peer_streams.max(metric(attached, "specter_quic_peer_streams "));
         std::thread::sleep(Duration::from_millis(100));
     }
     let waits = waits_now();
@@ -225,7 +228,8 @@ fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair
     }
     println!(
         "other tenant: {} fetches, p99 {:?}; DHT gets from E for names A owns: p99 {:?} (quiet: p99 {:?}); \
-         forwarded visitors that waited for a slot: {waits}; peak RSS E {} MiB, A {} MiB",
+         forwarded visitors that waited for a slot: {waits}; streams E held open to A: {peer_streams} at most; \
+         peak RSS E {} MiB, A {} MiB",
         took.len(),
         p99(took.clone()),
         p99(dht.clone()),
@@ -245,6 +249,17 @@ fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair
     let dht_bound = Duration::from_millis(100).max(p99(quiet_dht) * 10);
     assert!(p99(dht) < dht_bound, "DHT gets' p99 over {dht_bound:?}");
     assert!(waits > 0, "the attack never reached the tunnel's bound");
+    // At least the tunnel's 64. At most 64 more for every time E gave its
+    // streams up at its stall deadline (3 s) during the attack: A (and the
+    // client behind it) hold a stream E gave up until their own 30 s stall
+    // deadline, since a splice blocked on the client's side reads nothing
+    // from E's. Bounded by the slots; unbounded would be thousands.
+    let attack_secs = 4 + 12;
+    let cycles = attack_secs / 3 + 1;
+    assert!(
+        (64..=64 * (1 + cycles) + 8).contains(&peer_streams),
+        "A counted {peer_streams} streams from E at most"
+    );
 
     // After: the entry's sockets come back (its stalled splices end at its
     // 3 s stall deadline), and the attacker's client closes its connections
@@ -276,6 +291,14 @@ fn a_tunnel_whose_target_never_reads_cannot_stall_other_tenants_on_the_node_pair
     // The attached node ended its blocked splices (and counted them).
     let broken = metric(attached, "specter_forwards_broken_total ");
     assert!(broken > 0, "no forwarded splice ended at A");
+    let streams_back = wait_for(Duration::from_secs(40), || {
+        metric(attached, "specter_quic_peer_streams ") <= 4
+    });
+    assert!(
+        streams_back.is_some(),
+        "A still counts {} streams from E",
+        metric(attached, "specter_quic_peer_streams ")
+    );
     // And the other tenant is served as before.
     rt.block_on(fetch(entry, ca_file)).unwrap();
 }

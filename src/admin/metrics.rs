@@ -173,6 +173,12 @@ impl Collector for Snapshot {
             "Node connections open",
             count(t.connections),
         )?;
+        gauge(
+            e,
+            "quic_peer_streams",
+            "Streams other nodes hold open to this node (forwarded visitors, DHT requests)",
+            count(t.peer_streams),
+        )?;
         for (name, help, v) in [
             (
                 "quic_datagrams_sent",
@@ -198,6 +204,11 @@ impl Collector for Snapshot {
                 "quic_handshakes_failed",
                 "Node handshakes that failed",
                 t.handshakes_failed,
+            ),
+            (
+                "quic_stream_limit_raises",
+                "Times a node connection's stream limit was doubled (up to MAX_STREAMS_PER_PEER)",
+                t.stream_limit_raises,
             ),
             (
                 "quic_handshakes_refused",

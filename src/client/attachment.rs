@@ -141,7 +141,7 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
     refresh.tick().await;
     let mut check = tokio::time::interval(SILENCE_CHECK);
     let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
-    let budget = crate::net::quic::StreamBudget::new(&conn);
+    let budget = crate::net::quic::StreamBudget::new(&conn, Default::default());
     let mut silent = false;
     let why = loop {
         tokio::select! {

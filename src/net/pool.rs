@@ -131,6 +131,8 @@ pub struct TransportStats {
     pub(super) duplicates_closed: AtomicU64,
     pub(super) idle_closed: AtomicU64,
     pub(super) frames_refused: AtomicU64,
+    /// Streams other nodes hold open to this one, and limit raises.
+    pub(super) streams: Arc<super::quic::StreamCounts>,
 }
 
 /// A point-in-time copy of [`TransportStats`].
@@ -148,6 +150,8 @@ pub struct TransportCounters {
     pub duplicates_closed: u64,
     pub idle_closed: u64,
     pub frames_refused: u64,
+    pub peer_streams: u64,
+    pub stream_limit_raises: u64,
 }
 
 /// Whether a new connection to a peer replaces the open one (`existing_age`
@@ -453,7 +457,11 @@ impl Transport {
         let this = self.clone();
         let reader = conn.clone();
         tokio::spawn(async move { this.read_datagrams(reader, peer).await });
-        tokio::spawn(self.streams.clone().serve(conn.clone(), peer));
+        tokio::spawn(
+            self.streams
+                .clone()
+                .serve(conn.clone(), peer, self.stats.streams.clone()),
+        );
         conn
     }
 
@@ -588,6 +596,8 @@ impl Transport {
             duplicates_closed: get(&s.duplicates_closed),
             idle_closed: get(&s.idle_closed),
             frames_refused: get(&s.frames_refused),
+            peer_streams: get(&s.streams.held),
+            stream_limit_raises: get(&s.streams.raises),
         }
     }
 

@@ -56,18 +56,34 @@ pub struct StreamBudget {
     conn: quinn::Connection,
     open: std::sync::atomic::AtomicU32,
     limit: std::sync::atomic::AtomicU32,
+    counts: std::sync::Arc<StreamCounts>,
+}
+
+/// What the [`StreamBudget`]s of a process's connections add up to, for
+/// `/metrics`.
+#[derive(Debug, Default)]
+pub struct StreamCounts {
+    /// Incoming bi-streams peers hold open now.
+    pub held: std::sync::atomic::AtomicU64,
+    /// Times a connection's stream limit was doubled.
+    pub raises: std::sync::atomic::AtomicU64,
 }
 
 /// One open incoming stream, counted until dropped.
 pub struct HeldStream(std::sync::Arc<StreamBudget>);
 
 impl StreamBudget {
-    /// The budget of `conn`, whose limit is [`STREAMS_START`] now.
-    pub fn new(conn: &quinn::Connection) -> std::sync::Arc<Self> {
+    /// The budget of `conn`, whose limit is [`STREAMS_START`] now, counted
+    /// in `counts`.
+    pub fn new(
+        conn: &quinn::Connection,
+        counts: std::sync::Arc<StreamCounts>,
+    ) -> std::sync::Arc<Self> {
         std::sync::Arc::new(StreamBudget {
             conn: conn.clone(),
             open: std::sync::atomic::AtomicU32::new(0),
             limit: std::sync::atomic::AtomicU32::new(STREAMS_START),
+            counts,
         })
     }
 
@@ -76,6 +92,7 @@ impl StreamBudget {
     pub fn opened(self: &std::sync::Arc<Self>) -> HeldStream {
         use std::sync::atomic::Ordering;
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.counts.held.fetch_add(1, Ordering::Relaxed);
         let limit = self.limit.load(Ordering::Relaxed);
         if let Some(next) = next_stream_limit(open, limit, MAX_STREAMS_PER_PEER)
             && self
@@ -84,6 +101,7 @@ impl StreamBudget {
                 .is_ok()
         {
             self.conn.set_max_concurrent_bi_streams(next.into());
+            self.counts.raises.fetch_add(1, Ordering::Relaxed);
         }
         HeldStream(self.clone())
     }
@@ -91,9 +109,9 @@ impl StreamBudget {
 
 impl Drop for HeldStream {
     fn drop(&mut self) {
-        self.0
-            .open
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering;
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.counts.held.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

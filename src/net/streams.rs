@@ -73,8 +73,13 @@ impl StreamRoutes {
     /// ends. Each stream waits on its own, so one that is slow to name its
     /// kind holds back nothing else; QUIC's stream limit bounds how many
     /// wait.
-    pub async fn serve(self, conn: Connection, peer: NodeId) {
-        let budget = StreamBudget::new(&conn);
+    pub async fn serve(
+        self,
+        conn: Connection,
+        peer: NodeId,
+        counts: std::sync::Arc<super::quic::StreamCounts>,
+    ) {
+        let budget = StreamBudget::new(&conn, counts);
         while let Ok((send, mut recv)) = conn.accept_bi().await {
             let routes = self.clone();
             let held = budget.opened();
