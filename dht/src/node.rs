@@ -602,15 +602,32 @@ impl DhtNode {
         }
     }
 
+    /// The records the sender of a `Sync` lacks or holds differently, and
+    /// the keys this node wants from it. The records stay within
+    /// [`REPLICATE_CHUNK_BYTES`], so the answer fits a frame however much
+    /// differs (a node that restarted empty lacks its whole range); what did
+    /// not fit goes in the next rounds, since the sender then lists what it
+    /// merged.
     fn answer_sync(&mut self, from: NodeId, digests: Vec<(Key, u64)>) -> Response {
         let theirs: BTreeMap<Key, u64> = digests.into_iter().collect();
         let mut items = Vec::new();
         let mut want = Vec::new();
+        let mut room = REPLICATE_CHUNK_BYTES;
+        let mut fits = |item: &Item| {
+            let len = rmp_serde::to_vec(item).map_or(usize::MAX, |v| v.len()) + 8;
+            let fit = len <= room;
+            if fit {
+                room -= len;
+            }
+            fit
+        };
         for (key, digest) in &theirs {
             match self.store.get(*key) {
                 None => want.push(*key),
                 Some(mine) if mine.record.digest() != *digest => {
-                    items.push(mine.clone());
+                    if fits(mine) {
+                        items.push(mine.clone());
+                    }
                     want.push(*key);
                 }
                 Some(_) => {}
@@ -631,6 +648,9 @@ impl DhtNode {
                 if !theirs.contains_key(&item.key)
                     && crate::ring::in_open_closed(item.key, pred, from.0)
                 {
+                    if !fits(item) {
+                        break;
+                    }
                     items.push(item.clone());
                 }
             }

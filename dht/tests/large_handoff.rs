@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use specter_dht::messages::{MAX_FRAME_SIZE, Request, encode};
-use specter_dht::{Attachment, DhtConfig, DhtNode, Item, Peer, Record, key_of};
+use specter_dht::messages::{MAX_FRAME_SIZE, Request, Response, encode};
+use specter_dht::{Attachment, DhtConfig, DhtNode, Handled, Item, Peer, Record, key_of};
 use specter_gossip::NodeId;
 
 fn peer(id: u64, port: u16) -> Peer {
@@ -15,20 +15,18 @@ fn peer(id: u64, port: u16) -> Peer {
     }
 }
 
-#[test]
-fn twenty_five_thousand_records_are_handed_off_in_frames_under_the_limit() {
-    const NOW: u64 = 1_000_000;
-    let me = peer(1, 7001);
-    let mut node = DhtNode::new(me, DhtConfig::default(), NOW);
-    node.set_members([]);
-    let items: Vec<Item> = (0..25_000)
+const NOW: u64 = 1_000_000;
+
+/// `n` registrations attached to `at`.
+fn records(n: usize, at: Peer) -> Vec<Item> {
+    (0..n)
         .map(|i| {
             let name = format!("tunnel-number-{i:06}");
             let mut attachments = BTreeMap::new();
             attachments.insert(
                 NodeId(1),
                 Attachment {
-                    addr: me.addr,
+                    addr: at.addr,
                     version: NOW,
                     lease_expiry: NOW + 30_000,
                     detached: false,
@@ -43,7 +41,15 @@ fn twenty_five_thousand_records_are_handed_off_in_frames_under_the_limit() {
                 },
             }
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn twenty_five_thousand_records_are_handed_off_in_frames_under_the_limit() {
+    let me = peer(1, 7001);
+    let mut node = DhtNode::new(me, DhtConfig::default(), NOW);
+    node.set_members([]);
+    let items = records(25_000, me);
     // Together they are well over one frame.
     assert!(
         encode(&Request::Replicate {
@@ -75,4 +81,60 @@ fn twenty_five_thousand_records_are_handed_off_in_frames_under_the_limit() {
     }
     assert_eq!(handed, 25_000);
     assert!(requests > 1, "{requests}");
+}
+
+#[test]
+fn a_peer_that_lacks_a_whole_range_is_repaired_by_anti_entropy_in_frames_under_the_limit() {
+    let me = peer(1, 7001);
+    let mut node = DhtNode::new(me, DhtConfig::default(), NOW);
+    node.set_members([]);
+    let items = records(50_000, me);
+    for chunk in items.chunks(1_000) {
+        node.handle_request(
+            NOW,
+            NodeId(9),
+            Request::Replicate {
+                items: chunk.to_vec(),
+            },
+        );
+    }
+    while node.poll_request().is_some() {}
+    // A peer in the middle of the ring, back with an empty store: it owns
+    // about half the keys, far more than one frame of records.
+    let back = peer(u64::MAX / 2, 7002);
+    node.set_members([back]);
+    while node.poll_request().is_some() {}
+    let range = |key: u64| key > me.id.0 && key <= back.id.0;
+    let expected = items.iter().filter(|i| range(i.key)).count();
+    assert!(expected > 20_000, "{expected}");
+    // Its anti-entropy rounds: it lists what it holds of its range, the node
+    // answers what it lacks.
+    let mut held: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds < 100, "no progress");
+        let digests = held.iter().map(|(k, d)| (*k, *d)).collect();
+        let Handled::Reply(reply) = node.handle_request(NOW, back.id, Request::Sync { digests })
+        else {
+            panic!("a sync is answered at once")
+        };
+        let frame = encode(&reply).expect("the answer fits a frame");
+        assert!(frame.len() <= MAX_FRAME_SIZE);
+        let Response::SyncReply { items, .. } = reply else {
+            panic!("{reply:?}")
+        };
+        if items.is_empty() {
+            break;
+        }
+        for item in items {
+            assert!(range(item.key), "a record outside its range");
+            held.insert(item.key, item.record.digest());
+        }
+    }
+    assert_eq!(held.len(), expected);
+    assert!(
+        rounds > 2,
+        "{rounds} rounds: the test did not need more than a frame"
+    );
 }
