@@ -29,6 +29,12 @@ use crate::store::{Item, Store, WriteOp};
 /// buffer), so the records never arrived.
 pub const REPLICATE_CHUNK_BYTES: usize = crate::messages::MAX_FRAME_SIZE / 2;
 
+/// An item's share of a frame: its MessagePack, plus a little for the
+/// array framing (an item that cannot be encoded counts as a whole chunk).
+fn encoded_len(item: &Item) -> usize {
+    rmp_serde::to_vec(item).map_or(REPLICATE_CHUNK_BYTES, |v| v.len()) + 8
+}
+
 /// Splits `items` into runs whose encoded size stays within
 /// [`REPLICATE_CHUNK_BYTES`] (an item is never split; one item is far
 /// smaller than a frame).
@@ -36,8 +42,7 @@ fn chunks(items: Vec<Item>) -> Vec<Vec<Item>> {
     let mut out: Vec<Vec<Item>> = Vec::new();
     let mut size = 0;
     for item in items {
-        // MessagePack of the item, plus a little for the array framing.
-        let len = rmp_serde::to_vec(&item).map_or(REPLICATE_CHUNK_BYTES, |v| v.len()) + 8;
+        let len = encoded_len(&item);
         match out.last_mut() {
             Some(run) if size + len <= REPLICATE_CHUNK_BYTES => {
                 run.push(item);
@@ -614,7 +619,7 @@ impl DhtNode {
         let mut want = Vec::new();
         let mut room = REPLICATE_CHUNK_BYTES;
         let mut fits = |item: &Item| {
-            let len = rmp_serde::to_vec(item).map_or(usize::MAX, |v| v.len()) + 8;
+            let len = encoded_len(item);
             let fit = len <= room;
             if fit {
                 room -= len;

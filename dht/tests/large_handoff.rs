@@ -44,6 +44,21 @@ fn records(n: usize, at: Peer) -> Vec<Item> {
         .collect()
 }
 
+/// Makes `node` (alone in its ring) hold `items`, given in frames a peer
+/// would accept, and drops what it has to send.
+fn hold(node: &mut DhtNode, items: &[Item]) {
+    for chunk in items.chunks(1_000) {
+        node.handle_request(
+            NOW,
+            NodeId(9),
+            Request::Replicate {
+                items: chunk.to_vec(),
+            },
+        );
+    }
+    while node.poll_request().is_some() {}
+}
+
 #[test]
 fn twenty_five_thousand_records_are_handed_off_in_frames_under_the_limit() {
     let me = peer(1, 7001);
@@ -57,16 +72,7 @@ fn twenty_five_thousand_records_are_handed_off_in_frames_under_the_limit() {
         })
         .is_err()
     );
-    for chunk in items.chunks(1_000) {
-        node.handle_request(
-            NOW,
-            NodeId(9),
-            Request::Replicate {
-                items: chunk.to_vec(),
-            },
-        );
-    }
-    while node.poll_request().is_some() {}
+    hold(&mut node, &items);
     // A second node joins: every record goes to it (two nodes hold all).
     node.set_members([peer(2, 7002)]);
     let mut handed = 0;
@@ -89,16 +95,7 @@ fn a_peer_that_lacks_a_whole_range_is_repaired_by_anti_entropy_in_frames_under_t
     let mut node = DhtNode::new(me, DhtConfig::default(), NOW);
     node.set_members([]);
     let items = records(50_000, me);
-    for chunk in items.chunks(1_000) {
-        node.handle_request(
-            NOW,
-            NodeId(9),
-            Request::Replicate {
-                items: chunk.to_vec(),
-            },
-        );
-    }
-    while node.poll_request().is_some() {}
+    hold(&mut node, &items);
     // A peer in the middle of the ring, back with an empty store: it owns
     // about half the keys, far more than one frame of records.
     let back = peer(u64::MAX / 2, 7002);
