@@ -313,6 +313,17 @@ mod tests {
         (tunnels, reads)
     }
 
+    /// Tunnels of a node that sees `live` up, with tunnel `web` attached at
+    /// `attached`.
+    fn web_through(ca: &CaPem, live: &[Peer], attached: &[Peer]) -> Arc<Tunnels> {
+        let members = Members::default();
+        for p in live {
+            members.publish(MemberChange::Up(*p));
+        }
+        let records = BTreeMap::from([("web".to_string(), attached_at(attached))]);
+        tunnels(ca, records, members).0
+    }
+
     fn attached_at(nodes: &[Peer]) -> Record {
         let lease_expiry = crate::clock::now_ms() + 60_000;
         Record {
@@ -426,10 +437,7 @@ mod tests {
         let (node, inboxes) = transport(&ca, "x");
         let mut seen = attached_node(inboxes.forwards, true);
         let x = peer_of(&node);
-        let members = Members::default();
-        members.publish(MemberChange::Up(x));
-        let records = BTreeMap::from([("web".to_string(), attached_at(&[x]))]);
-        let (tunnels, _) = tunnels(&ca, records, members);
+        let tunnels = web_through(&ca, &[x], &[x]);
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut pair = tunnels.open("web", &visit("web")).await.unwrap();
         assert_eq!(seen.recv().await.unwrap().name, "web");
@@ -452,11 +460,7 @@ mod tests {
         let bad_seen = attached_node(bad_inboxes.forwards, false);
         let good_seen = attached_node(good_inboxes.forwards, true);
         let (bad, good) = (peer_of(&bad), peer_of(&good));
-        let members = Members::default();
-        members.publish(MemberChange::Up(bad));
-        members.publish(MemberChange::Up(good));
-        let records = BTreeMap::from([("web".to_string(), attached_at(&[bad, good]))]);
-        let (tunnels, _) = tunnels(&ca, records, members);
+        let tunnels = web_through(&ca, &[bad, good], &[bad, good]);
         (tunnels, bad_seen, good_seen)
     }
 
@@ -517,10 +521,7 @@ mod tests {
         // Echoes the 5 bytes that follow its `Ready`.
         let mut seen = attached_node(old_inboxes.forwards, true);
         let old = peer_of(&old);
-        let members = Members::default();
-        members.publish(MemberChange::Up(old));
-        let records = BTreeMap::from([("web".to_string(), attached_at(&[old]))]);
-        let (tunnels, _) = tunnels(&ca, records, members);
+        let tunnels = web_through(&ca, &[old], &[old]);
         let early = Visit {
             early: Bytes::from_static(b"hello"),
             ..visit("web")
@@ -544,10 +545,7 @@ mod tests {
         let mut dead_seen = attached_node(dead_inboxes.forwards, true);
         let mut live_seen = attached_node(live_inboxes.forwards, true);
         let (dead, live) = (peer_of(&dead), peer_of(&live));
-        let members = Members::default();
-        members.publish(MemberChange::Up(live));
-        let records = BTreeMap::from([("web".to_string(), attached_at(&[dead, live]))]);
-        let (tunnels, _) = tunnels(&ca, records, members);
+        let tunnels = web_through(&ca, &[live], &[dead, live]);
         for _ in 0..10 {
             tunnels.open("web", &visit("web")).await.unwrap();
             assert_eq!(live_seen.recv().await.unwrap().name, "web");
