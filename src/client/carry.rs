@@ -22,6 +22,12 @@ const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// deadline for an answer.
 const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The visitor's early bytes (a request head, at most 64 KiB) must be taken
+/// by a target just connected this soon: a socket buffer takes them at once
+/// unless the target never reads. With the connect, well inside the node's
+/// 10 s wait for `Ready`.
+const EARLY_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Carries one visitor: reads the header, dials the target, splices.
 pub(super) async fn carry(
     mut send: quinn::SendStream,
@@ -65,7 +71,7 @@ pub(super) async fn carry(
     let _ = local.set_nodelay(true);
     // Bounded: a target that accepts and never reads must not hold the
     // stream after the node gave up on it.
-    let early = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, local.write_all(&visit.early));
+    let early = tokio::time::timeout(EARLY_WRITE_TIMEOUT, local.write_all(&visit.early));
     if let Err(err) = early
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
