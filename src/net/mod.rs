@@ -3,6 +3,8 @@
 //! - [`tls`]: certificates and verifiers (mutual TLS against the cluster CA,
 //!   cert-derived node ids, self-signed client keys).
 //! - [`quic`]: QUIC transport settings (keep-alives, idle timeouts, windows).
+//! - [`runtime`]: tokio for quinn, with a busy connection's datagrams
+//!   coalesced.
 //! - [`pool`]: the [`Transport`]: one connection per node pair, dialed
 //!   lazily, with the simultaneous-dial tie-break; gossip datagrams.
 //! - [`accept`]: the accept loop and routing by ALPN (nodes, clients).
@@ -13,6 +15,7 @@ pub mod accept;
 pub mod liveness;
 pub mod pool;
 pub mod quic;
+pub mod runtime;
 pub mod streams;
 pub mod tls;
 
@@ -39,12 +42,12 @@ pub fn bind_endpoint(addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
     let _ = socket.set_recv_buffer_size(UDP_BUFFER);
     let _ = socket.set_send_buffer_size(UDP_BUFFER);
     socket.bind(&addr.into())?;
-    let runtime = quinn::default_runtime()
+    let runtime = runtime::Coalescing::current()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         None,
         socket.into(),
-        runtime,
+        std::sync::Arc::new(runtime),
     )
 }
