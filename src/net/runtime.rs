@@ -3,19 +3,26 @@
 //!
 //! quinn drives each endpoint and each connection from a task of its own (the
 //! "driver"), woken whenever a stream has something to send or a datagram has
-//! arrived. tokio runs a task woken from another task right after it (its
-//! LIFO slot), so under load each visitor's request or answer woke the driver
-//! on its own and left in a datagram of its own: about one `sendmsg` and one
-//! datagram per request in each direction, though a datagram can carry many
-//! streams' frames. Here a driver that was polled less than [`BUSY_GAP`] ago
-//! first yields (to the back of its worker's queue), so the streams whose
-//! tasks are ready too write their frames before it sends, and one pass sends
-//! them in fewer, fuller datagrams; likewise the endpoint reads the datagrams
-//! that arrived meanwhile in one batch. A driver that was idle longer runs at
-//! once, so a lone request waits for nothing. It is the idea of Linux's TCP
-//! autocorking: hold small writes back only while earlier ones are still
-//! being worked on. Measured in `cargo bench --bench tunnel` (README:
-//! Tunnels, side by side).
+//! arrived. tokio's multi-thread scheduler runs a task woken from another
+//! task right after it (its LIFO slot), so under load each visitor's request
+//! or answer woke the driver on its own and left in a datagram of its own:
+//! about one `sendmsg` and one datagram per request in each direction, though
+//! a datagram can carry many streams' frames. Here a driver that is polled
+//! again less than [`BUSY_GAP`] after its last poll ended first yields
+//! (`tokio::task::yield_now`: tokio keeps the wake aside until its worker has
+//! run the other tasks in its queue, or for at most one maintenance interval
+//! of 61 polls), so the streams whose tasks are ready too write their frames
+//! before it sends, and one pass sends them in fewer, fuller datagrams; the
+//! endpoint likewise finds more datagrams to read in one batch. A driver that
+//! was idle longer runs at once, so a lone request waits for nothing. It is
+//! the idea of Linux's TCP autocorking: hold small writes back only while
+//! earlier ones are still being worked on. Measured in `cargo bench --bench
+//! tunnel` (README: Tunnels, side by side).
+//!
+//! quinn's own re-polls (a driver that sent 20 datagrams or read for 50 µs
+//! wakes itself to go on) count as busy too and yield: during a bulk transfer
+//! that lets the splice refill the stream first, and under mixed load a bulk
+//! sender waits behind the worker's other ready tasks, as any task does.
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -77,8 +84,8 @@ impl quinn::Runtime for Coalescing {
     }
 }
 
-/// Runs `driver`, and each time it is woken less than `busy_gap` after its
-/// last poll, yields once first (see the module's text).
+/// Runs `driver`; each time it is to be polled again less than `busy_gap`
+/// after its last poll ended, yields once first (see the module's text).
 async fn coalescing(mut driver: Pin<Box<dyn Future<Output = ()> + Send>>, busy_gap: Duration) {
     loop {
         // Poll the driver once; its waker is this task's.
