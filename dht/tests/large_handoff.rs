@@ -44,9 +44,14 @@ fn records(n: usize, at: Peer) -> Vec<Item> {
         .collect()
 }
 
-/// Makes `node` (alone in its ring) hold `items`, given in frames a peer
-/// would accept, and drops what it has to send.
-fn hold(node: &mut DhtNode, items: &[Item]) {
+/// A node alone in its ring (at `peer(1, …)`) holding `n` registrations,
+/// given to it in frames a peer would accept; what it had to send is
+/// dropped.
+fn holding(n: usize) -> (Peer, DhtNode, Vec<Item>) {
+    let me = peer(1, 7001);
+    let mut node = DhtNode::new(me, DhtConfig::default(), NOW);
+    node.set_members([]);
+    let items = records(n, me);
     for chunk in items.chunks(1_000) {
         node.handle_request(
             NOW,
@@ -57,14 +62,12 @@ fn hold(node: &mut DhtNode, items: &[Item]) {
         );
     }
     while node.poll_request().is_some() {}
+    (me, node, items)
 }
 
 #[test]
 fn twenty_five_thousand_records_are_handed_off_in_frames_under_the_limit() {
-    let me = peer(1, 7001);
-    let mut node = DhtNode::new(me, DhtConfig::default(), NOW);
-    node.set_members([]);
-    let items = records(25_000, me);
+    let (_, mut node, items) = holding(25_000);
     // Together they are well over one frame.
     assert!(
         encode(&Request::Replicate {
@@ -72,7 +75,6 @@ fn twenty_five_thousand_records_are_handed_off_in_frames_under_the_limit() {
         })
         .is_err()
     );
-    hold(&mut node, &items);
     // A second node joins: every record goes to it (two nodes hold all).
     node.set_members([peer(2, 7002)]);
     let mut handed = 0;
@@ -91,11 +93,7 @@ fn twenty_five_thousand_records_are_handed_off_in_frames_under_the_limit() {
 
 #[test]
 fn a_peer_that_lacks_a_whole_range_is_repaired_by_anti_entropy_in_frames_under_the_limit() {
-    let me = peer(1, 7001);
-    let mut node = DhtNode::new(me, DhtConfig::default(), NOW);
-    node.set_members([]);
-    let items = records(50_000, me);
-    hold(&mut node, &items);
+    let (me, mut node, items) = holding(50_000);
     // A peer in the middle of the ring, back with an empty store: it owns
     // about half the keys, far more than one frame of records.
     let back = peer(u64::MAX / 2, 7002);
