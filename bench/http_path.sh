@@ -6,7 +6,16 @@
 # prints: | LABEL | c1 p50 | c64 req/s | node RSS after | direct nginx c1 p50, c64 req/s |
 set -euo pipefail
 BIN=$1; TAG=$2
-D=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; nginx -c $D/nginx.conf -s stop 2>/dev/null || true' EXIT
+D=$(mktemp -d)
+# Stops what this run started and waits for it to be gone (the node leaves
+# its cluster first; nginx within 5 s), so the next run can bind its ports.
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  wait 2>/dev/null || true
+  nginx -c $D/nginx.conf -s stop 2>/dev/null || true
+  for _ in $(seq 50); do [ -f $D/nginx.pid ] || break; sleep 0.1; done
+}
+trap cleanup EXIT
 mkdir -p $D/www; head -c 1300 /dev/urandom | base64 -w0 | head -c 1300 > $D/www/file
 cat > $D/nginx.conf <<NG
 worker_processes 1; daemon on; pid $D/nginx.pid; error_log $D/err.log;
