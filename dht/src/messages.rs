@@ -49,10 +49,16 @@ pub enum Request {
         /// The records.
         items: Vec<Item>,
     },
-    /// Anti-entropy: the sender's digests of the records it owns.
+    /// Anti-entropy: the sender's digests of the records it owns, in one
+    /// part of its range (a node owning many records sends several).
     Sync {
         /// `(key, digest)` pairs.
         digests: Vec<(Key, u64)>,
+        /// The part of the sender's range these digests cover, `(after,
+        /// upto]` clockwise: the responder sends back the records of this
+        /// part that were not listed. `None`: the sender's whole range.
+        #[serde(default)]
+        within: Option<(Key, Key)>,
     },
     /// Stabilize: tell me your predecessor and successors.
     Neighbours,
@@ -213,7 +219,8 @@ mod tests {
             for req in [
                 Request::Get { key, name: name.clone(), any_replica },
                 Request::Write { key, name: name.clone(), op: WriteOp::Detach { client: ClientId([3; 32]), node: NodeId(v), version: v }, any_replica },
-                Request::Sync { digests: vec![(key, v)] },
+                Request::Sync { digests: vec![(key, v)], within: Some((v, key)) },
+                Request::Sync { digests: vec![], within: None },
                 Request::Neighbours,
             ] {
                 let frame = encode(&req).unwrap();

@@ -57,6 +57,42 @@ fn chunks(items: Vec<Item>) -> Vec<Vec<Item>> {
     out
 }
 
+/// Most `(key, digest)` pairs in one `Sync` request: about 19 bytes each
+/// encoded, so ≈ 310 KB, well within a frame
+/// ([`crate::messages::MAX_FRAME_SIZE`]). A node owning more sends one
+/// request per part of its range. With all its digests in one request, a
+/// node owning more than about 50,000 records sent a request over the frame
+/// limit, which its replicas refused, and anti-entropy stopped for it.
+pub const SYNC_DIGESTS_PER_REQUEST: usize = 16_384;
+
+/// The digests of one `Sync` request and the part of the range, `(after,
+/// upto]`, they cover.
+type SyncPart = (Vec<(Key, u64)>, (Key, Key));
+
+/// Splits the digests of the records a node owns (its range is `(pred,
+/// me]`) into the parts of its `Sync` requests: at most
+/// [`SYNC_DIGESTS_PER_REQUEST`] each, in clockwise order, each with the part
+/// of the range it covers; together the parts cover the whole range (one
+/// empty part when the node owns nothing).
+fn sync_parts(mut owned: Vec<(Key, u64)>, pred: Key, me: Key) -> Vec<SyncPart> {
+    owned.sort_unstable_by_key(|(key, _)| key.wrapping_sub(pred));
+    let count = owned.len().div_ceil(SYNC_DIGESTS_PER_REQUEST).max(1);
+    let mut parts = Vec::with_capacity(count);
+    let mut after = pred;
+    let mut rest = owned.as_slice();
+    for i in 0..count {
+        let (part, tail) = rest.split_at(rest.len().min(SYNC_DIGESTS_PER_REQUEST));
+        rest = tail;
+        let upto = match part.last() {
+            Some((key, _)) if i + 1 < count => *key,
+            _ => me,
+        };
+        parts.push((part.to_vec(), (after, upto)));
+        after = upto;
+    }
+    parts
+}
+
 /// Copies of each record: the owner and the next two distinct nodes, so any
 /// two nodes may fail at once without losing a registration.
 pub const REPLICATION_FACTOR: usize = 3;
@@ -591,7 +627,7 @@ impl DhtNode {
                 }
                 Response::Ack
             }
-            Request::Sync { digests } => self.answer_sync(from, digests),
+            Request::Sync { digests, within } => self.answer_sync(from, digests, within),
             Request::Neighbours => Response::Neighbours {
                 predecessor: self.view.predecessor(),
                 successors: self.view.successors(SUCCESSORS),
@@ -613,7 +649,15 @@ impl DhtNode {
     /// differs (a node that restarted empty lacks its whole range); what did
     /// not fit goes in the next rounds, since the sender then lists what it
     /// merged.
-    fn answer_sync(&mut self, from: NodeId, digests: Vec<(Key, u64)>) -> Response {
+    ///
+    /// Only the records in `within` (the part of its range the sender
+    /// listed, see [`SYNC_DIGESTS_PER_REQUEST`]) count as unlisted.
+    fn answer_sync(
+        &mut self,
+        from: NodeId,
+        digests: Vec<(Key, u64)>,
+        within: Option<(Key, Key)>,
+    ) -> Response {
         let theirs: BTreeMap<Key, u64> = digests.into_iter().collect();
         let mut items = Vec::new();
         let mut want = Vec::new();
@@ -652,6 +696,9 @@ impl DhtNode {
             for item in self.store.iter() {
                 if !theirs.contains_key(&item.key)
                     && crate::ring::in_open_closed(item.key, pred, from.0)
+                    && within.is_none_or(|(after, upto)| {
+                        crate::ring::in_open_closed(item.key, after, upto)
+                    })
                 {
                     if !fits(item) {
                         break;
@@ -835,14 +882,18 @@ impl DhtNode {
         } else {
             peers
         };
+        let parts = sync_parts(owned, self.view.predecessor().id.0, me.0);
         for peer in peers {
-            self.send(
-                peer,
-                Request::Sync {
-                    digests: owned.clone(),
-                },
-                Pending::Sync(peer),
-            );
+            for (digests, within) in &parts {
+                self.send(
+                    peer,
+                    Request::Sync {
+                        digests: digests.clone(),
+                        within: Some(*within),
+                    },
+                    Pending::Sync(peer),
+                );
+            }
         }
         // Records we hold but should not: push them to their holders.
         if self.store.iter().any(|i| !self.is_replica(i.key)) {
@@ -858,5 +909,45 @@ impl DhtNode {
     /// The next finished operation or deferred reply.
     pub fn poll_event(&mut self) -> Option<DhtEvent> {
         self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::in_open_closed;
+
+    #[test]
+    fn sync_parts_cover_the_range_in_order_within_the_size() {
+        // A range that wraps past zero, and keys spread over it.
+        let (pred, me) = (u64::MAX - 1_000_000, 3_000_000);
+        let owned: Vec<(Key, u64)> = (0..40_000u64)
+            .map(|i| (pred.wrapping_add(1 + i * 99), i))
+            .rev()
+            .collect();
+        assert!(owned.iter().all(|(k, _)| in_open_closed(*k, pred, me)));
+        let parts = sync_parts(owned.clone(), pred, me);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[0].1.0, pred, "from the start of the range");
+        assert_eq!(parts[2].1.1, me, "to its end");
+        for pair in parts.windows(2) {
+            assert_eq!(pair[0].1.1, pair[1].1.0, "parts meet");
+        }
+        let mut listed = 0;
+        for (digests, (after, upto)) in &parts {
+            assert!(digests.len() <= SYNC_DIGESTS_PER_REQUEST);
+            assert!(
+                digests
+                    .iter()
+                    .all(|(k, _)| in_open_closed(*k, *after, *upto))
+            );
+            listed += digests.len();
+        }
+        assert_eq!(listed, owned.len());
+    }
+
+    #[test]
+    fn a_node_owning_nothing_still_asks_for_its_whole_range() {
+        assert_eq!(sync_parts(Vec::new(), 5, 9), vec![(Vec::new(), (5, 9))]);
     }
 }

@@ -110,8 +110,14 @@ fn a_peer_that_lacks_a_whole_range_is_repaired_by_anti_entropy_in_frames_under_t
         rounds += 1;
         assert!(rounds < 100, "no progress");
         let digests = held.iter().map(|(k, d)| (*k, *d)).collect();
-        let Handled::Reply(reply) = node.handle_request(NOW, back.id, Request::Sync { digests })
-        else {
+        let Handled::Reply(reply) = node.handle_request(
+            NOW,
+            back.id,
+            Request::Sync {
+                digests,
+                within: None,
+            },
+        ) else {
             panic!("a sync is answered at once")
         };
         let frame = encode(&reply).expect("the answer fits a frame");
@@ -132,4 +138,59 @@ fn a_peer_that_lacks_a_whole_range_is_repaired_by_anti_entropy_in_frames_under_t
         rounds > 2,
         "{rounds} rounds: the test did not need more than a frame"
     );
+}
+
+#[test]
+fn a_node_owning_seventy_thousand_records_syncs_them_in_frames_under_the_limit() {
+    let (me, mut node, items) = holding(80_000);
+    // A replica that lost its copies (restarted empty). With two nodes both
+    // hold every record; `me` owns the seven eighths of the ring after it.
+    let replica = peer(u64::MAX / 8, 7002);
+    let mut other = DhtNode::new(replica, DhtConfig::default(), NOW);
+    other.set_members([me]);
+    node.set_members([replica]);
+    // Hand-off and anything else the join sent: the replica receives none of
+    // it, as if lost.
+    while node.poll_request().is_some() {}
+    let owned = items.iter().filter(|i| node.view().owns(i.key)).count();
+    // All their digests in one request would be over a frame.
+    assert!(owned > 60_000, "{owned}");
+
+    // One anti-entropy round of `me`, answered by the replica.
+    let later = NOW + DhtConfig::default().anti_entropy_ms;
+    node.handle_timeout(later);
+    let mut syncs = 0;
+    let mut listed = 0;
+    let mut repaired = 0;
+    let mut rounds = 0;
+    while let Some(out) = node.poll_request() {
+        rounds += 1;
+        assert!(rounds < 1_000, "no end to the requests");
+        let frame = encode(&out.request).expect("every request fits a frame");
+        assert!(frame.len() <= MAX_FRAME_SIZE);
+        if let Request::Sync { digests, .. } = &out.request {
+            syncs += 1;
+            listed += digests.len();
+        }
+        if let Request::Replicate { items } = &out.request {
+            repaired += items.len();
+        }
+        let Handled::Reply(reply) = other.handle_request(later, me.id, out.request) else {
+            panic!("answered at once");
+        };
+        assert!(encode(&reply).expect("the answer fits a frame").len() <= MAX_FRAME_SIZE);
+        node.handle_response(later, out.id, Ok(reply));
+    }
+    assert_eq!(listed, owned, "every owned record is listed once");
+    assert!(
+        syncs > 1,
+        "{syncs} Sync requests: the test needs more than one"
+    );
+    assert_eq!(repaired, owned, "the replica wanted every record it lacked");
+    let held = items
+        .iter()
+        .filter(|i| node.view().owns(i.key))
+        .filter(|i| other.store().get(i.key).is_some())
+        .count();
+    assert_eq!(held, owned, "the replica holds every record again");
 }
