@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::procs::*;
 use common::web::{
-    DOMAIN, client_config, curl, get_from, http_service, ingress_cluster_via, tcp_from, tls_from,
+    DOMAIN, client_config, curl, get_from, http_service, ingress_cluster_via, silent_open,
+    tcp_from, tls_from,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -683,4 +684,66 @@ fn http2_pings_do_not_keep_a_connection_that_asks_for_nothing() {
     assert!(idle < Duration::from_secs(6), "cut after {idle:?}");
     assert!(f.metric("specter_ingress_timeouts_total{stage=\"first_request\"}") >= 1);
     assert!(f.metric("specter_ingress_timeouts_total{stage=\"idle\"}") >= 1);
+}
+
+#[test]
+fn a_target_that_never_answers_gets_a_504_at_the_answer_deadline_and_is_let_go() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let limit = Duration::from_secs(2);
+    let f = Fixture::start("127.0.10.9", "answer_timeout = 2", &[]);
+    let fds = open_fds(f.pid());
+    let before = f.metric("specter_ingress_timeouts_total{stage=\"answer\"}");
+    let (ca, entry, host) = (f.ca(), f.entry(), f.host.clone());
+    // Without a body (the deadline runs from the request), and with one
+    // (from the body's end), on fresh tunnel streams.
+    let requests = [
+        format!("GET /silent HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        format!("POST /silent HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\r\nhello"),
+    ];
+    let (answers, took) = f.during(async move {
+        let mut answers = Vec::new();
+        for (request, fourth) in requests.iter().zip(1u8..) {
+            let config = client_config(&ca, &[b"http/1.1"]);
+            let mut tls = tls_from(source(17, fourth), entry, &host, config)
+                .await
+                .unwrap();
+            let began = Instant::now();
+            tls.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                let read = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf));
+                match read.await {
+                    Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+                    other => panic!("no answer: {other:?}"),
+                }
+            }
+            answers.push((
+                String::from_utf8_lossy(&answer).to_string(),
+                began.elapsed(),
+            ));
+        }
+        answers
+    });
+    for (answer, waited) in &answers {
+        assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+        assert!(
+            *waited >= limit && *waited < limit + Duration::from_secs(5),
+            "answered after {waited:?}"
+        );
+    }
+    assert!(
+        p99(took.clone()) < Duration::from_secs(1),
+        "legitimate p99 {:?}",
+        p99(took)
+    );
+    let after = f.metric("specter_ingress_timeouts_total{stage=\"answer\"}");
+    assert_eq!(after - before, 2, "each 504 is counted");
+    // The tunnel stream is closed with it: the client lets the target go.
+    assert!(
+        wait_for(Duration::from_secs(15), || silent_open() == 0).is_some(),
+        "the target still holds {} unanswered connections",
+        silent_open()
+    );
+    settles(&f, fds);
 }

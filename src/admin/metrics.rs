@@ -386,7 +386,7 @@ impl Collector for Snapshot {
         labelled(
             e,
             "ingress_timeouts",
-            "Visitor connections cut at a deadline, by stage",
+            "Visitor connections cut at a deadline, by stage (answer: a request answered 504 because its target had not begun its answer)",
             "stage",
             true,
             &[
@@ -396,6 +396,7 @@ impl Collector for Snapshot {
                 ("body_rate", c.timeout_body_rate),
                 ("write_stall", c.timeout_write_stall),
                 ("raw_idle", c.timeout_raw_idle),
+                ("answer", c.timeout_answer),
             ],
         )
     }

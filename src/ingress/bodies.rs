@@ -39,6 +39,9 @@ pub struct RateBody<B> {
     /// Since when we have been waiting for the visitor, if we are.
     waiting_since: Option<Instant>,
     timer: Pin<Box<Sleep>>,
+    /// Cancelled once the body has ended or is dropped (see
+    /// [`RateBody::telling_end`]).
+    ended: Option<tokio_util::sync::DropGuard>,
 }
 
 impl<B> RateBody<B> {
@@ -60,7 +63,15 @@ impl<B> RateBody<B> {
             bytes: 0,
             waiting_since: None,
             timer: Box::pin(tokio::time::sleep(window)),
+            ended: None,
         }
+    }
+
+    /// Cancels `token` when the body has ended (its last frame was taken)
+    /// or is dropped: when the whole request has been sent.
+    pub fn telling_end(mut self, token: &tokio_util::sync::CancellationToken) -> Self {
+        self.ended = Some(token.clone().drop_guard());
+        self
     }
 
     /// Closes the current window if it is over: `Err` if it was too slow.
@@ -105,6 +116,9 @@ where
                         this.bytes += data.len() as u64;
                     }
                     let _ = this.check(now);
+                    if frame.is_none() || this.inner.is_end_stream() {
+                        drop(this.ended.take());
+                    }
                     return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
                 }
                 Poll::Pending => {

@@ -9,8 +9,9 @@
 //! another tunnel than the TLS name 421.
 //!
 //! Every stage has a deadline ([`super::limits`]): the first request, the
-//! head, HTTP/2 idle time and pings, the request body's rate, and the
-//! visitor's reading of the answer. A watchdog per connection enforces those
+//! head, HTTP/2 idle time and pings, the request body's rate, the target's
+//! beginning of its answer (504 past it), and the visitor's reading of the
+//! answer. A watchdog per connection enforces those
 //! hyper does not.
 
 use std::convert::Infallible;
@@ -105,13 +106,16 @@ impl Conn {
         if body.is_end_stream() {
             return Request::from_parts(parts, body.map_err(Into::into).boxed());
         }
+        let sent = BodySent::default();
         let body = RateBody::new(
             body,
             self.slot.clone(),
             self.ingress.stats.clone(),
             limits.body_min_rate,
             BODY_RATE_WINDOW,
-        );
+        )
+        .telling_end(&sent.0);
+        parts.extensions.insert(sent);
         Request::from_parts(parts, body.boxed())
     }
 }
@@ -403,6 +407,50 @@ pub fn page(status: StatusCode, message: &str, head: bool) -> Response<Body> {
     r
 }
 
+/// Cancelled when a request's body has been sent (a request without one
+/// has no such token): the target's time to answer runs from then.
+#[derive(Clone, Default)]
+struct BodySent(tokio_util::sync::CancellationToken);
+
+/// `answer` (a request's answer head, or its failure), unless the target
+/// has not begun it within `limit` of the request having been sent, body
+/// and all (`sent`, if it has a body): then `None`, and `answer` is dropped
+/// with its connection.
+async fn within_answer_limit<F: Future>(
+    answer: F,
+    sent: Option<&BodySent>,
+    limit: Duration,
+) -> Option<F::Output> {
+    let deadline = async {
+        if let Some(BodySent(token)) = sent {
+            token.cancelled().await;
+        }
+        tokio::time::sleep(limit).await;
+    };
+    tokio::select! {
+        biased;
+        out = answer => Some(out),
+        () = deadline => None,
+    }
+}
+
+/// The 504 for a request whose target did not begin its answer in time.
+fn answer_timed_out(name: &str, conn: &Conn, head: bool) -> (Response<Body>, bool) {
+    let limit = conn.ingress.limits.answer_timeout;
+    conn.ingress.stats.cut(Cut::Answer);
+    tracing::info!(visitor = %conn.visitor, tunnel = %name, ?limit, "504: the target did not begin its answer in time");
+    let page = page(
+        StatusCode::GATEWAY_TIMEOUT,
+        &format!(
+            "Tunnel {name:?}: the target did not begin its answer within {} s.",
+            limit.as_secs()
+        ),
+        head,
+    );
+    // It may have taken the request: not sent again.
+    (page, false)
+}
+
 /// Sends `req` to tunnel `name`'s target as HTTP/1.1: on an idle pooled
 /// connection if there is one (see [`super::upstream`]), else over a new
 /// tunnel stream. `Ok` is the answer and, unless the request asked for an
@@ -417,9 +465,15 @@ async fn send_once(
 ) -> Result<(Response<Incoming>, Option<SendRequest<Body>>), (Response<Body>, bool)> {
     let visitor = conn.visitor;
     let upstreams = &conn.ingress.upstreams;
+    let limit = conn.ingress.limits.answer_timeout;
+    let sent = req.extensions_mut().remove::<BodySent>();
     let reuse = !req.headers().contains_key(hyper::header::UPGRADE);
     if reuse && let Some(mut pooled) = upstreams.take(name) {
-        match pooled.try_send_request(req).await {
+        let answer = within_answer_limit(pooled.try_send_request(req), sent.as_ref(), limit);
+        let Some(answer) = answer.await else {
+            return Err(answer_timed_out(name, conn, head));
+        };
+        match answer {
             Ok(resp) => return Ok((resp, Some(pooled))),
             Err(mut err) => match err.take_message() {
                 // Never sent (the connection had died): a fresh stream.
@@ -470,7 +524,11 @@ async fn send_once(
             tracing::debug!(%err, "tunnel HTTP connection ended with an error");
         }
     });
-    match sender.send_request(req).await {
+    let answer = within_answer_limit(sender.send_request(req), sent.as_ref(), limit);
+    let Some(answer) = answer.await else {
+        return Err(answer_timed_out(name, conn, head));
+    };
+    match answer {
         Ok(resp) => Ok((resp, reuse.then_some(sender))),
         Err(err) => {
             if let Some(failed) = outcome.failed() {

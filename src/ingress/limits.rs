@@ -69,6 +69,17 @@ pub const WRITE_STALL_TIMEOUT: Duration = specter_tunnel::splice::SPLICE_STALL;
 /// long is closed. Long: ssh sessions sit idle for hours.
 pub const RAW_TCP_IDLE: Duration = Duration::from_secs(2 * 3_600);
 
+/// A target that has not begun its answer (status line and headers) this
+/// long after a request was sent to it, body and all, is given up on: the
+/// visitor gets a 504 and the tunnel stream is closed. Without it a target
+/// that never answers held the visitor's request, its tunnel stream and the
+/// client's connection to the target for as long as the visitor waited.
+/// 100 s is what Cloudflare gives origins before its 524; long-polls answer
+/// well within it (commonly 30–60 s). An answer that has begun is not
+/// limited by it (downloads, server-sent events), only by
+/// [`WRITE_STALL_TIMEOUT`] on the visitor's side.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(100);
+
 /// After a graceful close (idle HTTP/2), how long the connection gets to
 /// finish before it is dropped.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -104,6 +115,9 @@ pub struct IngressLimits {
     /// [`RAW_TCP_IDLE`], seconds.
     #[serde(with = "secs")]
     pub raw_tcp_idle: Duration,
+    /// [`ANSWER_TIMEOUT`], seconds.
+    #[serde(with = "secs")]
+    pub answer_timeout: Duration,
     /// Keep `X-Forwarded-*` and `Forwarded` that arrive on the plain-HTTP
     /// port (append to them) instead of replacing them: only for a node
     /// behind the operator's own proxy or load balancer, which sets them.
@@ -123,6 +137,7 @@ impl Default for IngressLimits {
             body_min_rate: BODY_MIN_RATE,
             write_stall_timeout: WRITE_STALL_TIMEOUT,
             raw_tcp_idle: RAW_TCP_IDLE,
+            answer_timeout: ANSWER_TIMEOUT,
             trust_proxy_headers: false,
         }
     }
@@ -183,6 +198,10 @@ pub enum Cut {
     WriteStall,
     /// A raw-TCP visitor idle for [`IngressLimits::raw_tcp_idle`].
     RawIdle,
+    /// A request whose target did not begin its answer within
+    /// [`IngressLimits::answer_timeout`] (answered 504; the connection
+    /// stays).
+    Answer,
 }
 
 /// Counters of the ingress, for `/status` and `/metrics`.
@@ -192,7 +211,7 @@ pub struct IngressStats {
     accept_errors: AtomicU64,
     misdirected: AtomicU64,
     broken: AtomicU64,
-    cuts: [AtomicU64; 9],
+    cuts: [AtomicU64; 10],
 }
 
 /// A point-in-time copy of [`IngressStats`].
@@ -213,6 +232,7 @@ pub struct IngressCounters {
     pub timeout_body_rate: u64,
     pub timeout_write_stall: u64,
     pub timeout_raw_idle: u64,
+    pub timeout_answer: u64,
 }
 
 impl IngressStats {
@@ -260,6 +280,7 @@ impl IngressStats {
             timeout_body_rate: cut(Cut::BodyRate),
             timeout_write_stall: cut(Cut::WriteStall),
             timeout_raw_idle: cut(Cut::RawIdle),
+            timeout_answer: cut(Cut::Answer),
         }
     }
 }
@@ -304,6 +325,7 @@ mod tests {
             Cut::BodyRate,
             Cut::WriteStall,
             Cut::RawIdle,
+            Cut::Answer,
         ];
         for (i, why) in cuts.into_iter().enumerate() {
             for _ in 0..=i {
@@ -322,8 +344,9 @@ mod tests {
                 c.timeout_body_rate,
                 c.timeout_write_stall,
                 c.timeout_raw_idle,
+                c.timeout_answer,
             ],
-            [1, 2, 3, 4, 5, 6, 7, 8, 9]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
         );
     }
 }
