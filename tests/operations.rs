@@ -435,12 +435,16 @@ fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
         "specter_quic_idle_closed",
         "specter_dht_requests",
         "specter_dht_handed_off",
+        "specter_dht_sync_answers_cut",
+        "specter_dht_requests_refused",
+        "specter_clients_busy",
         "specter_ingress_broken",
     ] {
         assert_eq!(family(name).family_type, OpenMetricsType::Counter, "{name}");
     }
     assert!(value("specter_ingress_accepted", &[]) >= 6.0);
     assert_eq!(value("specter_ingress_timeouts", &["idle"]), 0.0);
+    assert_eq!(value("specter_ingress_timeouts", &["answer"]), 0.0);
     assert!(family("specter_dht_records").family_type == OpenMetricsType::Gauge);
     // The attached node counts the client holding the tunnel.
     let one_client = wait_for(Duration::from_secs(5), || {

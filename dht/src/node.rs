@@ -215,6 +215,9 @@ pub struct DhtStats {
     pub handed_off: u64,
     /// Stabilize answers that disagreed with our view.
     pub stabilize_mismatches: u64,
+    /// Anti-entropy answers that left records out to stay within
+    /// [`REPLICATE_CHUNK_BYTES`] (the rest goes in later rounds).
+    pub sync_answers_cut: u64,
 }
 
 enum OpKind {
@@ -662,11 +665,14 @@ impl DhtNode {
         let mut items = Vec::new();
         let mut want = Vec::new();
         let mut room = REPLICATE_CHUNK_BYTES;
+        let mut cut = false;
         let mut fits = |item: &Item| {
             let len = encoded_len(item);
             let fit = len <= room;
             if fit {
                 room -= len;
+            } else {
+                cut = true;
             }
             fit
         };
@@ -706,6 +712,9 @@ impl DhtNode {
                     items.push(item.clone());
                 }
             }
+        }
+        if cut {
+            self.stats.sync_answers_cut += 1;
         }
         Response::SyncReply { items, want }
     }

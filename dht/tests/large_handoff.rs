@@ -135,6 +135,11 @@ fn a_peer_that_lacks_a_whole_range_is_repaired_by_anti_entropy_in_frames_under_t
     }
     assert_eq!(held.len(), expected);
     assert!(
+        node.stats().sync_answers_cut >= 2,
+        "answers cut: {}",
+        node.stats().sync_answers_cut
+    );
+    assert!(
         rounds > 2,
         "{rounds} rounds: the test did not need more than a frame"
     );

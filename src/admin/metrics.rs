@@ -221,6 +221,16 @@ impl Collector for Snapshot {
                 t.frames_refused,
             ),
             (
+                "dht_requests_refused",
+                "DHT requests from other nodes answered Unavailable because the queue of requests waiting to be served was full",
+                t.dht_requests_refused,
+            ),
+            (
+                "clients_busy",
+                "Client connections closed busy because the queue of clients waiting to be served was full",
+                t.clients_busy,
+            ),
+            (
                 "quic_wrong_peer",
                 "Dials that reached another node than the one meant",
                 t.wrong_peer,
@@ -273,6 +283,11 @@ impl Collector for Snapshot {
                 "dht_handed_off",
                 "Records handed to a new owner",
                 d.stats.handed_off,
+            ),
+            (
+                "dht_sync_answers_cut",
+                "Anti-entropy answers that left records out to fit a frame (sent in later rounds)",
+                d.stats.sync_answers_cut,
             ),
             (
                 "dht_stabilize_mismatches",

@@ -29,6 +29,12 @@ pub const HANDSHAKES_PER_SOURCE: usize = 16;
 /// node never runs out.
 pub const FD_RESERVE: u64 = 256;
 
+/// Visitors a node takes however low its descriptor limit: below
+/// [`FD_RESERVE`] + this, lowering [`MAX_VISITORS`] by the reserve would
+/// leave it none. The reserve is generous (an idle node uses a few dozen
+/// descriptors), so these still fit.
+pub const MIN_VISITORS: usize = 16;
+
 /// A visitor must finish its TLS handshake this soon; a stalled one costs a
 /// task for no longer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -147,8 +153,9 @@ impl IngressLimits {
     /// Lowers [`IngressLimits::max_visitors`] to what `fd_limit` descriptors
     /// allow (one per visitor, [`FD_RESERVE`] kept); returns whether it did.
     pub fn fit_descriptors(&mut self, fd_limit: u64) -> bool {
-        let room =
-            usize::try_from(fd_limit.saturating_sub(FD_RESERVE).max(16)).unwrap_or(usize::MAX);
+        let room = usize::try_from(fd_limit.saturating_sub(FD_RESERVE))
+            .unwrap_or(usize::MAX)
+            .max(MIN_VISITORS);
         if room < self.max_visitors {
             self.max_visitors = room;
             return true;

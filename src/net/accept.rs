@@ -80,6 +80,7 @@ impl Transport {
         match Alpn::of(alpn.as_deref()) {
             Alpn::Client => {
                 if self.clients.try_send(conn.clone()).is_err() {
+                    bump(&self.stats.clients_busy);
                     conn.close(CLOSE_BUSY, b"too many clients connecting");
                 }
                 return;

@@ -131,6 +131,8 @@ pub struct TransportStats {
     pub(super) duplicates_closed: AtomicU64,
     pub(super) idle_closed: AtomicU64,
     pub(super) frames_refused: AtomicU64,
+    pub(super) dht_requests_refused: AtomicU64,
+    pub(super) clients_busy: AtomicU64,
     /// Streams other nodes hold open to this one, and limit raises.
     pub(super) streams: Arc<super::quic::StreamCounts>,
 }
@@ -150,6 +152,12 @@ pub struct TransportCounters {
     pub duplicates_closed: u64,
     pub idle_closed: u64,
     pub frames_refused: u64,
+    /// DHT requests answered `Unavailable` because the served queue was
+    /// full (`node::dht::SERVED_CAPACITY`).
+    pub dht_requests_refused: u64,
+    /// Client connections closed busy: the queue of clients waiting to be
+    /// served was full (`CLIENT_INBOX_CAPACITY`).
+    pub clients_busy: u64,
     pub peer_streams: u64,
     pub stream_limit_raises: u64,
 }
@@ -596,6 +604,8 @@ impl Transport {
             duplicates_closed: get(&s.duplicates_closed),
             idle_closed: get(&s.idle_closed),
             frames_refused: get(&s.frames_refused),
+            dht_requests_refused: get(&s.dht_requests_refused),
+            clients_busy: get(&s.clients_busy),
             peer_streams: get(&s.streams.held),
             stream_limit_raises: get(&s.streams.raises),
         }
@@ -604,6 +614,12 @@ impl Transport {
     /// A peer's request frame was refused as larger than the frame limit.
     pub fn frame_refused(&self) {
         bump(&self.stats.frames_refused);
+    }
+
+    /// A peer's DHT request was refused: the queue of requests waiting to be
+    /// served was full.
+    pub fn dht_request_refused(&self) {
+        bump(&self.stats.dht_requests_refused);
     }
 }
 

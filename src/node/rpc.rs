@@ -142,6 +142,7 @@ async fn serve_one(stream: IncomingStream, dht: mpsc::Sender<Served>, transport:
         reply: tx,
     };
     let response = if dht.try_send(served).is_err() {
+        transport.dht_request_refused();
         Response::Error(ErrorCode::Unavailable)
     } else {
         match tokio::time::timeout(RPC_TIMEOUT, rx).await {
