@@ -56,8 +56,10 @@ pub enum Request {
         digests: Vec<(Key, u64)>,
         /// The part of the sender's range these digests cover, `(after,
         /// upto]` clockwise: the responder sends back the records of this
-        /// part that were not listed. `None`: the sender's whole range.
-        #[serde(default)]
+        /// part that were not listed. `None`: the sender's whole range, in
+        /// one request. Left out of the encoding when `None`, so such a
+        /// request reads the same to a node from before parts existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         within: Option<(Key, Key)>,
     },
     /// Stabilize: tell me your predecessor and successors.
@@ -211,6 +213,32 @@ mod tests {
             id: NodeId(n),
             addr: "127.0.0.1:7".parse().unwrap(),
         }
+    }
+
+    /// `Request::Sync` as nodes encoded it before requests came in parts.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum OldRequest {
+        Sync { digests: Vec<(Key, u64)> },
+    }
+
+    #[test]
+    fn a_sync_of_one_part_reads_the_same_to_nodes_before_parts_and_back() {
+        let digests = vec![(7, 8), (9, 10)];
+        let new = Request::Sync {
+            digests: digests.clone(),
+            within: None,
+        };
+        let old = OldRequest::Sync {
+            digests: digests.clone(),
+        };
+        assert_eq!(
+            rmp_serde::to_vec(&new).unwrap(),
+            rmp_serde::to_vec(&old).unwrap()
+        );
+        let read: OldRequest = rmp_serde::from_slice(&rmp_serde::to_vec(&new).unwrap()).unwrap();
+        assert_eq!(read, old);
+        let read: Request = rmp_serde::from_slice(&rmp_serde::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(read, new);
     }
 
     proptest! {

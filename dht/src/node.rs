@@ -75,7 +75,8 @@ type SyncPart = (Vec<(Key, u64)>, (Key, Key));
 /// of the range it covers; together the parts cover the whole range (one
 /// empty part when the node owns nothing).
 fn sync_parts(mut owned: Vec<(Key, u64)>, pred: Key, me: Key) -> Vec<SyncPart> {
-    owned.sort_unstable_by_key(|(key, _)| key.wrapping_sub(pred));
+    // Clockwise from just after `pred` (`me`, when alone, comes last).
+    owned.sort_unstable_by_key(|(key, _)| key.wrapping_sub(pred).wrapping_sub(1));
     let count = owned.len().div_ceil(SYNC_DIGESTS_PER_REQUEST).max(1);
     let mut parts = Vec::with_capacity(count);
     let mut after = pred;
@@ -892,13 +893,15 @@ impl DhtNode {
             peers
         };
         let parts = sync_parts(owned, self.view.predecessor().id.0, me.0);
+        // One part is the whole range: sent as before parts existed.
+        let whole = parts.len() == 1;
         for peer in peers {
             for (digests, within) in &parts {
                 self.send(
                     peer,
                     Request::Sync {
                         digests: digests.clone(),
-                        within: Some(*within),
+                        within: (!whole).then_some(*within),
                     },
                     Pending::Sync(peer),
                 );

@@ -198,4 +198,31 @@ fn a_node_owning_seventy_thousand_records_syncs_them_in_frames_under_the_limit()
         .filter(|i| other.store().get(i.key).is_some())
         .count();
     assert_eq!(held, owned, "the replica holds every record again");
+
+    // The next round finds nothing to repair: each part's answer holds only
+    // what differs within that part (nothing), not the records the other
+    // parts listed.
+    let cut_before = other.stats().sync_answers_cut;
+    node.handle_timeout(later + DhtConfig::default().anti_entropy_ms);
+    let mut parts = 0;
+    while let Some(out) = node.poll_request() {
+        if !matches!(out.request, Request::Sync { .. }) {
+            continue;
+        }
+        parts += 1;
+        let Handled::Reply(reply) = other.handle_request(later, me.id, out.request) else {
+            panic!("answered at once");
+        };
+        let Response::SyncReply { items, want } = reply else {
+            panic!("{reply:?}")
+        };
+        assert!(
+            items.is_empty() && want.is_empty(),
+            "{} items, {} wanted",
+            items.len(),
+            want.len()
+        );
+    }
+    assert!(parts > 1, "{parts}");
+    assert_eq!(other.stats().sync_answers_cut, cut_before);
 }

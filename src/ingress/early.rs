@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 
@@ -33,21 +34,42 @@ pub type Open<S> = Box<dyn FnOnce(Bytes) -> OpenFuture<S> + Send>;
 /// The open in flight.
 pub type OpenFuture<S> = Pin<Box<dyn Future<Output = Result<S, OpenError>> + Send>>;
 
-/// Why the open failed, once it has, for the page the visitor gets.
+/// A handle on an [`Opening`]: why its open failed, once it has (for the
+/// page the visitor gets), and a way to give its stream up.
 #[derive(Clone, Default)]
-pub struct OpenOutcome(Arc<Mutex<Option<OpenError>>>);
+pub struct OpenOutcome(Arc<Outcome>);
+
+#[derive(Default)]
+struct Outcome {
+    failed: Mutex<Option<OpenError>>,
+    abandoned: AtomicBool,
+}
 
 impl OpenOutcome {
     /// The open's error, if it failed.
     pub fn failed(&self) -> Option<OpenError> {
         self.0
+            .failed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
     fn set(&self, err: OpenError) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
+        *self.0.failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(err);
+    }
+
+    /// Gives the stream up: when the [`Opening`] is shut down or dropped
+    /// from now on, its stream is reset rather than ended cleanly. Dropped
+    /// mid-answer, a stream would otherwise end with a clean end of the
+    /// request, and the far side (the client's splice to its target) would
+    /// go on waiting for an answer that nobody will read.
+    pub fn abandon(&self) {
+        self.0.abandoned.store(true, Ordering::Relaxed);
+    }
+
+    fn abandoned(&self) -> bool {
+        self.0.abandoned.load(Ordering::Relaxed)
     }
 }
 
@@ -65,6 +87,8 @@ pub struct Opening<S> {
     early: BytesMut,
     limit: usize,
     outcome: OpenOutcome,
+    /// Resets the open stream (see [`OpenOutcome::abandon`]).
+    reset: fn(&mut S),
     /// A read and a write (or flush) waiting for the open: whichever polls
     /// the open last is the one its future wakes, so both are woken here
     /// when it starts and when it ends.
@@ -73,14 +97,16 @@ pub struct Opening<S> {
 }
 
 impl<S> Opening<S> {
-    /// A stream that will call `open` with up to `limit` early bytes.
-    pub fn new(open: Open<S>, limit: usize) -> (Self, OpenOutcome) {
+    /// A stream that will call `open` with up to `limit` early bytes;
+    /// `reset` resets the opened stream if it is abandoned.
+    pub fn new(open: Open<S>, limit: usize, reset: fn(&mut S)) -> (Self, OpenOutcome) {
         let outcome = OpenOutcome::default();
         let opening = Opening {
             state: State::Keeping(open),
             early: BytesMut::new(),
             limit,
             outcome: outcome.clone(),
+            reset,
             reader: None,
             writer: None,
         };
@@ -156,6 +182,24 @@ impl<S> Opening<S> {
     fn untouched(&self) -> bool {
         matches!(self.state, State::Keeping(_)) && self.early.is_empty()
     }
+
+    /// Resets the stream if it was abandoned (and opened); whether it was.
+    fn reset_if_abandoned(&mut self) -> bool {
+        if !self.outcome.abandoned() {
+            return false;
+        }
+        if let State::Open(stream) = &mut self.state {
+            (self.reset)(stream);
+        }
+        self.state = State::Failed;
+        true
+    }
+}
+
+impl<S> Drop for Opening<S> {
+    fn drop(&mut self) {
+        self.reset_if_abandoned();
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Opening<S> {
@@ -220,6 +264,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Opening<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.reset_if_abandoned() {
+            return Poll::Ready(Ok(()));
+        }
         if this.untouched() {
             // Closed before anything was written: nothing to open.
             this.state = State::Failed;
@@ -257,7 +304,7 @@ mod tests {
         let (near, mut far) = duplex(1 << 16);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let opens = Arc::new(AtomicUsize::new(0));
-        let (mut io, _) = Opening::new(pipe_open(near, tx, opens.clone()), 64);
+        let (mut io, _) = Opening::new(pipe_open(near, tx, opens.clone()), 64, |_| {});
         io.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         io.write_all(b"\r\n").await.unwrap();
         // Nothing opened until the flush.
@@ -280,7 +327,7 @@ mod tests {
     async fn past_the_limit_the_rest_follows_the_open() {
         let (near, mut far) = duplex(1 << 16);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let (mut io, _) = Opening::new(pipe_open(near, tx, Arc::default()), 4);
+        let (mut io, _) = Opening::new(pipe_open(near, tx, Arc::default()), 4, |_| {});
         io.write_all(b"0123456789").await.unwrap();
         assert_eq!(&rx.await.unwrap()[..], b"0123");
         let mut rest = [0u8; 6];
@@ -292,7 +339,7 @@ mod tests {
     async fn with_no_limit_nothing_goes_early() {
         let (near, mut far) = duplex(1 << 16);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let (mut io, _) = Opening::new(pipe_open(near, tx, Arc::default()), 0);
+        let (mut io, _) = Opening::new(pipe_open(near, tx, Arc::default()), 0, |_| {});
         io.write_all(b"POST").await.unwrap();
         assert!(rx.await.unwrap().is_empty());
         let mut got = [0u8; 4];
@@ -304,7 +351,7 @@ mod tests {
     async fn a_reader_waiting_before_the_open_is_woken_by_it() {
         let (near, mut far) = duplex(1 << 16);
         let (tx, _rx) = tokio::sync::oneshot::channel();
-        let (io, _) = Opening::new(pipe_open(near, tx, Arc::default()), 64);
+        let (io, _) = Opening::new(pipe_open(near, tx, Arc::default()), 64, |_| {});
         let (mut reader, mut writer) = tokio::io::split(io);
         let read = tokio::spawn(async move {
             let mut got = [0u8; 2];
@@ -322,7 +369,7 @@ mod tests {
         let (near, _far) = duplex(1 << 16);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let opens = Arc::new(AtomicUsize::new(0));
-        let (mut io, _) = Opening::new(pipe_open(near, tx, opens.clone()), 64);
+        let (mut io, _) = Opening::new(pipe_open(near, tx, opens.clone()), 64, |_| {});
         io.flush().await.unwrap();
         assert_eq!(opens.load(Ordering::SeqCst), 0);
         io.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
@@ -333,7 +380,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_open_is_kept_for_the_page() {
         let open: Open<DuplexStream> = Box::new(|_| Box::pin(async { Err(OpenError::Unknown) }));
-        let (mut io, outcome) = Opening::new(open, 64);
+        let (mut io, outcome) = Opening::new(open, 64, |_| {});
         io.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         assert!(io.flush().await.is_err());
         assert!(matches!(outcome.failed(), Some(OpenError::Unknown)));

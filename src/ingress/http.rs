@@ -32,13 +32,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::admission::Slot;
 use super::bodies::{RateBody, Tracked};
-use super::early::{Open, Opening};
+use super::early::{Open, OpenOutcome, Opening};
 use super::headers::{misdirected, set_forwarding};
 use super::limits::{BODY_RATE_WINDOW, CLOSE_GRACE, Cut, IngressLimits};
 use super::shared::{Ingress, idle};
-use super::upstream::{Return, Returning};
+use super::upstream::{Return, Returning, Upstream};
 use crate::node::tunnels::visit::OpenError;
-use hyper::client::conn::http1::SendRequest;
 
 type Body = super::bodies::ProxyBody;
 
@@ -434,6 +433,28 @@ async fn within_answer_limit<F: Future>(
     }
 }
 
+/// Resets an upstream's tunnel stream (see `OpenOutcome::abandon`) unless
+/// its request was answered: a request given up before its answer began
+/// (past `answer_timeout`, or its visitor left) would otherwise end its
+/// stream cleanly, and the client would keep its connection to the target
+/// waiting for an answer nobody reads.
+struct Unanswered(Option<OpenOutcome>);
+
+impl Unanswered {
+    /// The answer began: the connection may end cleanly or be reused.
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(stream) = self.0.take() {
+            stream.abandon();
+        }
+    }
+}
+
 /// The 504 for a request whose target did not begin its answer in time.
 fn answer_timed_out(name: &str, conn: &Conn, head: bool) -> (Response<Body>, bool) {
     let limit = conn.ingress.limits.answer_timeout;
@@ -441,10 +462,7 @@ fn answer_timed_out(name: &str, conn: &Conn, head: bool) -> (Response<Body>, boo
     tracing::info!(visitor = %conn.visitor, tunnel = %name, ?limit, "504: the target did not begin its answer in time");
     let page = page(
         StatusCode::GATEWAY_TIMEOUT,
-        &format!(
-            "Tunnel {name:?}: the target did not begin its answer within {} s.",
-            limit.as_secs()
-        ),
+        &format!("Tunnel {name:?}: the target did not begin its answer within {limit:?}."),
         head,
     );
     // It may have taken the request: not sent again.
@@ -462,22 +480,30 @@ async fn send_once(
     name: &str,
     conn: &Conn,
     head: bool,
-) -> Result<(Response<Incoming>, Option<SendRequest<Body>>), (Response<Body>, bool)> {
+) -> Result<(Response<Incoming>, Option<Upstream<Body>>), (Response<Body>, bool)> {
     let visitor = conn.visitor;
     let upstreams = &conn.ingress.upstreams;
     let limit = conn.ingress.limits.answer_timeout;
     let sent = req.extensions_mut().remove::<BodySent>();
     let reuse = !req.headers().contains_key(hyper::header::UPGRADE);
     if reuse && let Some(mut pooled) = upstreams.take(name) {
-        let answer = within_answer_limit(pooled.try_send_request(req), sent.as_ref(), limit);
+        let unanswered = Unanswered(Some(pooled.stream.clone()));
+        let answer = within_answer_limit(pooled.sender.try_send_request(req), sent.as_ref(), limit);
         let Some(answer) = answer.await else {
             return Err(answer_timed_out(name, conn, head));
         };
         match answer {
-            Ok(resp) => return Ok((resp, Some(pooled))),
+            Ok(resp) => {
+                unanswered.answered();
+                return Ok((resp, Some(pooled)));
+            }
             Err(mut err) => match err.take_message() {
                 // Never sent (the connection had died): a fresh stream.
-                Some(unsent) => req = unsent,
+                Some(unsent) => {
+                    // Nothing reached the stream: it may end cleanly.
+                    unanswered.answered();
+                    req = unsent;
+                }
                 None => {
                     let err = err.into_error();
                     tracing::info!(%visitor, tunnel = %name, %err, "502: a reused connection failed");
@@ -506,7 +532,10 @@ async fn send_once(
             tunnels.open(&owned_name, &visit).await
         })
     });
-    let (io, outcome) = Opening::new(open, early_limit);
+    let (io, outcome) = Opening::new(open, early_limit, |pair| {
+        pair.reset(crate::wire::STREAM_BROKEN);
+    });
+    let unanswered = Unanswered(Some(outcome.clone()));
     let (mut sender, connection) =
         match hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(io)).await {
             Ok(x) => x,
@@ -529,7 +558,10 @@ async fn send_once(
         return Err(answer_timed_out(name, conn, head));
     };
     match answer {
-        Ok(resp) => Ok((resp, reuse.then_some(sender))),
+        Ok(resp) => {
+            unanswered.answered();
+            Ok((resp, reuse.then(|| Upstream::new(sender, outcome))))
+        }
         Err(err) => {
             if let Some(failed) = outcome.failed() {
                 // No path was opened: say why, and do not try again.
@@ -690,9 +722,9 @@ async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) ->
     // A reused (or reusable) connection goes back to the pool when its
     // answer has been read to the end.
     match reusable {
-        Some(sender) => {
+        Some(upstream) => {
             let back = Return {
-                sender,
+                upstream,
                 name: name.to_string(),
                 upstreams: conn.ingress.upstreams.clone(),
                 tunnels: conn.ingress.tunnels.clone(),

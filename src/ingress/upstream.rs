@@ -21,6 +21,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 
 use super::bodies::BoxError;
+use super::early::OpenOutcome;
 use crate::node::tunnels::Tunnels;
 
 /// Idle connections kept per tunnel: enough for 64 keep-alive visitors
@@ -41,14 +42,28 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// connections at most this much past [`IDLE_TIMEOUT`].
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// An HTTP/1.1 connection over a tunnel stream, and the handle that gives
+/// the stream up (resets it) when the connection is dropped mid-answer.
+pub struct Upstream<B> {
+    pub sender: SendRequest<B>,
+    pub stream: OpenOutcome,
+}
+
+impl<B> Upstream<B> {
+    /// `sender`'s connection runs over the stream `stream` is the handle of.
+    pub fn new(sender: SendRequest<B>, stream: OpenOutcome) -> Self {
+        Upstream { sender, stream }
+    }
+}
+
 struct Idle<B> {
-    sender: SendRequest<B>,
+    upstream: Upstream<B>,
     since: Instant,
 }
 
 impl<B> Idle<B> {
     fn live(&self) -> bool {
-        self.since.elapsed() < IDLE_TIMEOUT && !self.sender.is_closed()
+        self.since.elapsed() < IDLE_TIMEOUT && !self.upstream.sender.is_closed()
     }
 }
 
@@ -124,7 +139,7 @@ impl<B> Upstreams<B> {
     }
 
     /// An idle, open, ready connection to tunnel `name`, newest first.
-    pub fn take(&self, name: &str) -> Option<SendRequest<B>> {
+    pub fn take(&self, name: &str) -> Option<Upstream<B>> {
         let mut idle = self.idle();
         let list = idle.by_tunnel.get_mut(name)?;
         let mut popped = 0;
@@ -133,8 +148,8 @@ impl<B> Upstreams<B> {
                 break None;
             };
             popped += 1;
-            if candidate.live() && candidate.sender.is_ready() {
-                break Some(candidate.sender);
+            if candidate.live() && candidate.upstream.sender.is_ready() {
+                break Some(candidate.upstream);
             }
         };
         if list.is_empty() {
@@ -149,14 +164,14 @@ impl<B> Upstreams<B> {
     /// What expired or closed meanwhile is dropped from `name`'s list here,
     /// and from the others by the sweep every [`SWEEP_EVERY`], so an answer
     /// never walks the whole pool.
-    pub fn put(&self, name: &str, sender: SendRequest<B>) {
+    pub fn put(&self, name: &str, upstream: Upstream<B>) {
         let mut idle = self.idle();
         idle.sweep(Some(name));
         if idle.total >= IDLE_TOTAL {
             return;
         }
         let kept = Idle {
-            sender,
+            upstream,
             since: Instant::now(),
         };
         match idle.by_tunnel.get_mut(name) {
@@ -197,7 +212,7 @@ impl<B> Upstreams<B> {
 /// tunnel wait for a forwarded stream (`wanted`), since idle it would hold
 /// a slot they need (see `node::tunnels::slots`).
 pub struct Return<B: Send + 'static> {
-    pub sender: SendRequest<B>,
+    pub upstream: Upstream<B>,
     pub name: String,
     pub upstreams: Arc<Upstreams<B>>,
     pub tunnels: Arc<Tunnels>,
@@ -208,10 +223,10 @@ impl<B: Send + 'static> Return<B> {
     /// answer was read to the end and hyper took it back), else once it is,
     /// within the idle time; a connection the target closed is dropped.
     fn home(self) {
-        if self.sender.is_closed() {
+        if self.upstream.sender.is_closed() {
             return;
         }
-        if self.sender.is_ready() {
+        if self.upstream.sender.is_ready() {
             self.put();
             return;
         }
@@ -222,7 +237,8 @@ impl<B: Send + 'static> Return<B> {
         };
         let mut this = self;
         runtime.spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, this.sender.ready()).await {
+            let ready = this.upstream.sender.ready();
+            if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, ready).await {
                 this.put();
             }
         });
@@ -230,7 +246,7 @@ impl<B: Send + 'static> Return<B> {
 
     fn put(self) {
         if !self.tunnels.slots.wanted(&self.name) {
-            self.upstreams.put(&self.name, self.sender);
+            self.upstreams.put(&self.name, self.upstream);
         }
     }
 }
@@ -304,14 +320,14 @@ mod tests {
 
     /// A ready HTTP/1.1 sender over an in-memory pipe, and the far end
     /// (dropping it closes the connection).
-    async fn sender() -> (SendRequest<Empty<Bytes>>, tokio::io::DuplexStream) {
+    async fn sender() -> (Upstream<Empty<Bytes>>, tokio::io::DuplexStream) {
         let (near, far) = tokio::io::duplex(1024);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
             .await
             .unwrap();
         tokio::spawn(conn);
         sender.ready().await.unwrap();
-        (sender, far)
+        (Upstream::new(sender, OpenOutcome::default()), far)
     }
 
     #[tokio::test]

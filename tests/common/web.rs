@@ -61,19 +61,20 @@ pub fn ingress_cluster_via(
     procs
 }
 
-/// Connections to `/silent` that [`http_service`] holds open now.
-static SILENT_OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// `/silent` requests [`http_service`] received (in this test process).
+static SILENT_TAKEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// How many `/silent` requests [`http_service`] holds unanswered now (in
-/// this test process).
-pub fn silent_open() -> usize {
-    SILENT_OPEN.load(std::sync::atomic::Ordering::SeqCst)
+/// How many `/silent` requests [`http_service`] has received, never to
+/// answer them.
+pub fn silent_taken() -> usize {
+    SILENT_TAKEN.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// An HTTP/1.1 service on 127.0.0.1: answers `path=… xff=… proto=…` (what
 /// reached it), echoes bytes after an `Upgrade`, for `/big/N` sends N
-/// bytes, and never answers `/silent` (it holds the connection until the
-/// other side closes it; see [`silent_open`]).
+/// bytes, and never answers `/silent`: it holds that connection open for
+/// the rest of the test process, whatever the other side does (a hung
+/// application server; see [`silent_taken`]).
 pub fn http_service() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -110,12 +111,13 @@ pub fn http_service() -> std::net::SocketAddr {
                 }
                 let path = head.split(' ').nth(1).unwrap_or("").to_string();
                 if path == "/silent" {
-                    use std::sync::atomic::Ordering::SeqCst;
-                    SILENT_OPEN.fetch_add(1, SeqCst);
+                    SILENT_TAKEN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let mut buf = [0u8; 4096];
                     while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
-                    SILENT_OPEN.fetch_sub(1, SeqCst);
-                    return;
+                    // Even at the end of the request: held, never closed.
+                    loop {
+                        std::thread::park();
+                    }
                 }
                 if head.starts_with("POST ") {
                     // Take the whole body before answering.
