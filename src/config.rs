@@ -174,6 +174,9 @@ pub enum ConfigError {
     /// The admin API must stay on loopback.
     #[error("--admin {0} is not a loopback address; the admin API is for local use only")]
     AdminNotLoopback(SocketAddr),
+    /// An ingress bound of zero would refuse or cut every visitor.
+    #[error("`{0}` (in [ingress], or its flag) must be above zero")]
+    Zero(&'static str),
 }
 
 impl NodeSettings {
@@ -263,6 +266,9 @@ impl NodeSettings {
             ingress_limits.raw_tcp_idle = std::time::Duration::from_secs(secs);
         }
         ingress_limits.trust_proxy_headers |= self.trust_proxy_headers;
+        if let Some(name) = ingress_limits.zero_bound() {
+            return Err(ConfigError::Zero(name));
+        }
         Ok(NodeConfig {
             ingress_limits,
             client_limits: self.clients.unwrap_or_default(),
@@ -330,6 +336,40 @@ mod tests {
         assert_eq!(c.advertise, c.listen);
         assert_eq!(c.join, vec!["127.0.0.3:7000".to_string()]);
         assert!(toml::from_str::<NodeSettings>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn an_ingress_bound_of_zero_is_refused_by_name() {
+        let base =
+            "listen = \"127.0.0.2:7000\"\nca = \"ca.crt\"\ncert = \"n.crt\"\nkey = \"n.key\"\n";
+        let read = |ingress: &str| {
+            toml::from_str::<NodeSettings>(&format!("{base}[ingress]\n{ingress}\n"))
+                .unwrap()
+                .resolve()
+        };
+        assert!(read("answer_timeout = 2.5").is_ok());
+        assert!(read("body_min_rate = 0").is_ok(), "no minimum rate");
+        for (setting, name) in [
+            ("answer_timeout = 0", "answer_timeout"),
+            ("write_stall_timeout = 0", "write_stall_timeout"),
+            ("max_visitors = 0", "max_visitors"),
+        ] {
+            let Err(err) = read(setting) else {
+                panic!("{setting} was accepted")
+            };
+            let err = err.to_string();
+            assert!(err.contains(name) && err.contains("above zero"), "{err}");
+        }
+        let flag = NodeSettings {
+            raw_tcp_idle: Some(0),
+            ..toml::from_str(base).unwrap()
+        };
+        assert!(
+            flag.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("raw_tcp_idle")
+        );
     }
 
     #[test]

@@ -150,6 +150,36 @@ impl Default for IngressLimits {
 }
 
 impl IngressLimits {
+    /// The first bound set to zero, which would refuse or cut every visitor
+    /// (`answer_timeout = 0` would answer every request 504). A zero
+    /// `body_min_rate` is allowed: it asks for no minimum.
+    pub fn zero_bound(&self) -> Option<&'static str> {
+        let counts = [
+            ("max_visitors", self.max_visitors),
+            ("visitors_per_source", self.visitors_per_source),
+            ("handshakes_per_source", self.handshakes_per_source),
+        ];
+        let times = [
+            ("handshake_timeout", self.handshake_timeout),
+            ("first_request_timeout", self.first_request_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+            ("http_idle_timeout", self.http_idle_timeout),
+            ("write_stall_timeout", self.write_stall_timeout),
+            ("raw_tcp_idle", self.raw_tcp_idle),
+            ("answer_timeout", self.answer_timeout),
+        ];
+        counts
+            .into_iter()
+            .find(|(_, n)| *n == 0)
+            .map(|(name, _)| name)
+            .or_else(|| {
+                times
+                    .into_iter()
+                    .find(|(_, t)| t.is_zero())
+                    .map(|(name, _)| name)
+            })
+    }
+
     /// Lowers [`IngressLimits::max_visitors`] to what `fd_limit` descriptors
     /// allow (one per visitor, [`FD_RESERVE`] kept); returns whether it did.
     pub fn fit_descriptors(&mut self, fd_limit: u64) -> bool {
