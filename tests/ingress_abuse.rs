@@ -760,5 +760,42 @@ fn a_target_that_never_answers_gets_a_504_at_the_answer_deadline_and_is_let_go()
         "the client holds {} descriptors, {client_fds} before",
         open_fds(f.client.0.id())
     );
+
+    // A visitor that leaves before the answer began: no 504 is due, and
+    // its stream is reset all the same. Its request takes the pooled
+    // upstream if there is one (the client then holds one fewer once it is
+    // reset), else opens one.
+    let client_before = open_fds(f.client.0.id());
+    let pooled = f.metric("specter_ingress_idle_upstreams ") > 0;
+    let client_after = client_before - usize::from(pooled);
+    let (ca, entry, host) = (f.ca(), f.entry(), f.host.clone());
+    f.rt.block_on(async move {
+        let config = client_config(&ca, &[b"http/1.1"]);
+        let mut tls = tls_from(source(17, 3), entry, &host, config).await.unwrap();
+        let request = format!("GET /silent HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while silent_taken() - taken < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the request did not reach the target"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Gone, well before the 2 s answer deadline.
+    });
+    let client_settled = wait_for(Duration::from_secs(15), || {
+        open_fds(f.client.0.id()) <= client_after
+    });
+    assert!(
+        client_settled.is_some(),
+        "after a visitor left, the client holds {} descriptors, {client_before} before (pooled: {pooled})",
+        open_fds(f.client.0.id())
+    );
+    // Past the 2 s deadline: nothing was left to time out.
+    let answered = wait_for(Duration::from_secs(3), || {
+        f.metric("specter_ingress_timeouts_total{stage=\"answer\"}") > after
+    });
+    assert!(answered.is_none(), "a visitor that left was answered 504");
     settles(&f, fds);
 }
