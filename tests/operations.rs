@@ -439,6 +439,7 @@ fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
         "specter_dht_requests_refused",
         "specter_clients_busy",
         "specter_ingress_broken",
+        "specter_tunnel_detaches_cut",
     ] {
         assert_eq!(family(name).family_type, OpenMetricsType::Counter, "{name}");
     }
@@ -446,6 +447,7 @@ fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
     assert_eq!(value("specter_ingress_timeouts", &["idle"]), 0.0);
     assert_eq!(value("specter_ingress_timeouts", &["answer"]), 0.0);
     assert!(family("specter_dht_records").family_type == OpenMetricsType::Gauge);
+    assert_eq!(value("specter_tunnel_clients_detaching", &[]), 0.0);
     // The attached node counts the client holding the tunnel.
     let one_client = wait_for(Duration::from_secs(5), || {
         http_get(procs[0].admin(), "/metrics")

@@ -886,12 +886,8 @@ fn a_spare_attached_while_a_node_was_silent_is_detached_once_it_answers_again() 
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = ca(dir.path());
     let ips: Vec<String> = (81..=83).map(|i| format!("127.0.0.{i}")).collect();
-    let dirs = issue_all(dir.path(), &ca_dir, &ips);
-    let mut procs = vec![start_node(dir.path(), &dirs[0], &ips[0], None)];
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
     let seed = procs[0].quic();
-    for i in 1..ips.len() {
-        procs.push(start_node(dir.path(), &dirs[i], &ips[i], Some(&seed)));
-    }
     let service = http_service();
     let log = dir.path().join("spare-client.log");
     let child = tunnel_cmd(
@@ -938,12 +934,39 @@ fn a_spare_attached_while_a_node_was_silent_is_detached_once_it_answers_again() 
         .filter(|n| !held.contains(n))
         .collect();
     assert_eq!(spare.len(), 1);
+    // A visitor downloads through the spare (attached there: the direct
+    // path) for about 20 s, longer than the grace period.
+    let spare_node = procs.iter().find(|p| p.id() == spare[0]).unwrap();
+    let https = spare_node.https();
+    let (ip, port) = https.rsplit_once(':').unwrap();
+    let host = format!("spare.{DOMAIN}");
+    let size = 400 * 1024;
+    let body = dir.path().join("slow-body");
+    let mut download = Command::new("curl")
+        .args(["-s", "-m", "90", "--http1.1", "-o", body.to_str().unwrap()])
+        .args(["--cacert", dir.path().join("ca/ca.crt").to_str().unwrap()])
+        .args(["--resolve", &format!("{host}:{port}:{ip}")])
+        .arg(format!("https://{host}:{port}/slow/{size}"))
+        .spawn()
+        .unwrap();
+    let got = || std::fs::metadata(&body).map_or(0, |m| m.len());
     // ...the node answers again (three healthy), and the newest goes after
     // the grace period.
     let trimmed = wait_client(&ready, Duration::from_secs(30), |r| {
         r["healthy"] == 2 && r["attachments"].as_array().unwrap().len() == 2
     })
     .unwrap_or_else(|| panic!("the spare was never detached:\n{}", client_log()));
+    let at_detach = got();
+    if let Some(status) = download.try_wait().unwrap() {
+        panic!(
+            "the download ended as the spare was detached: {status} after {at_detach} of {size} bytes\n{}",
+            client_log()
+        );
+    }
+    assert!(
+        at_detach > 0 && at_detach < size,
+        "the download was not under way at the detach ({at_detach} bytes)"
+    );
     let kept = nodes(&trimmed);
     assert!(!kept.contains(&spare[0]), "kept {kept:?}, spare {spare:?}");
     let mut want = held.clone();
@@ -951,6 +974,39 @@ fn a_spare_attached_while_a_node_was_silent_is_detached_once_it_answers_again() 
     let mut kept = kept;
     kept.sort();
     assert_eq!(kept, want);
+    // The spare's node holds the connection while the download runs...
+    let draining = wait_for(Duration::from_secs(5), || {
+        metric(spare_node, "specter_tunnel_clients_detaching ") == 1
+    });
+    assert!(
+        draining.is_some(),
+        "the node does not count the detaching connection"
+    );
+    // ...and the visitor that was using it finishes its download whole...
+    let status = wait_exit(&mut download, Duration::from_secs(60)).expect("the download ended");
+    assert!(
+        status.success() && got() == size,
+        "the detach cut the download: {status} after {} of {size} bytes\n{}",
+        got(),
+        client_log()
+    );
+    // ...and then the spare's connection closes, without waiting for the
+    // drain deadline.
+    let done = format!("node {} detached; its visitors were done", spare[0]);
+    assert!(
+        wait_for(Duration::from_secs(15), || client_log().contains(&done)).is_some(),
+        "the spare's connection stayed open after its last visitor:\n{}",
+        client_log()
+    );
+    // The node let it go when the client closed it, not at its deadline.
+    let gone = wait_for(Duration::from_secs(10), || {
+        metric(spare_node, "specter_tunnel_clients_detaching ") == 0
+    });
+    assert!(
+        gone.is_some(),
+        "the node still holds the detached connection"
+    );
+    assert_eq!(metric(spare_node, "specter_tunnel_detaches_cut_total "), 0);
 }
 
 /// A service whose answers have no length (they end when the connection
@@ -1065,8 +1121,9 @@ fn a_client_refused_by_one_node_keeps_serving_through_the_others() {
         &via,
     )
     .args(["--attachments", "2"])
+    .env("RUST_LOG", "debug")
     .stdout(std::fs::File::create(&log).unwrap())
-    .stderr(Stdio::null())
+    .stderr(std::fs::File::create("/tmp/spare-err.log").unwrap())
     .spawn()
     .unwrap();
     let mut client = Reaped(child);

@@ -337,6 +337,18 @@ impl Collector for Snapshot {
         )?;
         gauge(
             e,
+            "tunnel_clients_detaching",
+            "Client connections detached at their client's request whose visitor streams are still running",
+            count(s.clients.detaching),
+        )?;
+        counter(
+            e,
+            "tunnel_detaches_cut",
+            "Detached client connections closed at the deadline with visitor streams still open",
+            s.clients.detaches_cut,
+        )?;
+        gauge(
+            e,
             "forwarding_pairs",
             "Tunnel and node pairs with forwarded streams open or visits waiting for one",
             count(s.clients.forwarding),

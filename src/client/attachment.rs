@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::carry::carry;
 use super::target::Target;
+use crate::net::quic::StreamBudget;
 use crate::wire::{CLOSE_DETACHED, FrameReader, write_msg};
 
 /// How often the peer sample is refreshed.
@@ -43,8 +44,13 @@ pub enum Update {
 /// How the client loop steers an attachment task.
 #[derive(Clone, Default)]
 pub struct Handle {
-    /// Cancelled to drop the attachment.
+    /// Cancelled to drop the attachment at once.
     pub drop: CancellationToken,
+    /// Cancelled to detach it without cutting a visitor: the node is told
+    /// to send no new one ([`ClientMsg::Detach`]), and the connection
+    /// closes once the streams still open have ended, or at
+    /// [`DETACH_DRAIN`].
+    pub detach: CancellationToken,
     /// Notified when gossip declared the node dead: the task then counts it
     /// silent until it hears from the node again.
     pub suspect: Arc<tokio::sync::Notify>,
@@ -62,6 +68,14 @@ pub const SILENCE_CHECK: Duration = Duration::from_millis(50);
 /// connection is kept until QUIC's idle timeout decides. A node that was only
 /// slow thus costs a spare attachment, never a dropped visitor.
 pub const CLIENT_SILENCE: Duration = Duration::from_millis(400);
+
+/// Longest a detaching attachment waits for its open visitor streams to
+/// end before it closes them: long enough for a download or an answer
+/// in flight (the HTTP ingress gives a target 100 s to begin one), and for
+/// the nodes' pooled HTTP upstreams through it to retire (see
+/// `ingress::upstream::REUSE_WITHIN`); a tunnel stream open longer than
+/// this (a shell, a WebSocket) is cut, as it would be by a node's restart.
+pub const DETACH_DRAIN: Duration = Duration::from_secs(180);
 
 /// What an attachment task needs.
 pub(super) struct Session {
@@ -88,9 +102,11 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
     } = session;
     let Handle {
         drop,
+        detach,
         suspect,
         refresh: ask_peers,
     } = handle;
+    let label = names.join(",");
     let result = async {
         let conn = endpoint
             .connect_with(config, addr, crate::net::tls::CLIENT_SERVER_NAME)?
@@ -151,14 +167,19 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
                 conn.close(CLOSE_DETACHED, b"attachment dropped");
                 return;
             }
-            stream = conn.accept_bi() => match stream {
-                Ok((s, r)) => {
-                    let (held, targets) = (budget.opened(), targets.clone());
-                    tokio::spawn(async move {
-                        let _held = held;
-                        carry(s, r, targets).await;
-                    });
+            () = detach.cancelled() => {
+                // Forgotten by the client loop too, but its visitors finish.
+                let _ = write_msg(&mut send, &ClientMsg::Detach).await;
+                let left = drain(&conn, control, &budget, &targets, &drop).await;
+                match left {
+                    Some(0) => println!("tunnel {label}: node {} detached; its visitors were done", node.id),
+                    Some(n) => println!("tunnel {label}: node {} detached at the drain deadline; {n} visitor stream(s) cut", node.id),
+                    None => {}
                 }
+                return;
+            }
+            stream = conn.accept_bi() => match stream {
+                Ok((s, r)) => carry_counted(s, r, &budget, &targets),
                 Err(e) => break e.to_string(),
             },
             // Cancel-safe: a frame split across packets survives the other
@@ -211,6 +232,66 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
         }
     };
     let _ = updates.send(Update::Lost(addr, Some(node), why)).await;
+}
+
+/// Carries a stream the node opened, counted in `budget` until it ends.
+fn carry_counted(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    budget: &Arc<StreamBudget>,
+    targets: &Arc<HashMap<String, Target>>,
+) {
+    let (held, targets) = (budget.opened(), targets.clone());
+    tokio::spawn(async move {
+        let _held = held;
+        carry(send, recv, targets).await;
+    });
+}
+
+/// A detaching attachment, after its `Detach`: carries what the node still
+/// opens until the node has ended the control stream (it sends no new
+/// visitor after that), then waits for the open streams to end, and
+/// closes. At [`DETACH_DRAIN`], or when `drop` fires, it closes whatever
+/// is left. The streams it closed, or `None` when the node closed first
+/// or `drop` fired.
+async fn drain(
+    conn: &quinn::Connection,
+    mut control: FrameReader,
+    budget: &Arc<StreamBudget>,
+    targets: &Arc<HashMap<String, Target>>,
+    drop: &CancellationToken,
+) -> Option<u32> {
+    let deadline = tokio::time::sleep(DETACH_DRAIN);
+    tokio::pin!(deadline);
+    let mut check = tokio::time::interval(SILENCE_CHECK);
+    let mut told = false;
+    // Empty at two checks in a row after the node's end: a stream the node
+    // opened just before it is in flight for a moment.
+    let mut empty = 0;
+    let left = loop {
+        tokio::select! {
+            biased;
+            () = drop.cancelled() => break None,
+            () = &mut deadline => break Some(budget.open()),
+            _ = conn.closed() => return None,
+            stream = conn.accept_bi() => match stream {
+                Ok((s, r)) => carry_counted(s, r, budget, targets),
+                Err(_) => return None,
+            },
+            // The node may still send a message or two before its end.
+            msg = control.next::<NodeMsg>(), if !told => {
+                told = msg.is_err();
+            }
+            _ = check.tick(), if told => {
+                empty = if budget.open() == 0 { empty + 1 } else { 0 };
+                if empty >= 2 {
+                    break Some(0);
+                }
+            }
+        }
+    };
+    conn.close(CLOSE_DETACHED, b"attachment detached");
+    left
 }
 
 fn refusal(code: &RefuseCode, name: Option<String>) -> String {

@@ -26,7 +26,7 @@ use specter_tunnel::dialer::Dialer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use self::attachment::CLIENT_SILENCE;
+pub use self::attachment::{CLIENT_SILENCE, DETACH_DRAIN};
 use self::attachment::{Handle, SILENCE_CHECK, Session, Update, attachment};
 pub use self::target::{Scheme, Target};
 
@@ -41,9 +41,10 @@ const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// More than k healthy attachments (a silent node that answers again after
 /// its replacement came up) are kept this long, then the newest beyond k are
-/// detached: long enough that a node flapping in and out of silence does not
-/// cost a detach and a re-attach each time, short enough that nodes do not
-/// carry unneeded attachments for long.
+/// detached (the visitors they carry finish first, see [`DETACH_DRAIN`]):
+/// long enough that a node flapping in and out of silence does not cost a
+/// detach and a re-attach each time, short enough that nodes do not carry
+/// unneeded attachments for long.
 pub const SPARE_GRACE: Duration = Duration::from_secs(10);
 /// With fewer than k healthy attachments and no node left to dial, the
 /// healthy ones ask their nodes for fresh members at most this often (the
@@ -300,6 +301,7 @@ pub async fn run(
             };
             let handle = Handle {
                 drop: stop.child_token(),
+                detach: CancellationToken::new(),
                 suspect: Arc::default(),
                 refresh: Arc::default(),
             };
@@ -407,9 +409,10 @@ pub async fn run(
         let trimmed = spares.trim(Instant::now(), &healthy_now, k);
         for node in &trimmed {
             if let Some(h) = held.remove(node) {
-                h.handle.drop.cancel();
+                // Its visitors finish first: this node still serves them.
+                h.handle.detach.cancel();
                 println!(
-                    "tunnel {name}: detached spare node {node}; {}/{k} attached",
+                    "tunnel {name}: detaching spare node {node} (its visitors finish first); {}/{k} attached",
                     healthy(&held)
                 );
             }

@@ -51,14 +51,20 @@ impl Ingress {
             stats.clone(),
         );
         let upstreams: Arc<Upstreams<ProxyBody>> = Upstreams::new();
+        let evict = || -> crate::node::tunnels::slots::WaitHook {
+            let idle = Arc::downgrade(&upstreams);
+            Box::new(move |name| {
+                if let Some(idle) = idle.upgrade() {
+                    idle.evict(name);
+                }
+            })
+        };
         // A visit that must wait for a forwarded stream of its tunnel frees
         // the ones idle connections hold.
-        let idle = Arc::downgrade(&upstreams);
-        tunnels.slots.on_wait(Box::new(move |name| {
-            if let Some(idle) = idle.upgrade() {
-                idle.evict(name);
-            }
-        }));
+        tunnels.slots.on_wait(evict());
+        // A client leaving this node waits for its open streams to end
+        // before it closes: idle upstreams over it would only hold it.
+        tunnels.on_detach(evict());
         Arc::new(Ingress {
             tunnels,
             limits,

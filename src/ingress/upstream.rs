@@ -36,6 +36,15 @@ pub const IDLE_TOTAL: usize = 1_024;
 /// closes one just as it is reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A connection is not reused once it is this old, however busy: so a
+/// pooled path follows the tunnel's attachments as they change, and one
+/// through an attachment its client is detaching (which waits for the
+/// streams on it to end, see `client::attachment::DETACH_DRAIN`) retires
+/// within this time instead of being reused for ever. nginx bounds a
+/// kept-alive upstream's life the same way (`keepalive_time`). It costs one
+/// tunnel stream and target connection per pooled connection per minute.
+pub const REUSE_WITHIN: Duration = Duration::from_secs(60);
+
 /// How often the pool drops what expired or closed, whatever the traffic
 /// (an answer sweeps only its own tunnel's list): a tunnel that went quiet
 /// keeps its connections, their tunnel streams and the client's target
@@ -47,12 +56,19 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub struct Upstream<B> {
     pub sender: SendRequest<B>,
     pub stream: OpenOutcome,
+    /// When its stream was opened (see [`REUSE_WITHIN`]).
+    opened: Instant,
 }
 
 impl<B> Upstream<B> {
-    /// `sender`'s connection runs over the stream `stream` is the handle of.
+    /// `sender`'s connection runs over the stream `stream` is the handle of,
+    /// opened just now.
     pub fn new(sender: SendRequest<B>, stream: OpenOutcome) -> Self {
-        Upstream { sender, stream }
+        Upstream {
+            sender,
+            stream,
+            opened: Instant::now(),
+        }
     }
 }
 
@@ -63,7 +79,9 @@ struct Idle<B> {
 
 impl<B> Idle<B> {
     fn live(&self) -> bool {
-        self.since.elapsed() < IDLE_TIMEOUT && !self.upstream.sender.is_closed()
+        self.since.elapsed() < IDLE_TIMEOUT
+            && self.upstream.opened.elapsed() < REUSE_WITHIN
+            && !self.upstream.sender.is_closed()
     }
 }
 
@@ -71,6 +89,12 @@ impl<B> Idle<B> {
 struct Lists<B> {
     by_tunnel: HashMap<String, Vec<Idle<B>>>,
     total: usize,
+    /// When each tunnel's connections were last evicted: one opened before
+    /// that and answering then is not kept after its answer either. At
+    /// most [`IDLE_TOTAL`] tunnels; each is forgotten after
+    /// [`REUSE_WITHIN`], past which no connection opened before is kept
+    /// anyway.
+    evicted: HashMap<String, Instant>,
 }
 
 impl<B> Lists<B> {
@@ -93,7 +117,10 @@ impl<B> Lists<B> {
                     self.by_tunnel.remove(name);
                 }
             }
-            None => self.by_tunnel.retain(|_, list| prune(list)),
+            None => {
+                self.by_tunnel.retain(|_, list| prune(list));
+                self.evicted.retain(|_, at| at.elapsed() < REUSE_WITHIN);
+            }
         }
         self.total -= dropped;
     }
@@ -112,6 +139,7 @@ impl<B: Send + 'static> Upstreams<B> {
             idle: Mutex::new(Lists {
                 by_tunnel: HashMap::new(),
                 total: 0,
+                evicted: HashMap::new(),
             }),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -167,7 +195,11 @@ impl<B> Upstreams<B> {
     pub fn put(&self, name: &str, upstream: Upstream<B>) {
         let mut idle = self.idle();
         idle.sweep(Some(name));
-        if idle.total >= IDLE_TOTAL {
+        let evicted_since = idle
+            .evicted
+            .get(name)
+            .is_some_and(|&at| upstream.opened < at);
+        if idle.total >= IDLE_TOTAL || upstream.opened.elapsed() >= REUSE_WITHIN || evicted_since {
             return;
         }
         let kept = Idle {
@@ -184,14 +216,19 @@ impl<B> Upstreams<B> {
         idle.total += 1;
     }
 
-    /// Closes every idle connection to `name`: visits of that tunnel wait
-    /// for a forwarded stream, and idle ones hold theirs (see
-    /// `node::tunnels::slots`).
+    /// Closes every idle connection to `name`, and keeps none open now
+    /// once it is answered: visits of that tunnel wait for a forwarded
+    /// stream, and idle ones hold theirs (see `node::tunnels::slots`), or
+    /// the tunnel's client is leaving this node and waits for the streams
+    /// they hold.
     pub fn evict(&self, name: &str) {
         let evicted = {
             let mut idle = self.idle();
             let evicted = idle.by_tunnel.remove(name);
             idle.total -= evicted.as_ref().map_or(0, Vec::len);
+            if idle.evicted.len() < IDLE_TOTAL || idle.evicted.contains_key(name) {
+                idle.evicted.insert(name.to_string(), Instant::now());
+            }
             evicted
         };
         drop(evicted);
@@ -379,6 +416,50 @@ mod tests {
         pool.idle().by_tunnel.get_mut("quiet").unwrap()[0].since -= IDLE_TIMEOUT;
         tokio::time::sleep(SWEEP_EVERY * 2).await;
         assert!(pool.is_empty(), "the sweep left an expired connection");
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_its_reuse_age_is_neither_taken_nor_kept() {
+        let pool = Upstreams::new();
+        let (young, _far) = sender().await;
+        let (mut old, _far_old) = sender().await;
+        // `REUSE_WITHIN` reads the real clock: age one by hand.
+        old.opened -= REUSE_WITHIN;
+        pool.put("a", old);
+        assert!(pool.is_empty(), "an old connection was kept");
+        pool.put("a", young);
+        let mut taken = pool.take("a").expect("a young one is reused");
+        // It ages while it answers: back in the pool, it is not reused.
+        taken.opened -= REUSE_WITHIN;
+        pool.put("a", taken);
+        assert!(pool.take("a").is_none());
+        // Nor is one that aged while idle.
+        let (young, _far) = sender().await;
+        pool.put("a", young);
+        pool.idle().by_tunnel.get_mut("a").unwrap()[0]
+            .upstream
+            .opened -= REUSE_WITHIN;
+        assert!(pool.take("a").is_none());
+        assert!(pool.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_answering_through_an_eviction_is_not_kept_after() {
+        let pool = Upstreams::new();
+        let (s, _far) = sender().await;
+        pool.put("a", s);
+        let busy = pool.take("a").unwrap();
+        let (idle, _far_idle) = sender().await;
+        pool.put("a", idle);
+        pool.evict("a");
+        assert!(pool.is_empty());
+        // The one that was answering comes back: closed, not kept.
+        pool.put("a", busy);
+        assert!(pool.is_empty());
+        // One opened since is kept.
+        let (fresh, _far_fresh) = sender().await;
+        pool.put("a", fresh);
+        assert!(pool.take("a").is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -105,6 +105,11 @@ impl StreamBudget {
         }
         HeldStream(self.clone())
     }
+
+    /// Incoming streams open now.
+    pub fn open(&self) -> u32 {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Drop for HeldStream {

@@ -67,6 +67,12 @@ pub struct ClientsStatus {
     pub forwarding: usize,
     /// Visitors forwarded here whose splice broke or stalled.
     pub forwards_broken: u64,
+    /// Client connections detached at their client's request, waiting for
+    /// their streams to end.
+    pub detaching: u64,
+    /// Detached client connections closed at the deadline with streams
+    /// still open.
+    pub detaches_cut: u64,
 }
 
 /// At most this many tunnels are listed in `/status` (the totals cover
@@ -163,6 +169,8 @@ impl NodeState {
                     forward_waits: t.slots.waited.load(std::sync::atomic::Ordering::Relaxed),
                     forwarding: t.slots.len(),
                     forwards_broken: t.forwards_broken.load(std::sync::atomic::Ordering::Relaxed),
+                    detaching: t.detaching.load(std::sync::atomic::Ordering::Relaxed),
+                    detaches_cut: t.detaches_cut.load(std::sync::atomic::Ordering::Relaxed),
                 }
             },
         }

@@ -72,7 +72,8 @@ pub fn silent_taken() -> usize {
 
 /// An HTTP/1.1 service on 127.0.0.1: answers `path=… xff=… proto=…` (what
 /// reached it), echoes bytes after an `Upgrade`, for `/big/N` sends N
-/// bytes, and never answers `/silent`: it holds that connection open for
+/// bytes, for `/slow/N` sends N bytes at 20 KiB/s, and never answers
+/// `/silent`: it holds that connection open for
 /// the rest of the test process, whatever the other side does (a hung
 /// application server; see [`silent_taken`]).
 pub fn http_service() -> std::net::SocketAddr {
@@ -130,6 +131,25 @@ pub fn http_service() -> std::net::SocketAddr {
                         conn,
                         "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                     );
+                    return;
+                }
+                if let Some(n) = path
+                    .strip_prefix("/slow/")
+                    .and_then(|n| n.parse::<usize>().ok())
+                {
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+                    );
+                    let mut left = n;
+                    while left > 0 {
+                        let k = left.min(2048);
+                        if conn.write_all(&vec![b'x'; k]).is_err() {
+                            return;
+                        }
+                        left -= k;
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
                     return;
                 }
                 if let Some(n) = path

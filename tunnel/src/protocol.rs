@@ -8,7 +8,9 @@
 //!   [`NodeMsg::Refused`] with a typed [`RefuseCode`]. Later the client may ask
 //!   for [`ClientMsg::Peers`]; the node pushes [`NodeMsg::Down`] whenever
 //!   gossip declares nodes dead, so the client drops attachments to them
-//!   without waiting for its own timeouts.
+//!   without waiting for its own timeouts. A client that no longer needs
+//!   an attachment sends [`ClientMsg::Detach`] and waits for the end of the
+//!   control stream and of the visitor streams still open before closing.
 //! - For each visitor the node opens a bi-stream to the client and writes a
 //!   [`Visit`] header, which may carry the visitor's first bytes
 //!   ([`Visit::early`]) so they need not wait for the client's answer; raw
@@ -58,6 +60,14 @@ pub enum ClientMsg {
     },
     /// Ask for a sample of live nodes to attach to.
     Peers,
+    /// Send no new visitor over this connection: the node takes it off
+    /// the client's names as if it had closed, then finishes its side of
+    /// the control stream. Streams already open run to their end; the
+    /// client closes the connection once they have (see the client's
+    /// drain deadline), so detaching an attachment it no longer needs cuts
+    /// no visitor. A node that predates this message reads it as a
+    /// malformed one and ends the session the same way.
+    Detach,
 }
 
 /// Node → client on the control stream.
@@ -210,6 +220,42 @@ pub const MAX_NAMES_PER_CLIENT: usize = 16;
 mod tests {
     use super::*;
     use specter_gossip::NodeId;
+
+    #[test]
+    fn a_detach_is_a_clear_error_to_a_node_that_predates_it() {
+        /// The client messages before `Detach` existed.
+        #[derive(Debug, PartialEq, Deserialize)]
+        enum Before {
+            Hello {
+                version: u16,
+                names: Vec<String>,
+                token: Option<String>,
+            },
+            Peers,
+        }
+        let detach = encode(&ClientMsg::Detach).unwrap();
+        assert_eq!(
+            decode_frame::<ClientMsg>(&detach).unwrap(),
+            ClientMsg::Detach
+        );
+        assert!(decode_frame::<Before>(&detach).is_err());
+        // The older messages still read the same both ways.
+        let peers = encode(&ClientMsg::Peers).unwrap();
+        assert_eq!(decode_frame::<Before>(&peers).unwrap(), Before::Peers);
+        let hello = ClientMsg::Hello {
+            version: TUNNEL_PROTOCOL_VERSION,
+            names: vec!["a".into()],
+            token: Some("t".into()),
+        };
+        assert_eq!(
+            decode_frame::<Before>(&encode(&hello).unwrap()).unwrap(),
+            Before::Hello {
+                version: TUNNEL_PROTOCOL_VERSION,
+                names: vec!["a".into()],
+                token: Some("t".into()),
+            }
+        );
+    }
 
     #[test]
     fn messages_round_trip_through_frames() {

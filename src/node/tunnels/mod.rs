@@ -95,7 +95,16 @@ pub struct Tunnels {
     /// Visitors forwarded here whose splice broke or stalled (a side took
     /// nothing for the stall deadline), both sides reset.
     pub forwards_broken: std::sync::atomic::AtomicU64,
+    /// Client connections detached at their client's request whose
+    /// streams are still running (see `session::DETACH_LINGER`).
+    pub detaching: std::sync::atomic::AtomicU64,
+    /// Of those, the ones closed at `session::DETACH_LINGER` with streams
+    /// still open.
+    pub detaches_cut: std::sync::atomic::AtomicU64,
     public: std::sync::OnceLock<Ingress>,
+    /// Called with each name a client connection leaves (see
+    /// [`Tunnels::on_detach`]).
+    on_detach: std::sync::OnceLock<slots::WaitHook>,
 }
 
 impl Tunnels {
@@ -125,8 +134,18 @@ impl Tunnels {
             slow: Mutex::new(HashMap::new()),
             slots,
             forwards_broken: std::sync::atomic::AtomicU64::new(0),
+            detaching: std::sync::atomic::AtomicU64::new(0),
+            detaches_cut: std::sync::atomic::AtomicU64::new(0),
             public: std::sync::OnceLock::new(),
+            on_detach: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets what to do with a tunnel's name when a client connection
+    /// leaves it here (the HTTP ingress closes the tunnel's idle upstreams:
+    /// idle, they would hold the streams a detaching client waits on).
+    pub fn on_detach(&self, hook: slots::WaitHook) {
+        let _ = self.on_detach.set(hook);
     }
 
     /// Open client connections attached here for `name`.

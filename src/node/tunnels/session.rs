@@ -1,7 +1,7 @@
 //! A tunnel client's connection to this node: the hello (names, token),
 //! registration of each name in the DHT, the session that renews the leases,
 //! answers peer-sample requests and pushes down notices, and the detach when
-//! the connection ends.
+//! the connection ends or the client asks for it.
 
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -21,7 +21,9 @@ use crate::clock::now_ms;
 use crate::net::tls::peer_client_id;
 use crate::node::membership::READY_WAIT;
 use crate::node::membership::{MemberChange, Update};
-use crate::wire::{CLOSE_REFUSED, CLOSE_REPLACED, FrameReader, read_frame, write_msg};
+use crate::wire::{
+    CLOSE_DETACHED, CLOSE_REFUSED, CLOSE_REPLACED, FrameReader, read_frame, write_msg,
+};
 
 /// A client must send its hello this soon after connecting.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +36,13 @@ pub const RENEW_RETRY: Duration = Duration::from_secs(2);
 /// After a refusal is written, how long the client gets to read it before the
 /// connection closes.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// A client that asked to detach closes its connection once the streams
+/// open on it have ended (it waits at most
+/// [`crate::client::DETACH_DRAIN`]); the node keeps its side open that long
+/// and a little more, so that the client, not the node, closes it: a close
+/// drops whatever the closing side has not sent yet. Past this, the
+/// connection is closed with what is left on it.
+pub const DETACH_LINGER: Duration = Duration::from_secs(crate::client::DETACH_DRAIN.as_secs() + 20);
 
 impl Tunnels {
     /// Serves one client connection until it closes or `stop` fires.
@@ -79,12 +88,21 @@ impl Tunnels {
             node: self.me,
             ingress: self.public.get().cloned(),
         };
+        let mut detaching = false;
         if write_msg(&mut send, &welcome).await.is_ok() {
             let mut control = FrameReader::new(recv);
-            self.session(&conn, client, &mut names, &mut send, &mut control, &stop)
+            detaching = self
+                .session(&conn, client, &mut names, &mut send, &mut control, &stop)
                 .await;
         }
         let gone = self.detach_here(&names, &conn);
+        if let Some(evict) = self.on_detach.get() {
+            names.iter().for_each(|n| evict(n));
+        }
+        // No new visitor comes over this connection now: a client that
+        // asked to detach reads this end, then waits for the streams still
+        // open before it closes.
+        let _ = send.finish();
         tracing::info!(%remote, %client, ?names, "client detached");
         for n in &gone {
             // The client may have reconnected here while we waited on the DHT:
@@ -99,6 +117,26 @@ impl Tunnels {
             };
             let _ = self.dht.put(n, op).await;
         }
+        if detaching {
+            self.linger(&conn, &stop).await;
+        }
+    }
+
+    /// Holds a detached client connection until its client closes it (once
+    /// its streams have ended), or [`DETACH_LINGER`], or `stop`.
+    async fn linger(&self, conn: &Connection, stop: &CancellationToken) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.detaching.fetch_add(1, Relaxed);
+        tokio::select! {
+            _ = conn.closed() => {}
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(DETACH_LINGER) => {
+                self.detaches_cut.fetch_add(1, Relaxed);
+                tracing::info!(remote = %conn.remote_address(), "detached client kept its connection past the deadline; closed");
+                conn.close(CLOSE_DETACHED, b"detach deadline");
+            }
+        }
+        self.detaching.fetch_sub(1, Relaxed);
     }
 
     /// Lists `conn` under `names`, dropping the client's older connections
@@ -136,6 +174,8 @@ impl Tunnels {
         gone
     }
 
+    /// The attached session; true when it ended at the client's request
+    /// ([`ClientMsg::Detach`]).
     async fn session(
         &self,
         conn: &Connection,
@@ -144,7 +184,7 @@ impl Tunnels {
         send: &mut SendStream,
         control: &mut FrameReader,
         stop: &CancellationToken,
-    ) {
+    ) -> bool {
         let since = std::time::Instant::now();
         let mut renew = tokio::time::interval(RENEW);
         renew.tick().await;
@@ -152,14 +192,14 @@ impl Tunnels {
         loop {
             tokio::select! {
                 biased;
-                () = stop.cancelled() => return,
-                _ = conn.closed() => return,
+                () = stop.cancelled() => return false,
+                _ = conn.closed() => return false,
                 update = members.next() => match update {
-                    None => return,
+                    None => return false,
                     Some(Update::Change(MemberChange::Down(peer))) => {
                         let down = NodeMsg::Down { nodes: vec![peer.id] };
                         if write_msg(send, &down).await.is_err() {
-                            return;
+                            return false;
                         }
                     }
                     Some(Update::Change(MemberChange::Up(_)) | Update::Resync(_)) => {
@@ -171,7 +211,7 @@ impl Tunnels {
                 },
                 _ = renew.tick() => {
                     if !self.renew(conn, client, names, send, &mut renew, since).await {
-                        return;
+                        return false;
                     }
                 }
                 // Cancel-safe: a frame split across packets survives the
@@ -180,10 +220,14 @@ impl Tunnels {
                     Ok(ClientMsg::Peers) => {
                         let nodes = self.peer_sample();
                         if write_msg(send, &NodeMsg::Peers { nodes }).await.is_err() {
-                            return;
+                            return false;
                         }
                     }
-                    Ok(ClientMsg::Hello { .. }) | Err(_) => return,
+                    Ok(ClientMsg::Detach) => {
+                        tracing::info!(%client, "client detaching; its open streams run to their end");
+                        return true;
+                    }
+                    Ok(ClientMsg::Hello { .. }) | Err(_) => return false,
                 },
             }
         }
