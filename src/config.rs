@@ -384,6 +384,37 @@ mod tests {
     }
 
     #[test]
+    fn a_client_grace_period_comes_from_the_flag_the_file_or_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "not read as PEM here").unwrap();
+        let file: TunnelSettings = toml::from_str(&format!(
+            "via = [\"127.0.0.1:7000\"]\nca = {ca:?}\ngrace_period = 5\n[[tunnels]]\nto = \"http://127.0.0.1:3000\"\n"
+        ))
+        .unwrap();
+        let grace = |flags: TunnelSettings, file: TunnelSettings| {
+            flags.over(file).resolve().unwrap().grace_period
+        };
+        assert_eq!(
+            grace(TunnelSettings::default(), file.clone()),
+            std::time::Duration::from_secs(5)
+        );
+        let flags = TunnelSettings {
+            grace_period: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(grace(flags, file.clone()), std::time::Duration::ZERO);
+        let without = TunnelSettings {
+            grace_period: None,
+            ..file
+        };
+        assert_eq!(
+            grace(TunnelSettings::default(), without),
+            crate::client::GRACE_PERIOD
+        );
+    }
+
+    #[test]
     fn a_reload_lists_what_only_a_restart_changes() {
         let base = NodeSettings {
             listen: Some("127.0.0.2:7000".parse().unwrap()),
@@ -465,6 +496,8 @@ pub struct TunnelSettings {
     /// Ready file (JSON: names, public URLs, attachments), rewritten on
     /// every change.
     pub ready_file: Option<PathBuf>,
+    /// Seconds a stopping client lets visitors under way finish.
+    pub grace_period: Option<u64>,
     /// The tunnels (`[[tunnels]]` in the file).
     #[serde(default)]
     pub tunnels: Vec<TunnelEntry>,
@@ -494,6 +527,7 @@ impl TunnelSettings {
             attachments: self.attachments.or(file.attachments),
             token: self.token.or(file.token),
             ready_file: self.ready_file.or(file.ready_file),
+            grace_period: self.grace_period.or(file.grace_period),
             tunnels: if self.tunnels.is_empty() {
                 file.tunnels
             } else {
@@ -547,6 +581,9 @@ impl TunnelSettings {
             token,
             extra,
             ready_file: self.ready_file,
+            grace_period: self
+                .grace_period
+                .map_or(crate::client::GRACE_PERIOD, std::time::Duration::from_secs),
         })
     }
 }

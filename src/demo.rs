@@ -180,6 +180,7 @@ impl Demo {
             token: None,
             extra: Vec::new(),
             ready_file: None,
+            grace_period: crate::client::GRACE_PERIOD,
         };
         let endpoint = bind_endpoint("127.0.0.1:0".parse()?)?;
         let client_stop = cancel.clone();

@@ -1148,3 +1148,88 @@ fn a_client_refused_by_one_node_keeps_serving_through_the_others() {
         serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
     assert_eq!(r["healthy"], 1);
 }
+
+#[test]
+fn a_stopping_client_lets_the_visitors_under_way_finish_unless_told_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = (97..=98).map(|i| format!("127.0.0.{i}")).collect();
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
+    let service = http_service();
+    let ready = client_ready_file(&dir.path().join("stopping"));
+    let start = || {
+        let child = tunnel_cmd(
+            dir.path(),
+            "stopping",
+            "stopping",
+            &format!("http://{service}"),
+            &procs[0].quic(),
+        )
+        .args(["--attachments", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        let pid = child.id();
+        let client = Reaped(child);
+        wait_client(&ready, Duration::from_secs(20), |r| {
+            r["pid"] == pid && r["healthy"] == 2
+        })
+        .expect("attached to both nodes");
+        client
+    };
+    let https = procs[1].https();
+    let (ip, port) = https.rsplit_once(':').unwrap();
+    let host = format!("stopping.{DOMAIN}");
+    let body = dir.path().join("body");
+    let download = |size: usize| {
+        let _ = std::fs::remove_file(&body);
+        let curl = Command::new("curl")
+            .args(["-s", "-m", "60", "--http1.1", "-o", body.to_str().unwrap()])
+            .args(["--cacert", dir.path().join("ca/ca.crt").to_str().unwrap()])
+            .args(["--resolve", &format!("{host}:{port}:{ip}")])
+            .arg(format!("https://{host}:{port}/slow/{size}"))
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_for(Duration::from_secs(10), || got(&body) > 0).is_some(),
+            "the download never started"
+        );
+        curl
+    };
+
+    // A download of about 5 s is under way when the client is told to stop:
+    // it finishes whole, then the client exits by itself.
+    let mut client = start();
+    let size = 100 * 1024;
+    let mut curl = download(size);
+    signal(client.0.id(), "-TERM");
+    let status = wait_exit(&mut curl, Duration::from_secs(30)).expect("the download ended");
+    assert!(
+        status.success() && got(&body) == size as u64,
+        "the stop cut the download: {status} after {} of {size} bytes",
+        got(&body)
+    );
+    let exit = wait_exit(&mut client.0, Duration::from_secs(10))
+        .expect("the client did not exit once its visitors were done");
+    assert!(exit.success(), "{exit}");
+
+    // Told twice, it stops at once, and the visitor sees its download cut.
+    let mut client = start();
+    let mut curl = download(400 * 1024);
+    signal(client.0.id(), "-TERM");
+    assert!(
+        wait_exit(&mut client.0, Duration::from_secs(1)).is_none(),
+        "the client exited with a visitor under way"
+    );
+    signal(client.0.id(), "-TERM");
+    let exit = wait_exit(&mut client.0, Duration::from_secs(5))
+        .expect("a second signal did not stop the client");
+    assert!(exit.success(), "{exit}");
+    let status = wait_exit(&mut curl, Duration::from_secs(30)).expect("the visitor was never told");
+    assert_eq!(status.code(), Some(18), "after {} bytes", got(&body));
+}
+
+fn got(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}

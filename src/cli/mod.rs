@@ -74,6 +74,10 @@ enum Command {
         /// Write JSON (names, public URLs, attachments) here on every change.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Seconds visitors under way may take to finish once the client is
+        /// told to stop (default 30; a second signal stops it at once).
+        #[arg(long, value_name = "SECS")]
+        grace_period: Option<u64>,
     },
     /// Reach a tunnel's TCP service through a node's ingress.
     Connect {
@@ -236,6 +240,7 @@ pub fn main() -> ExitCode {
             attachments,
             token,
             ready_file,
+            grace_period,
         } => {
             let flags = crate::config::TunnelSettings {
                 via,
@@ -244,6 +249,7 @@ pub fn main() -> ExitCode {
                 attachments,
                 token,
                 ready_file,
+                grace_period,
                 tunnels: to
                     .map(|to| vec![crate::config::TunnelEntry { name, to }])
                     .unwrap_or_default(),
@@ -259,13 +265,18 @@ pub fn main() -> ExitCode {
             crate::files::raise_descriptor_limit();
             block_on(async move {
                 let endpoint = bind_endpoint("0.0.0.0:0".parse()?)?;
+                // The first signal stops it once visitors under way are
+                // done; a second, at once.
                 let stop = tokio_util::sync::CancellationToken::new();
-                let stopper = stop.clone();
+                let now = tokio_util::sync::CancellationToken::new();
+                let (stopper, hurry) = (stop.clone(), now.clone());
                 tokio::spawn(async move {
                     shutdown_signal().await;
                     stopper.cancel();
+                    shutdown_signal().await;
+                    hurry.cancel();
                 });
-                crate::client::run(options, endpoint, stop).await
+                crate::client::run_until(options, endpoint, stop, now).await
             })
         }
         Command::Connect {

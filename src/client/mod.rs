@@ -46,6 +46,14 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// detach and a re-attach each time, short enough that nodes do not carry
 /// unneeded attachments for long.
 pub const SPARE_GRACE: Duration = Duration::from_secs(10);
+/// A stopping client (the first SIGTERM or Ctrl-C) detaches everywhere and
+/// waits this long at most for the visitors under way to finish, so that a
+/// restart or an upgrade cuts none that ends within it; then it closes what
+/// is left. A second signal stops it at once. The default of
+/// `--grace-period` (`grace_period` in `client.toml`); as cloudflared's,
+/// and under systemd's default stop timeout (90 s); Docker's default (10 s)
+/// kills it sooner unless `--stop-timeout` says otherwise.
+pub const GRACE_PERIOD: Duration = Duration::from_secs(30);
 /// With fewer than k healthy attachments and no node left to dial, the
 /// healthy ones ask their nodes for fresh members at most this often (the
 /// sample may predate nodes that joined since).
@@ -75,6 +83,9 @@ pub struct ClientOptions {
     pub extra: Vec<(String, Target)>,
     /// Written (JSON: names, public URLs, attachments) on every change.
     pub ready_file: Option<PathBuf>,
+    /// How long a stopping client lets visitors under way finish (see
+    /// [`GRACE_PERIOD`]).
+    pub grace_period: Duration,
 }
 
 /// The client's key and name, created on first run.
@@ -229,11 +240,24 @@ fn write_ready(
     }
 }
 
-/// Runs the client until `stop` fires or a node refuses it.
+/// Runs the client until `stop` fires (then it closes its attachments at
+/// once) or a node refuses it.
 pub async fn run(
     options: ClientOptions,
     endpoint: Endpoint,
     stop: CancellationToken,
+) -> Result<()> {
+    run_until(options, endpoint, stop.clone(), stop).await
+}
+
+/// Runs the client until `stop` fires or a node refuses it. Stopping, it
+/// detaches from every node and lets the visitors under way finish, for at
+/// most [`GRACE_PERIOD`] or until `now` fires.
+pub async fn run_until(
+    options: ClientOptions,
+    endpoint: Endpoint,
+    stop: CancellationToken,
+    now: CancellationToken,
 ) -> Result<()> {
     let state = load_state(&options.state_dir, options.name.as_deref())?;
     let config = client_config(&options, &state)?;
@@ -282,7 +306,11 @@ pub async fn run(
     let mut tick = tokio::time::interval(SILENCE_CHECK);
     let mut spares = Spares::default();
     let mut asked_peers: Option<Instant> = None;
+    let mut tasks = tokio::task::JoinSet::new();
+    // Drops every attachment at once, spares still detaching included.
+    let hard = now.child_token();
     loop {
+        while tasks.try_join_next().is_some() {}
         // Top up to k healthy attachments from whatever is not backing off.
         while healthy(&held) + pending.len() < k {
             let busy: HashSet<SocketAddr> = held
@@ -300,7 +328,7 @@ pub async fn run(
                 break;
             };
             let handle = Handle {
-                drop: stop.child_token(),
+                drop: hard.child_token(),
                 detach: CancellationToken::new(),
                 suspect: Arc::default(),
                 refresh: Arc::default(),
@@ -315,11 +343,11 @@ pub async fn run(
                 updates: tx.clone(),
                 handle,
             };
-            tokio::spawn(attachment(session, addr));
+            tasks.spawn(attachment(session, addr));
         }
         let changed = tokio::select! {
             biased;
-            () = stop.cancelled() => return Ok(()),
+            () = stop.cancelled() => break,
             Some(update) = rx.recv() => match update {
                 Update::Attached(dialed, peer, ingress) => {
                     if let Some(ingress) = ingress.filter(|_| public.is_empty()) {
@@ -420,6 +448,43 @@ pub async fn run(
         let changed = changed || !trimmed.is_empty();
         if changed && let Some(path) = &options.ready_file {
             write_ready(path, &names, &public, &held, k);
+        }
+    }
+    if now.is_cancelled() {
+        // Each closes its connection as it ends.
+        tasks.detach_all();
+        return Ok(());
+    }
+    // Stopping: no node sends a new visitor, and those under way finish.
+    println!(
+        "tunnel {name}: stopping; visitors under way finish first (at most {} s; signal again to stop now)",
+        options.grace_period.as_secs()
+    );
+    for h in held.values() {
+        h.handle.detach.cancel();
+    }
+    for h in pending.values() {
+        h.drop.cancel();
+    }
+    let deadline = tokio::time::sleep(options.grace_period);
+    tokio::pin!(deadline);
+    let mut cut = false;
+    loop {
+        tokio::select! {
+            biased;
+            () = now.cancelled(), if !cut => cut = true,
+            () = &mut deadline, if !cut => {
+                println!("tunnel {name}: stopping now; visitors still under way are cut");
+                cut = true;
+            }
+            joined = tasks.join_next() => if joined.is_none() {
+                return Ok(());
+            },
+            // Read, so that no attachment waits on a full channel.
+            Some(_) = rx.recv() => {}
+        }
+        if cut {
+            hard.cancel();
         }
     }
 }

@@ -434,6 +434,7 @@ async fn run(net: Net) -> Report {
             },
         )],
         ready_file: Some(ready_file.clone()),
+        grace_period: specter::client::GRACE_PERIOD,
     };
     let client = tokio::spawn(specter::client::run(
         options,
