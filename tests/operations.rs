@@ -440,6 +440,7 @@ fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
         "specter_clients_busy",
         "specter_ingress_broken",
         "specter_tunnel_detaches_cut",
+        "specter_client_peer_requests_coalesced",
     ] {
         assert_eq!(family(name).family_type, OpenMetricsType::Counter, "{name}");
     }

@@ -1233,3 +1233,105 @@ fn a_stopping_client_lets_the_visitors_under_way_finish_unless_told_twice() {
 fn got(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
+
+#[test]
+fn a_client_asking_for_peers_in_a_loop_gets_one_answer_per_gap() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use specter::wire::{FrameReader, write_msg};
+    use specter_tunnel::protocol::{ClientMsg, NodeMsg, TUNNEL_PROTOCOL_VERSION};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips = vec!["127.0.0.99".to_string()];
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    let node = start_node(dir.path(), &dirs[0], &ips[0], None);
+    let ca_pem = std::fs::read_to_string(dir.path().join("ca/ca.crt")).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (sent, answered, after) = runtime.block_on(async {
+        // A client of its own, speaking the protocol directly.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["specter-client.invalid".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = specter::net::tls::client_quic_config(
+            &ca_pem,
+            CertificateDer::from(cert.der().to_vec()),
+            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let endpoint = specter::net::bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = endpoint
+            .connect_with(
+                config,
+                node.quic().parse().unwrap(),
+                specter::net::tls::CLIENT_SERVER_NAME,
+            )
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let hello = ClientMsg::Hello {
+            version: TUNNEL_PROTOCOL_VERSION,
+            names: vec!["peers-loop".into()],
+            token: None,
+        };
+        write_msg(&mut send, &hello).await.unwrap();
+        let mut control = FrameReader::new(recv);
+        let welcome = control.next::<NodeMsg>().await.unwrap();
+        assert!(matches!(welcome, NodeMsg::Welcome { .. }), "{welcome:?}");
+        let answers = Arc::new(AtomicUsize::new(0));
+        let counted = answers.clone();
+        tokio::spawn(async move {
+            while let Ok(msg) = control.next::<NodeMsg>().await {
+                if matches!(msg, NodeMsg::Peers { .. }) {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        // Asks as fast as the node takes the requests, for 2 s.
+        let start = Instant::now();
+        let mut sent = 0;
+        while start.elapsed() < Duration::from_secs(2) {
+            write_msg(&mut send, &ClientMsg::Peers).await.unwrap();
+            sent += 1;
+        }
+        let answered = answers.load(Ordering::SeqCst);
+        // Once the answers have settled (none for a second), a request is
+        // answered at once: the client is still served.
+        let mut settled = answers.load(Ordering::SeqCst);
+        let quiet = wait_for(Duration::from_secs(10), || {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = answers.load(Ordering::SeqCst);
+            std::mem::replace(&mut settled, now) == now
+        });
+        assert!(quiet.is_some(), "the answers never settled");
+        write_msg(&mut send, &ClientMsg::Peers).await.unwrap();
+        let last = wait_for(Duration::from_secs(1), || {
+            answers.load(Ordering::SeqCst) > settled
+        });
+        (sent, answered, last)
+    });
+    println!("{sent} peer requests in 2 s, {answered} answers");
+    // One answer at once, then at most one per 250 ms.
+    assert!(sent > 1_000, "only {sent} requests sent");
+    assert!(
+        (2..=10).contains(&answered),
+        "{answered} answers to {sent} requests in 2 s"
+    );
+    assert!(
+        after.is_some(),
+        "a request after the flood was not answered ({answered} answers to {sent} requests)"
+    );
+    let coalesced = metric(&node, "specter_client_peer_requests_coalesced_total ");
+    assert!(
+        coalesced + answered as u64 + 2 >= sent as u64,
+        "{coalesced} coalesced, {answered} answered, {sent} sent"
+    );
+}

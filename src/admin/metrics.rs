@@ -347,6 +347,12 @@ impl Collector for Snapshot {
             "Detached client connections closed at the deadline with visitor streams still open",
             s.clients.detaches_cut,
         )?;
+        counter(
+            e,
+            "client_peer_requests_coalesced",
+            "Peer-sample requests from clients answered together with an earlier one (at most one answer per 250 ms and client)",
+            s.clients.peers_coalesced,
+        )?;
         gauge(
             e,
             "forwarding_pairs",

@@ -73,6 +73,8 @@ pub struct ClientsStatus {
     /// Detached client connections closed at the deadline with streams
     /// still open.
     pub detaches_cut: u64,
+    /// Client peer-sample requests answered together with an earlier one.
+    pub peers_coalesced: u64,
 }
 
 /// At most this many tunnels are listed in `/status` (the totals cover
@@ -171,6 +173,7 @@ impl NodeState {
                     forwards_broken: t.forwards_broken.load(std::sync::atomic::Ordering::Relaxed),
                     detaching: t.detaching.load(std::sync::atomic::Ordering::Relaxed),
                     detaches_cut: t.detaches_cut.load(std::sync::atomic::Ordering::Relaxed),
+                    peers_coalesced: t.peers_coalesced.load(std::sync::atomic::Ordering::Relaxed),
                 }
             },
         }

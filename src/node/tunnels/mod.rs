@@ -101,6 +101,9 @@ pub struct Tunnels {
     /// Of those, the ones closed at `session::DETACH_LINGER` with streams
     /// still open.
     pub detaches_cut: std::sync::atomic::AtomicU64,
+    /// Peer-sample requests answered together with an earlier one (see
+    /// `session::PEERS_ANSWER_GAP`).
+    pub peers_coalesced: std::sync::atomic::AtomicU64,
     public: std::sync::OnceLock<Ingress>,
     /// Called with each name a client connection leaves (see
     /// [`Tunnels::on_detach`]).
@@ -136,6 +139,7 @@ impl Tunnels {
             forwards_broken: std::sync::atomic::AtomicU64::new(0),
             detaching: std::sync::atomic::AtomicU64::new(0),
             detaches_cut: std::sync::atomic::AtomicU64::new(0),
+            peers_coalesced: std::sync::atomic::AtomicU64::new(0),
             public: std::sync::OnceLock::new(),
             on_detach: std::sync::OnceLock::new(),
         })

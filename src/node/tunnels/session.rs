@@ -29,6 +29,13 @@ use crate::wire::{
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Nodes in a peer sample.
 pub const PEER_SAMPLE: usize = 8;
+/// A client's peer-sample requests are answered at most this often; those
+/// that come in between are answered together, once the gap has passed. A
+/// client asks at most once a second when it is short of nodes, and after
+/// each down notice (a burst when several nodes die at once); without a
+/// gap, one client asking in a loop would keep a core busy sampling and
+/// encoding members.
+pub const PEERS_ANSWER_GAP: Duration = Duration::from_millis(250);
 /// A lease renewal that could not be stored (the DHT was unreachable) is
 /// tried again this soon, well inside [`LEASE`], instead of at the next
 /// [`RENEW`].
@@ -188,6 +195,9 @@ impl Tunnels {
         let since = std::time::Instant::now();
         let mut renew = tokio::time::interval(RENEW);
         renew.tick().await;
+        // A sample is owed from `next_sample` on (see PEERS_ANSWER_GAP).
+        let mut next_sample = tokio::time::Instant::now();
+        let mut owed = false;
         let mut members = self.members.subscribe();
         loop {
             tokio::select! {
@@ -214,14 +224,22 @@ impl Tunnels {
                         return false;
                     }
                 }
+                () = tokio::time::sleep_until(next_sample), if owed => {
+                    owed = false;
+                    next_sample = tokio::time::Instant::now() + PEERS_ANSWER_GAP;
+                    let nodes = self.peer_sample();
+                    if write_msg(send, &NodeMsg::Peers { nodes }).await.is_err() {
+                        return false;
+                    }
+                }
                 // Cancel-safe: a frame split across packets survives the
                 // other branches firing.
                 msg = control.next::<ClientMsg>() => match msg {
                     Ok(ClientMsg::Peers) => {
-                        let nodes = self.peer_sample();
-                        if write_msg(send, &NodeMsg::Peers { nodes }).await.is_err() {
-                            return false;
+                        if owed {
+                            self.peers_coalesced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
+                        owed = true;
                     }
                     Ok(ClientMsg::Detach) => {
                         tracing::info!(%client, "client detaching; its open streams run to their end");
