@@ -441,6 +441,8 @@ fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
         "specter_ingress_broken",
         "specter_tunnel_detaches_cut",
         "specter_client_peer_requests_coalesced",
+        "specter_gossip_meta_refused",
+        "specter_dht_requests_late",
     ] {
         assert_eq!(family(name).family_type, OpenMetricsType::Counter, "{name}");
     }

@@ -130,6 +130,10 @@ pub struct GossipStats {
     pub invalid_dropped: u64,
     /// Suspicions the member refuted before they ran out.
     pub refuted_suspicions: u64,
+    /// Metadata about a node new to us, refused because the table held
+    /// [`crate::meta::MAX_META_ENTRIES`] (only a peer forging broadcasts
+    /// for made-up ids fills it).
+    pub meta_refused: u64,
 }
 
 /// A scheduled foca timer; ordered by deadline, then by scheduling order, so
@@ -169,6 +173,8 @@ pub struct Membership {
     timers: BinaryHeap<Scheduled>,
     timer_seq: u64,
     meta: MetaTable,
+    /// See [`GossipStats::meta_refused`].
+    meta_refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
     own_meta: NodeMeta,
     transmits: VecDeque<Transmit>,
     events: VecDeque<MemberEvent>,
@@ -208,6 +214,7 @@ impl Membership {
         config.validate()?;
         let own_rng = StdRng::seed_from_u64(rng.random());
         let table = MetaTable::default();
+        let meta_refused = std::sync::Arc::<std::sync::atomic::AtomicU64>::default();
         let foca = Foca::with_custom_broadcast(
             identity,
             config.to_foca(),
@@ -216,6 +223,7 @@ impl Membership {
             MetaHandler {
                 table: table.clone(),
                 own: identity.id,
+                refused: meta_refused.clone(),
             },
         );
         let own_meta = NodeMeta {
@@ -232,6 +240,7 @@ impl Membership {
             timers: BinaryHeap::new(),
             timer_seq: 0,
             meta: table,
+            meta_refused,
             own_meta,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -515,7 +524,10 @@ impl Membership {
 
     /// Counters since start.
     pub fn stats(&self) -> GossipStats {
-        self.stats
+        GossipStats {
+            meta_refused: self.meta_refused.load(std::sync::atomic::Ordering::Relaxed),
+            ..self.stats
+        }
     }
 
     fn retry_join(&mut self, now: Instant) {

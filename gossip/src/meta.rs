@@ -92,6 +92,9 @@ pub(crate) struct MetaHandler {
     pub(crate) table: MetaTable,
     /// This node: only it publishes metadata about itself.
     pub(crate) own: NodeId,
+    /// Metadata about a node not in the table, refused because the table
+    /// held [`MAX_META_ENTRIES`].
+    pub(crate) refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl foca::BroadcastHandler<NodeIdentity> for MetaHandler {
@@ -116,7 +119,11 @@ impl foca::BroadcastHandler<NodeIdentity> for MetaHandler {
         let mut table = lock(&self.table);
         match table.get(&meta.id) {
             Some(known) if known.version() >= meta.version() => return Ok(None),
-            None if table.len() >= MAX_META_ENTRIES => return Ok(None),
+            None if table.len() >= MAX_META_ENTRIES => {
+                self.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(None);
+            }
             _ => {}
         }
         table.insert(meta.id, meta);
@@ -144,6 +151,7 @@ mod tests {
         let mut h = MetaHandler {
             table: Default::default(),
             own: NodeId(99),
+            refused: Default::default(),
         };
         assert!(
             h.receive_item(&meta(1, 5, 2).encode(), None)
@@ -169,10 +177,34 @@ mod tests {
     }
 
     #[test]
+    fn past_the_entry_bound_new_nodes_are_refused_and_counted_known_ones_updated() {
+        let mut h = MetaHandler {
+            table: Default::default(),
+            own: NodeId(99),
+            refused: Default::default(),
+        };
+        for id in 0..MAX_META_ENTRIES as u64 {
+            lock(&h.table).insert(NodeId(id), meta(id, 1, 0));
+        }
+        let new = meta(MAX_META_ENTRIES as u64, 1, 0).encode();
+        assert!(h.receive_item(&new, None).unwrap().is_none());
+        assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(lock(&h.table).len(), MAX_META_ENTRIES);
+        // A node already known still gets its newer metadata.
+        assert!(
+            h.receive_item(&meta(5, 2, 0).encode(), None)
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn malformed_metadata_is_an_error_and_stores_nothing() {
         let mut h = MetaHandler {
             table: Default::default(),
             own: NodeId(99),
+            refused: Default::default(),
         };
         assert!(h.receive_item(&[], None).is_err());
         assert!(h.receive_item(&[7, 1, 2], None).is_err());

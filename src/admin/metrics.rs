@@ -137,6 +137,11 @@ impl Collector for Snapshot {
                 "Suspicions that ran out after the member had refuted them",
                 g.refuted_suspicions,
             ),
+            (
+                "gossip_meta_refused",
+                "Metadata broadcasts about a new node refused: the table held its bound (16,384 nodes)",
+                g.meta_refused,
+            ),
         ] {
             counter(e, name, help, v)?;
         }
@@ -224,6 +229,11 @@ impl Collector for Snapshot {
                 "dht_requests_refused",
                 "DHT requests from other nodes answered Unavailable because the queue of requests waiting to be served was full",
                 t.dht_requests_refused,
+            ),
+            (
+                "dht_requests_late",
+                "DHT requests from other nodes answered Unavailable because they were not served within the 2 s request deadline",
+                t.dht_requests_late,
             ),
             (
                 "clients_busy",

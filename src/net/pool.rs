@@ -132,6 +132,7 @@ pub struct TransportStats {
     pub(super) idle_closed: AtomicU64,
     pub(super) frames_refused: AtomicU64,
     pub(super) dht_requests_refused: AtomicU64,
+    pub(super) dht_requests_late: AtomicU64,
     pub(super) clients_busy: AtomicU64,
     /// Streams other nodes hold open to this one, and limit raises.
     pub(super) streams: Arc<super::quic::StreamCounts>,
@@ -155,6 +156,9 @@ pub struct TransportCounters {
     /// DHT requests answered `Unavailable` because the served queue was
     /// full (`node::dht::SERVED_CAPACITY`).
     pub dht_requests_refused: u64,
+    /// DHT requests answered `Unavailable` because the DHT did not answer
+    /// them within the request deadline (`node::rpc::RPC_TIMEOUT`).
+    pub dht_requests_late: u64,
     /// Client connections closed busy: the queue of clients waiting to be
     /// served was full (`CLIENT_INBOX_CAPACITY`).
     pub clients_busy: u64,
@@ -605,6 +609,7 @@ impl Transport {
             idle_closed: get(&s.idle_closed),
             frames_refused: get(&s.frames_refused),
             dht_requests_refused: get(&s.dht_requests_refused),
+            dht_requests_late: get(&s.dht_requests_late),
             clients_busy: get(&s.clients_busy),
             peer_streams: get(&s.streams.held),
             stream_limit_raises: get(&s.streams.raises),
@@ -620,6 +625,12 @@ impl Transport {
     /// served was full.
     pub fn dht_request_refused(&self) {
         bump(&self.stats.dht_requests_refused);
+    }
+
+    /// A peer's DHT request was answered `Unavailable`: it was queued, but
+    /// not served within the request deadline.
+    pub fn dht_request_late(&self) {
+        bump(&self.stats.dht_requests_late);
     }
 }
 

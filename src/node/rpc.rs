@@ -147,7 +147,10 @@ async fn serve_one(stream: IncomingStream, dht: mpsc::Sender<Served>, transport:
     } else {
         match tokio::time::timeout(RPC_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
-            _ => Response::Error(ErrorCode::Unavailable),
+            _ => {
+                transport.dht_request_late();
+                Response::Error(ErrorCode::Unavailable)
+            }
         }
     };
     if let Err(e) = write_frame(&mut send, &response).await {
