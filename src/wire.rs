@@ -93,6 +93,13 @@ pub const CLOSE_DETACHED: VarInt = VarInt::from_u32(0x34);
 /// answer look complete to the visitor; this code says it is not.
 pub const STREAM_BROKEN: VarInt = VarInt::from_u32(0x35);
 
+/// Ends both halves of a stream as broken ([`STREAM_BROKEN`]): the far side
+/// sees a reset both ways, never a clean end.
+pub fn break_stream(send: &mut SendStream, recv: &mut RecvStream) {
+    let _ = send.reset(STREAM_BROKEN);
+    let _ = recv.stop(STREAM_BROKEN);
+}
+
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {

@@ -11,7 +11,7 @@ use specter_tunnel::protocol::{Visit, VisitReply};
 use tokio::io::AsyncWriteExt;
 
 use super::target::Target;
-use crate::wire::{STREAM_BROKEN, read_frame, write_frame, write_msg};
+use crate::wire::{break_stream, read_frame, write_frame, write_msg};
 
 /// A visitor stream must deliver its header this soon.
 const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,8 +41,7 @@ pub(super) async fn carry(
     };
     if let Err(why) = visit.check() {
         tracing::warn!(tunnel = %visit.name, "malformed visit header: {why}");
-        let _ = send.reset(STREAM_BROKEN);
-        let _ = recv.stop(STREAM_BROKEN);
+        break_stream(&mut send, &mut recv);
         return;
     }
     let Some(target) = targets.get(&visit.name) else {
@@ -93,7 +92,6 @@ pub(super) async fn carry(
         // Not a clean end: the node (and the visitor) must see a reset, and
         // the target a closed connection.
         tracing::info!(tunnel = %visit.name, visitor = %visit.visitor, %err, "visitor stream broken mid-way; reset");
-        let _ = send.reset(STREAM_BROKEN);
-        let _ = recv.stop(STREAM_BROKEN);
+        break_stream(&mut send, &mut recv);
     }
 }

@@ -533,7 +533,7 @@ async fn send_once(
         })
     });
     let (io, outcome) = Opening::new(open, early_limit, |pair| {
-        pair.reset(crate::wire::STREAM_BROKEN);
+        pair.reset();
     });
     let unanswered = Unanswered(Some(outcome.clone()));
     let (mut sender, connection) =
@@ -742,7 +742,7 @@ fn reset_upgraded(upgraded: hyper::upgrade::Upgraded) {
     if let Ok(parts) = upgraded.downcast::<Upstream>() {
         let mut opening = parts.io.into_inner();
         if let Some(pair) = opening.stream_mut() {
-            pair.reset(crate::wire::STREAM_BROKEN);
+            pair.reset();
         }
     }
 }

@@ -20,7 +20,6 @@ use super::limits::{Cut, IngressStats};
 use super::shared::{Ingress, idle};
 use super::watched::Watched;
 use crate::node::tunnels::visit::OpenError;
-use crate::wire::STREAM_BROKEN;
 
 /// Carries one raw-TCP visitor whose ClientHello named tunnel `name`. A
 /// tunnel that cannot be opened is refused with the alert that says why
@@ -65,7 +64,7 @@ pub(super) async fn visit(
                 // socket closed with FIN, and a cut answer would look whole).
                 ingress.stats.broken();
                 tracing::info!(%visitor, tunnel = %name, err = %e, "raw TCP visitor broken mid-stream; both sides reset");
-                tunnel.reset(STREAM_BROKEN);
+                tunnel.reset();
                 let _ = tls.get_ref().0.get_ref().set_zero_linger();
             }
         },

@@ -79,9 +79,16 @@ impl Transport {
             .and_then(|d| d.protocol);
         match Alpn::of(alpn.as_deref()) {
             Alpn::Client => {
-                if self.clients.try_send(conn.clone()).is_err() {
-                    bump(&self.stats.clients_busy);
-                    conn.close(CLOSE_BUSY, b"too many clients connecting");
+                match self.clients.try_send(conn.clone()) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                        bump(&self.stats.clients_busy);
+                        conn.close(CLOSE_BUSY, b"too many clients connecting");
+                    }
+                    // The node is stopping: nobody serves clients any more.
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                        conn.close(CLOSE_BUSY, b"node stopping");
+                    }
                 }
                 return;
             }

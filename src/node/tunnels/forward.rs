@@ -12,7 +12,7 @@ use super::Tunnels;
 use super::visit::{OpenError, Path, Paths};
 use crate::net::IncomingStream;
 use crate::net::streams::StreamInbox;
-use crate::wire::{STREAM_BROKEN, STREAM_NOT_HERE, read_frame, write_frame, write_msg};
+use crate::wire::{STREAM_NOT_HERE, break_stream, read_frame, write_frame, write_msg};
 
 /// A forwarded stream must deliver its [`Visit`] header this soon.
 pub const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,9 +86,8 @@ impl Tunnels {
             self.forwards_broken
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(from = %peer, tunnel = %visit.name, %err, "forwarded stream broken mid-way; reset");
-            let _ = send.reset(STREAM_BROKEN);
-            let _ = recv.stop(STREAM_BROKEN);
-            client.reset(STREAM_BROKEN);
+            break_stream(&mut send, &mut recv);
+            client.reset();
         }
     }
 }

@@ -75,11 +75,10 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// Resets both halves with `code`: the far side sees a broken stream,
-    /// never a clean end.
-    pub fn reset(&mut self, code: quinn::VarInt) {
-        let _ = self.send.reset(code);
-        let _ = self.recv.stop(code);
+    /// Resets both halves: the far side sees a broken stream, never a
+    /// clean end.
+    pub fn reset(&mut self) {
+        crate::wire::break_stream(&mut self.send, &mut self.recv);
     }
 }
 
