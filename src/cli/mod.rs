@@ -356,17 +356,31 @@ fn init_tracing(format: LogFormat) {
     init_tracing_with(format, "info");
 }
 
-/// Logs to stderr, filtered by `RUST_LOG`, else at `default` and above.
+/// Logs to stderr, filtered by `RUST_LOG` (`LEVEL`, `TARGET=LEVEL`, comma
+/// separated), else at `default` and above. A `Targets` filter rather than
+/// tracing-subscriber's `EnvFilter`: the latter compiles its directives
+/// with a regex engine, whose code and tables every process would map for
+/// filters of span names and field values that nobody here uses.
 fn init_tracing_with(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let fallback = || default.parse::<Targets>().unwrap_or_default();
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => spec.parse::<Targets>().unwrap_or_else(|err| {
+            eprintln!("RUST_LOG={spec:?}: {err}; logging at {default}");
+            fallback()
+        }),
+        _ => fallback(),
+    };
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => registry.with(layer.with_filter(filter)).init(),
+        LogFormat::Json => registry.with(layer.json().with_filter(filter)).init(),
     }
 }
 
