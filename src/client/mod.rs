@@ -252,7 +252,8 @@ pub async fn run(
 
 /// Runs the client until `stop` fires or a node refuses it. Stopping, it
 /// detaches from every node and lets the visitors under way finish, for at
-/// most [`GRACE_PERIOD`] or until `now` fires.
+/// most `options.grace_period` (default [`GRACE_PERIOD`]) or until `now`
+/// fires.
 pub async fn run_until(
     options: ClientOptions,
     endpoint: Endpoint,

@@ -532,6 +532,7 @@ async fn send_once(
             tunnels.open(&owned_name, &visit).await
         })
     });
+    let opened = std::time::Instant::now();
     let (io, outcome) = Opening::new(open, early_limit, |pair| {
         pair.reset();
     });
@@ -560,7 +561,7 @@ async fn send_once(
     match answer {
         Ok(resp) => {
             unanswered.answered();
-            Ok((resp, reuse.then(|| Upstream::new(sender, outcome))))
+            Ok((resp, reuse.then(|| Upstream::new(sender, outcome, opened))))
         }
         Err(err) => {
             if let Some(failed) = outcome.failed() {

@@ -62,12 +62,13 @@ pub struct Upstream<B> {
 
 impl<B> Upstream<B> {
     /// `sender`'s connection runs over the stream `stream` is the handle of,
-    /// opened just now.
-    pub fn new(sender: SendRequest<B>, stream: OpenOutcome) -> Self {
+    /// whose opening began at `opened` (before its request was sent: an
+    /// eviction while its first answer was awaited must retire it too).
+    pub fn new(sender: SendRequest<B>, stream: OpenOutcome, opened: Instant) -> Self {
         Upstream {
             sender,
             stream,
-            opened: Instant::now(),
+            opened,
         }
     }
 }
@@ -364,7 +365,10 @@ mod tests {
             .unwrap();
         tokio::spawn(conn);
         sender.ready().await.unwrap();
-        (Upstream::new(sender, OpenOutcome::default()), far)
+        (
+            Upstream::new(sender, OpenOutcome::default(), Instant::now()),
+            far,
+        )
     }
 
     #[tokio::test]
