@@ -92,6 +92,10 @@ pub const CLOSE_DETACHED: VarInt = VarInt::from_u32(0x34);
 /// merely dropped is finished cleanly by quinn, which would make a cut
 /// answer look complete to the visitor; this code says it is not.
 pub const STREAM_BROKEN: VarInt = VarInt::from_u32(0x35);
+/// Close (client → node): a detaching attachment closed with visitor
+/// streams still open (its drain deadline passed, or its client was told to
+/// stop at once); the node counts the detach as cut.
+pub const CLOSE_DETACH_CUT: VarInt = VarInt::from_u32(0x36);
 
 /// Ends both halves of a stream as broken ([`STREAM_BROKEN`]): the far side
 /// sees a reset both ways, never a clean end.
@@ -327,6 +331,7 @@ mod tests {
             CLOSE_REPLACED,
             CLOSE_DETACHED,
             STREAM_BROKEN,
+            CLOSE_DETACH_CUT,
         ];
         let distinct: std::collections::BTreeSet<u64> =
             codes.iter().map(|c| c.into_inner()).collect();

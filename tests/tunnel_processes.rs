@@ -1212,6 +1212,13 @@ fn a_stopping_client_lets_the_visitors_under_way_finish_unless_told_twice() {
     let exit = wait_exit(&mut client.0, Duration::from_secs(10))
         .expect("the client did not exit once its visitors were done");
     assert!(exit.success(), "{exit}");
+    let cut = || -> u64 {
+        procs
+            .iter()
+            .map(|p| metric(p, "specter_tunnel_detaches_cut_total "))
+            .sum()
+    };
+    assert_eq!(cut(), 0, "a node counted the graceful stop as cut");
 
     // Told twice, it stops at once, and the visitor sees its download cut.
     let mut client = start();
@@ -1227,6 +1234,13 @@ fn a_stopping_client_lets_the_visitors_under_way_finish_unless_told_twice() {
     assert!(exit.success(), "{exit}");
     let status = wait_exit(&mut curl, Duration::from_secs(30)).expect("the visitor was never told");
     assert_eq!(status.code(), Some(18), "after {} bytes", got(&body));
+    // The node the download went through counts the detach as cut; the
+    // other had no visitor under way.
+    assert!(
+        wait_for(Duration::from_secs(5), || cut() == 1).is_some(),
+        "nodes counted {} cut detaches, not 1",
+        cut()
+    );
 }
 
 fn got(path: &Path) -> u64 {

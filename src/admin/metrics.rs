@@ -354,7 +354,7 @@ impl Collector for Snapshot {
         counter(
             e,
             "tunnel_detaches_cut",
-            "Detached client connections closed at the deadline with visitor streams still open",
+            "Detached client connections that ended with visitor streams cut (at the client's or the node's deadline, or a client stopped at once)",
             s.clients.detaches_cut,
         )?;
         counter(

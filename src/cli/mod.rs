@@ -21,6 +21,10 @@ use crate::pki;
 /// Exit code for bad flags, config or certificates (as clap uses for usage errors).
 const EXIT_USAGE: u8 = 2;
 
+/// Longest a stopping client waits for its connections' close frames to
+/// leave (each is drained within three probe timeouts, a few round trips).
+const CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Parser)]
 #[command(
     name = "specter",
@@ -276,7 +280,12 @@ pub fn main() -> ExitCode {
                     shutdown_signal().await;
                     hurry.cancel();
                 });
-                crate::client::run_until(options, endpoint, stop, now).await
+                let ran = crate::client::run_until(options, endpoint.clone(), stop, now).await;
+                // The attachments are closed: let their close frames leave
+                // before the process does, so no node waits for an idle
+                // timeout to notice.
+                let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
+                ran
             })
         }
         Command::Connect {

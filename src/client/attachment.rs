@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::carry::carry;
 use super::target::Target;
 use crate::net::quic::StreamBudget;
-use crate::wire::{CLOSE_DETACHED, FrameReader, write_msg};
+use crate::wire::{CLOSE_DETACH_CUT, CLOSE_DETACHED, FrameReader, write_msg};
 
 /// How often the peer sample is refreshed.
 const PEERS_REFRESH: Duration = Duration::from_secs(30);
@@ -170,10 +170,9 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
             () = detach.cancelled() => {
                 // Forgotten by the client loop too, but its visitors finish.
                 let _ = write_msg(&mut send, &ClientMsg::Detach).await;
-                let left = drain(&conn, control, &budget, &targets, &drop).await;
-                match left {
+                match drain(&conn, control, &budget, &targets, &drop).await {
                     Some(0) => println!("tunnel {label}: node {} detached; its visitors were done", node.id),
-                    Some(n) => println!("tunnel {label}: node {} detached at the drain deadline; {n} visitor stream(s) cut", node.id),
+                    Some(n) => println!("tunnel {label}: node {} detached; {n} visitor stream(s) still open were cut", node.id),
                     None => {}
                 }
                 return;
@@ -252,8 +251,9 @@ fn carry_counted(
 /// opens until the node has ended the control stream (it sends no new
 /// visitor after that), then waits for the open streams to end, and
 /// closes. At [`DETACH_DRAIN`], or when `drop` fires, it closes whatever
-/// is left. The streams it closed, or `None` when the node closed first
-/// or `drop` fired.
+/// is left, with [`CLOSE_DETACH_CUT`] if that is a visitor stream, so the
+/// node counts the cut. The streams it closed, or `None` when the node
+/// closed first.
 async fn drain(
     conn: &quinn::Connection,
     mut control: FrameReader,
@@ -264,15 +264,18 @@ async fn drain(
     let deadline = tokio::time::sleep(DETACH_DRAIN);
     tokio::pin!(deadline);
     let mut check = tokio::time::interval(SILENCE_CHECK);
+    // Two checks in a row must find no stream open, not two ticks owed
+    // since the drain began.
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut told = false;
     // Empty at two checks in a row after the node's end: a stream the node
     // opened just before it is in flight for a moment.
     let mut empty = 0;
-    let left = loop {
+    loop {
         tokio::select! {
             biased;
-            () = drop.cancelled() => break None,
-            () = &mut deadline => break Some(budget.open()),
+            () = drop.cancelled() => break,
+            () = &mut deadline => break,
             _ = conn.closed() => return None,
             stream = conn.accept_bi() => match stream {
                 Ok((s, r)) => carry_counted(s, r, budget, targets),
@@ -281,17 +284,25 @@ async fn drain(
             // The node may still send a message or two before its end.
             msg = control.next::<NodeMsg>(), if !told => {
                 told = msg.is_err();
+                if told {
+                    check.reset();
+                }
             }
             _ = check.tick(), if told => {
                 empty = if budget.open() == 0 { empty + 1 } else { 0 };
                 if empty >= 2 {
-                    break Some(0);
+                    break;
                 }
             }
         }
-    };
-    conn.close(CLOSE_DETACHED, b"attachment detached");
-    left
+    }
+    let left = budget.open();
+    if left == 0 {
+        conn.close(CLOSE_DETACHED, b"attachment detached");
+    } else {
+        conn.close(CLOSE_DETACH_CUT, b"detach cut its visitor streams");
+    }
+    Some(left)
 }
 
 fn refusal(code: &RefuseCode, name: Option<String>) -> String {

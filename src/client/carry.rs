@@ -28,6 +28,13 @@ const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// 10 s wait for `Ready`.
 const EARLY_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Longest a carried stream stays counted, once spliced to its end, for the
+/// node to acknowledge its last bytes: a detaching attachment closes once
+/// no stream is counted, and a close drops whatever the node has not
+/// acknowledged yet. Ample for a WAN round trip and a few losses; the
+/// connection's idle timeout ends it sooner for a node that went away.
+const LAST_BYTES_ACK: Duration = Duration::from_secs(10);
+
 /// Carries one visitor: reads the header, dials the target, splices.
 pub(super) async fn carry(
     mut send: quinn::SendStream,
@@ -88,10 +95,15 @@ pub(super) async fn carry(
         &mut local,
         specter_tunnel::splice::SPLICE_STALL,
     );
-    if let Err(err) = spliced.await {
-        // Not a clean end: the node (and the visitor) must see a reset, and
-        // the target a closed connection.
-        tracing::info!(tunnel = %visit.name, visitor = %visit.visitor, %err, "visitor stream broken mid-way; reset");
-        break_stream(&mut send, &mut recv);
+    match spliced.await {
+        Ok(_) => {
+            let _ = tokio::time::timeout(LAST_BYTES_ACK, send.stopped()).await;
+        }
+        Err(err) => {
+            // Not a clean end: the node (and the visitor) must see a reset,
+            // and the target a closed connection.
+            tracing::info!(tunnel = %visit.name, visitor = %visit.visitor, %err, "visitor stream broken mid-way; reset");
+            break_stream(&mut send, &mut recv);
+        }
     }
 }

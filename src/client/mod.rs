@@ -475,7 +475,7 @@ pub async fn run_until(
             biased;
             () = now.cancelled(), if !cut => cut = true,
             () = &mut deadline, if !cut => {
-                println!("tunnel {name}: stopping now; visitors still under way are cut");
+                println!("tunnel {name}: grace period over; stopping now");
                 cut = true;
             }
             joined = tasks.join_next() => if joined.is_none() {

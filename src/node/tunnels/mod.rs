@@ -98,8 +98,10 @@ pub struct Tunnels {
     /// Client connections detached at their client's request whose
     /// streams are still running (see `session::DETACH_LINGER`).
     pub detaching: std::sync::atomic::AtomicU64,
-    /// Of those, the ones closed at `session::DETACH_LINGER` with streams
-    /// still open.
+    /// Of those, the ones that ended with visitor streams cut: closed by
+    /// their client that way ([`crate::wire::CLOSE_DETACH_CUT`], at its
+    /// drain deadline or told to stop at once), or by this node at
+    /// `session::DETACH_LINGER`.
     pub detaches_cut: std::sync::atomic::AtomicU64,
     /// Peer-sample requests answered together with an earlier one (see
     /// `session::PEERS_ANSWER_GAP`).

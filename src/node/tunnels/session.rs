@@ -22,7 +22,8 @@ use crate::net::tls::peer_client_id;
 use crate::node::membership::READY_WAIT;
 use crate::node::membership::{MemberChange, Update};
 use crate::wire::{
-    CLOSE_DETACHED, CLOSE_REFUSED, CLOSE_REPLACED, FrameReader, read_frame, write_msg,
+    CLOSE_DETACH_CUT, CLOSE_DETACHED, CLOSE_REFUSED, CLOSE_REPLACED, FrameReader, read_frame,
+    write_msg,
 };
 
 /// A client must send its hello this soon after connecting.
@@ -130,12 +131,18 @@ impl Tunnels {
     }
 
     /// Holds a detached client connection until its client closes it (once
-    /// its streams have ended), or [`DETACH_LINGER`], or `stop`.
+    /// its streams have ended, or cut at its deadline), or [`DETACH_LINGER`],
+    /// or `stop`; counts the detaches that cut a visitor.
     async fn linger(&self, conn: &Connection, stop: &CancellationToken) {
         use std::sync::atomic::Ordering::Relaxed;
         self.detaching.fetch_add(1, Relaxed);
         tokio::select! {
-            _ = conn.closed() => {}
+            why = conn.closed() => {
+                // The client closed with visitor streams still open.
+                if matches!(why, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == CLOSE_DETACH_CUT) {
+                    self.detaches_cut.fetch_add(1, Relaxed);
+                }
+            }
             () = stop.cancelled() => {}
             () = tokio::time::sleep(DETACH_LINGER) => {
                 self.detaches_cut.fetch_add(1, Relaxed);
