@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::procs::*;
-use common::web::{DOMAIN, curl, http_service, ingress_cluster};
+use common::web::{DOMAIN, curl, http_service, ingress_cluster, keepalive_service};
 
 /// Reads each connection to EOF, then answers `len=<n>;` followed by the
 /// request, and closes.
@@ -1241,6 +1241,87 @@ fn a_stopping_client_lets_the_visitors_under_way_finish_unless_told_twice() {
         "nodes counted {} cut detaches, not 1",
         cut()
     );
+}
+
+/// A stopping client is not held up by another node's pooled HTTP
+/// upstreams through the nodes it detaches from: that node checks the
+/// tunnel's route before each reuse, so it lets them go once its route
+/// cache has expired (10 s), not at their 60 s reuse age, even while
+/// visitors keep coming.
+#[test]
+fn pooled_upstreams_through_a_detaching_node_are_let_go_with_its_route() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = (84..=86).map(|i| format!("127.0.0.{i}")).collect();
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
+    let (service, accepted) = keepalive_service();
+    let ready = client_ready_file(&dir.path().join("pooled"));
+    let child = tunnel_cmd(
+        dir.path(),
+        "pooled",
+        "pooled",
+        &format!("http://{service}"),
+        &procs[0].quic(),
+    )
+    .args(["--attachments", "2", "--grace-period", "120"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let pid = child.id();
+    let mut client = Reaped(child);
+    let attached = wait_client(&ready, Duration::from_secs(20), |r| {
+        r["pid"] == pid && r["healthy"] == 2
+    })
+    .expect("attached to two nodes");
+    // Visitors enter through the node the client is not attached to: every
+    // request of theirs is forwarded, on upstreams pooled there.
+    let addrs: Vec<&str> = attached["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["addr"].as_str().unwrap())
+        .collect();
+    let entry = procs
+        .iter()
+        .find(|p| !addrs.contains(&p.quic().as_str()))
+        .expect("a node without the client");
+    let (https, host) = (entry.https(), format!("pooled.{DOMAIN}"));
+    let (stop, answered) = (AtomicBool::new(false), AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let (_, status) = curl(dir.path(), &https, &host, "/", false);
+                if status == "1.1 200" {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let warm = wait_for(Duration::from_secs(20), || {
+            answered.load(Ordering::Relaxed) >= 10
+        });
+        // Ten answers over one or two target connections: they were pooled.
+        let reused = warm.is_some() && accepted.load(Ordering::Relaxed) <= 2;
+        if !reused {
+            stop.store(true, Ordering::Relaxed);
+        }
+        assert!(
+            reused,
+            "{} answers over {} target connections",
+            answered.load(Ordering::Relaxed),
+            accepted.load(Ordering::Relaxed)
+        );
+        signal(pid, "-TERM");
+        let exited = wait_exit(&mut client.0, Duration::from_secs(45));
+        stop.store(true, Ordering::Relaxed);
+        let exit = exited.expect(
+            "the client was still held 45 s after its stop: the entry node kept reusing \
+             its pooled upstreams through the detaching nodes",
+        );
+        assert!(exit.success(), "{exit}");
+    });
 }
 
 fn got(path: &Path) -> u64 {

@@ -73,7 +73,7 @@ pub const CLIENT_SILENCE: Duration = Duration::from_millis(400);
 /// end before it closes them: long enough for a download or an answer
 /// in flight (the HTTP ingress gives a target 100 s to begin one), and for
 /// the nodes' pooled HTTP upstreams through it to retire (see
-/// `ingress::upstream::REUSE_WITHIN`); a tunnel stream open longer than
+/// `ingress::upstream::Upstreams::take_routed`); a tunnel stream open longer than
 /// this (a shell, a WebSocket) is cut, as it would be by a node's restart.
 pub const DETACH_DRAIN: Duration = Duration::from_secs(180);
 

@@ -36,7 +36,7 @@ use super::early::{Open, OpenOutcome, Opening};
 use super::headers::{misdirected, set_forwarding};
 use super::limits::{BODY_RATE_WINDOW, CLOSE_GRACE, Cut, IngressLimits};
 use super::shared::{Ingress, idle};
-use super::upstream::{Return, Returning, Upstream};
+use super::upstream::{Return, Returning, Upstream, Via};
 use crate::node::tunnels::visit::OpenError;
 
 type Body = super::bodies::ProxyBody;
@@ -486,7 +486,8 @@ async fn send_once(
     let limit = conn.ingress.limits.answer_timeout;
     let sent = req.extensions_mut().remove::<BodySent>();
     let reuse = !req.headers().contains_key(hyper::header::UPGRADE);
-    if reuse && let Some(mut pooled) = upstreams.take(name) {
+    let tunnels = &conn.ingress.tunnels;
+    if reuse && let Some(mut pooled) = upstreams.take_routed(name, tunnels).await {
         let unanswered = Unanswered(Some(pooled.stream.clone()));
         let answer = within_answer_limit(pooled.sender.try_send_request(req), sent.as_ref(), limit);
         let Some(answer) = answer.await else {
@@ -520,7 +521,9 @@ async fn send_once(
     } else {
         0
     };
-    let (tunnels, owned_name) = (conn.ingress.tunnels.clone(), name.to_string());
+    let (tunnels, owned_name) = (tunnels.clone(), name.to_string());
+    let via = Via::default();
+    let path = via.clone();
     let open: Open<_> = Box::new(move |early| {
         Box::pin(async move {
             let visit = Visit {
@@ -529,7 +532,11 @@ async fn send_once(
                 kind: VisitKind::Http,
                 early,
             };
-            tunnels.open(&owned_name, &visit).await
+            let pair = tunnels.open(&owned_name, &visit).await?;
+            if let Some(node) = pair.via {
+                let _ = path.set(node);
+            }
+            Ok(pair)
         })
     });
     let opened = std::time::Instant::now();
@@ -561,7 +568,10 @@ async fn send_once(
     match answer {
         Ok(resp) => {
             unanswered.answered();
-            Ok((resp, reuse.then(|| Upstream::new(sender, outcome, opened))))
+            Ok((
+                resp,
+                reuse.then(|| Upstream::new(sender, outcome, opened, via)),
+            ))
         }
         Err(err) => {
             if let Some(failed) = outcome.failed() {

@@ -12,13 +12,14 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
+use specter_gossip::NodeId;
 
 use super::bodies::BoxError;
 use super::early::OpenOutcome;
@@ -40,7 +41,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// pooled path follows the tunnel's attachments as they change, and one
 /// through an attachment its client is detaching (which waits for the
 /// streams on it to end, see `client::attachment::DETACH_DRAIN`) retires
-/// within this time instead of being reused for ever. nginx bounds a
+/// within this time instead of being reused for ever, even where the route
+/// check before each reuse ([`Upstreams::take_routed`]) could not tell. nginx bounds a
 /// kept-alive upstream's life the same way (`keepalive_time`). It costs one
 /// tunnel stream and target connection per pooled connection per minute.
 pub const REUSE_WITHIN: Duration = Duration::from_secs(60);
@@ -51,6 +53,10 @@ pub const REUSE_WITHIN: Duration = Duration::from_secs(60);
 /// connections at most this much past [`IDLE_TIMEOUT`].
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// The node a tunnel stream goes through, set once it has opened (unset for
+/// a stream to a client attached here).
+pub type Via = Arc<OnceLock<NodeId>>;
+
 /// An HTTP/1.1 connection over a tunnel stream, and the handle that gives
 /// the stream up (resets it) when the connection is dropped mid-answer.
 pub struct Upstream<B> {
@@ -58,18 +64,25 @@ pub struct Upstream<B> {
     pub stream: OpenOutcome,
     /// When its stream was opened (see [`REUSE_WITHIN`]).
     opened: Instant,
+    via: Via,
 }
 
 impl<B> Upstream<B> {
     /// `sender`'s connection runs over the stream `stream` is the handle of,
     /// whose opening began at `opened` (before its request was sent: an
-    /// eviction while its first answer was awaited must retire it too).
-    pub fn new(sender: SendRequest<B>, stream: OpenOutcome, opened: Instant) -> Self {
+    /// eviction while its first answer was awaited must retire it too),
+    /// through the node `via` names once it is open.
+    pub fn new(sender: SendRequest<B>, stream: OpenOutcome, opened: Instant, via: Via) -> Self {
         Upstream {
             sender,
             stream,
             opened,
+            via,
         }
+    }
+
+    fn via(&self) -> Option<NodeId> {
+        self.via.get().copied()
     }
 }
 
@@ -186,6 +199,44 @@ impl<B> Upstreams<B> {
         }
         idle.total -= popped;
         found
+    }
+
+    /// [`Self::take`], skipping connections through a node the tunnel's
+    /// client no longer lists (it detached from there, and waits for the
+    /// streams through it to end): those, and every other kept through that
+    /// node, are dropped. Checked against the route cache, so it follows a
+    /// detach within its lifetime (`route_cache::FOUND_TTL`, 10 s).
+    pub async fn take_routed(&self, name: &str, tunnels: &Tunnels) -> Option<Upstream<B>> {
+        loop {
+            let upstream = self.take(name)?;
+            let Some(via) = upstream.via() else {
+                return Some(upstream);
+            };
+            if tunnels.attached_via(name, via).await {
+                return Some(upstream);
+            }
+            self.drop_via(name, via);
+        }
+    }
+
+    /// Drops `name`'s idle connections through node `via`.
+    fn drop_via(&self, name: &str, via: NodeId) {
+        let dropped = {
+            let mut idle = self.idle();
+            let Some(list) = idle.by_tunnel.get_mut(name) else {
+                return;
+            };
+            let (gone, kept) = std::mem::take(list)
+                .into_iter()
+                .partition::<Vec<_>, _>(|i| i.upstream.via() == Some(via));
+            *list = kept;
+            if list.is_empty() {
+                idle.by_tunnel.remove(name);
+            }
+            idle.total -= gone.len();
+            gone
+        };
+        drop(dropped);
     }
 
     /// Keeps `sender`, whose answer is done, for the next request to `name`
@@ -366,9 +417,44 @@ mod tests {
         tokio::spawn(conn);
         sender.ready().await.unwrap();
         (
-            Upstream::new(sender, OpenOutcome::default(), Instant::now()),
+            Upstream::new(
+                sender,
+                OpenOutcome::default(),
+                Instant::now(),
+                Via::default(),
+            ),
             far,
         )
+    }
+
+    #[tokio::test]
+    async fn connections_through_a_node_are_dropped_together_and_the_rest_kept() {
+        let pool = Upstreams::new();
+        let mut far_ends = Vec::new();
+        for (name, via) in [
+            ("a", Some(7)),
+            ("a", None),
+            ("a", Some(7)),
+            ("a", Some(8)),
+            ("b", Some(7)),
+        ] {
+            let (s, far) = sender().await;
+            if let Some(id) = via {
+                s.via.set(NodeId(id)).unwrap();
+            }
+            pool.put(name, s);
+            far_ends.push(far);
+        }
+        pool.drop_via("a", NodeId(7));
+        assert_eq!(pool.len(), 3);
+        let mut left: Vec<_> = std::iter::from_fn(|| pool.take("a"))
+            .map(|u| u.via())
+            .collect();
+        left.sort();
+        assert_eq!(left, [None, Some(NodeId(8))]);
+        assert_eq!(pool.take("b").and_then(|u| u.via()), Some(NodeId(7)));
+        pool.drop_via("c", NodeId(7));
+        assert!(pool.is_empty());
     }
 
     #[tokio::test]

@@ -72,6 +72,8 @@ pub struct Pair {
     pub recv: RecvStream,
     /// Held, not read: freed with the pair.
     _slot: Option<ForwardSlot>,
+    /// The node it goes through, when it is forwarded.
+    pub via: Option<NodeId>,
 }
 
 impl Pair {
@@ -380,6 +382,7 @@ async fn attempt(
             send,
             recv,
             _slot: slot,
+            via,
         }),
         Err(err) => {
             let _ = send.reset(STREAM_NOT_HERE);
@@ -432,6 +435,21 @@ impl Tunnels {
             marks.insert(node, std::time::Instant::now() + SLOW_FOR);
         } else {
             marks.remove(&node);
+        }
+    }
+
+    /// Whether `name` is still attached through node `via`, as far as the
+    /// route cache (or, once that expired, the DHT) knows: false once a
+    /// lookup no longer lists it or finds the name gone; true when none
+    /// could be made, so a DHT that is slow to answer does not cost the
+    /// paths that work. For a pooled HTTP upstream through `via`, checked
+    /// before each reuse: a client detaching from `via` waits for the
+    /// streams through it to end.
+    pub async fn attached_via(&self, name: &str, via: NodeId) -> bool {
+        match self.lookup(name).await {
+            Ok(route) => route.iter().any(|p| p.id == via),
+            Err(OpenError::Unknown) => false,
+            Err(_) => true,
         }
     }
 
