@@ -1324,15 +1324,86 @@ fn pooled_upstreams_through_a_detaching_node_are_let_go_with_its_route() {
     });
 }
 
+/// A client key that attaches and detaches in a loop, keeping every
+/// detached connection open, holds at most `LINGERING_PER_CLIENT` (4) of
+/// them at a node: each one past that closes its oldest, counted as a cut
+/// detach, and the node forgets them all once they are closed.
+#[test]
+fn a_client_detaching_in_a_loop_keeps_at_most_four_connections_lingering() {
+    use common::own_client::OwnClient;
+    use specter::wire::write_msg;
+    use specter_tunnel::protocol::ClientMsg;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips = vec!["127.0.0.87".to_string()];
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    let node = start_node(dir.path(), &dirs[0], &ips[0], None);
+    let ca_pem = std::fs::read_to_string(dir.path().join("ca/ca.crt")).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = OwnClient::new(&ca_pem);
+        let mut held = Vec::new();
+        for i in 1..=7u64 {
+            let mut a = client.attach(&node.quic(), &["lingering"]).await;
+            write_msg(&mut a.send, &ClientMsg::Detach).await.unwrap();
+            // The node's end of the control stream: it has detached it.
+            while a
+                .control
+                .next::<specter_tunnel::protocol::NodeMsg>()
+                .await
+                .is_ok()
+            {}
+            held.push(a);
+            let want = i.min(4);
+            let settled = common::wait_until(Duration::from_secs(5), || {
+                metric(&node, "specter_tunnel_clients_detaching ") == want
+            })
+            .await;
+            assert!(
+                settled.is_some(),
+                "after {i} detaches the node holds {} lingering, not {want}",
+                metric(&node, "specter_tunnel_clients_detaching ")
+            );
+        }
+        // The three oldest were closed by the node, as replaced; the rest
+        // are still open.
+        for (i, a) in held.iter().enumerate() {
+            let closed = a.conn.close_reason();
+            if i < 3 {
+                let replaced = matches!(&closed, Some(quinn::ConnectionError::ApplicationClosed(c))
+                    if c.error_code == specter::wire::CLOSE_REPLACED);
+                assert!(replaced, "detached connection {i}: {closed:?}");
+            } else {
+                assert!(closed.is_none(), "detached connection {i}: {closed:?}");
+            }
+        }
+        assert_eq!(metric(&node, "specter_tunnel_detaches_cut_total "), 3);
+        for a in &held {
+            a.conn.close(specter::wire::CLOSE_DETACHED, b"done");
+        }
+        let gone = common::wait_until(Duration::from_secs(5), || {
+            metric(&node, "specter_tunnel_clients_detaching ") == 0
+        })
+        .await;
+        assert!(gone.is_some(), "the node still holds detached connections");
+        assert_eq!(metric(&node, "specter_tunnel_detaches_cut_total "), 3);
+    });
+}
+
 fn got(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 #[test]
 fn a_client_asking_for_peers_in_a_loop_gets_one_answer_per_gap() {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    use specter::wire::{FrameReader, write_msg};
-    use specter_tunnel::protocol::{ClientMsg, NodeMsg, TUNNEL_PROTOCOL_VERSION};
+    use common::own_client::{Attached, OwnClient};
+    use specter::wire::write_msg;
+    use specter_tunnel::protocol::{ClientMsg, NodeMsg};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -1348,38 +1419,13 @@ fn a_client_asking_for_peers_in_a_loop_gets_one_answer_per_gap() {
         .build()
         .unwrap();
     let (sent, answered, after) = runtime.block_on(async {
-        // A client of its own, speaking the protocol directly.
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["specter-client.invalid".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let config = specter::net::tls::client_quic_config(
-            &ca_pem,
-            CertificateDer::from(cert.der().to_vec()),
-            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
-        )
-        .unwrap();
-        let endpoint = specter::net::bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = endpoint
-            .connect_with(
-                config,
-                node.quic().parse().unwrap(),
-                specter::net::tls::CLIENT_SERVER_NAME,
-            )
-            .unwrap()
-            .await
-            .unwrap();
-        let (mut send, recv) = conn.open_bi().await.unwrap();
-        let hello = ClientMsg::Hello {
-            version: TUNNEL_PROTOCOL_VERSION,
-            names: vec!["peers-loop".into()],
-            token: None,
-        };
-        write_msg(&mut send, &hello).await.unwrap();
-        let mut control = FrameReader::new(recv);
-        let welcome = control.next::<NodeMsg>().await.unwrap();
-        assert!(matches!(welcome, NodeMsg::Welcome { .. }), "{welcome:?}");
+        let Attached {
+            conn: _conn,
+            mut send,
+            mut control,
+        } = OwnClient::new(&ca_pem)
+            .attach(&node.quic(), &["peers-loop"])
+            .await;
         let answers = Arc::new(AtomicUsize::new(0));
         let counted = answers.clone();
         tokio::spawn(async move {

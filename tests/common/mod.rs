@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod own_client;
 pub mod procs;
 pub mod web;
 

@@ -86,6 +86,9 @@ pub struct Tunnels {
     pub quotas: Quotas,
     /// Client connections by tunnel name.
     attached: Mutex<HashMap<String, Vec<Connection>>>,
+    /// Detached client connections kept for their streams, by client key,
+    /// oldest first (see `session::LINGERING_PER_CLIENT`).
+    lingering: Mutex<HashMap<specter_dht::ClientId, std::collections::VecDeque<Connection>>>,
     routes: RouteCache<Vec<Peer>>,
     /// Nodes that lately failed or were slow to answer a visit, and until
     /// when they are tried last.
@@ -101,7 +104,7 @@ pub struct Tunnels {
     /// Of those, the ones that ended with visitor streams cut: closed by
     /// their client that way ([`crate::wire::CLOSE_DETACH_CUT`], at its
     /// drain deadline or told to stop at once), or by this node at
-    /// `session::DETACH_LINGER`.
+    /// `session::DETACH_LINGER` or past `session::LINGERING_PER_CLIENT`.
     pub detaches_cut: std::sync::atomic::AtomicU64,
     /// Peer-sample requests answered together with an earlier one (see
     /// `session::PEERS_ANSWER_GAP`).
@@ -135,6 +138,7 @@ impl Tunnels {
             clients,
             quotas: Quotas::default(),
             attached: Mutex::new(HashMap::new()),
+            lingering: Mutex::new(HashMap::new()),
             routes: RouteCache::new(),
             slow: Mutex::new(HashMap::new()),
             slots,

@@ -51,6 +51,12 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 /// drops whatever the closing side has not sent yet. Past this, the
 /// connection is closed with what is left on it.
 pub const DETACH_LINGER: Duration = Duration::from_secs(crate::client::DETACH_DRAIN.as_secs() + 20);
+/// Detached connections one client key may keep open at a node for their
+/// streams: a stop or a trimmed spare detaches one connection per node, and
+/// a few more cover a client trimmed again soon after it re-attached
+/// (within [`DETACH_LINGER`]). Past it the oldest is closed, so a key that
+/// attaches and detaches in a loop cannot pile connections up here.
+pub const LINGERING_PER_CLIENT: usize = 4;
 
 impl Tunnels {
     /// Serves one client connection until it closes or `stop` fires.
@@ -126,15 +132,34 @@ impl Tunnels {
             let _ = self.dht.put(n, op).await;
         }
         if detaching {
-            self.linger(&conn, &stop).await;
+            self.linger(&conn, client, &stop).await;
         }
     }
 
     /// Holds a detached client connection until its client closes it (once
     /// its streams have ended, or cut at its deadline), or [`DETACH_LINGER`],
     /// or `stop`; counts the detaches that cut a visitor.
-    async fn linger(&self, conn: &Connection, stop: &CancellationToken) {
+    async fn linger(&self, conn: &Connection, client: ClientId, stop: &CancellationToken) {
         use std::sync::atomic::Ordering::Relaxed;
+        let oldest = {
+            let mut lingering = self
+                .lingering
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let list = lingering.entry(client).or_default();
+            list.push_back(conn.clone());
+            (list.len() > LINGERING_PER_CLIENT)
+                .then(|| list.pop_front())
+                .flatten()
+        };
+        if let Some(old) = oldest {
+            self.detaches_cut.fetch_add(1, Relaxed);
+            tracing::info!(remote = %old.remote_address(), %client, "closed the oldest detached connection of a client past {LINGERING_PER_CLIENT}");
+            old.close(
+                CLOSE_REPLACED,
+                b"too many detached connections of this client",
+            );
+        }
         self.detaching.fetch_add(1, Relaxed);
         tokio::select! {
             why = conn.closed() => {
@@ -151,6 +176,16 @@ impl Tunnels {
             }
         }
         self.detaching.fetch_sub(1, Relaxed);
+        let mut lingering = self
+            .lingering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = lingering.get_mut(&client) {
+            list.retain(|c| c.stable_id() != conn.stable_id());
+            if list.is_empty() {
+                lingering.remove(&client);
+            }
+        }
     }
 
     /// Lists `conn` under `names`, dropping the client's older connections
