@@ -294,8 +294,17 @@ impl GossipConfig {
         self.timing().detection_bound(self.gossip_period, one_way)
     }
 
+    /// foca's LAN preset (`Config::new_lan`), every timing replaced by ours;
+    /// built without it, since its floating-point `log10` was the node's only
+    /// use of the C maths library but one (see `src/main.rs`).
     pub(crate) fn to_foca(&self) -> foca::Config {
-        let mut c = foca::Config::new_lan(self.expected_members);
+        let mut c = foca::Config::simple();
+        c.notify_down_members = true;
+        c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: Duration::from_secs(65),
+            num_members: NonZeroUsize::new(2).expect("non-zero"),
+        });
+        c.max_transmissions = lan_transmissions(self.expected_members);
         c.probe_period = self.probe_period;
         c.probe_rtt = self.probe_rtt;
         c.suspect_to_down_after = self.suspect_to_down_after;
@@ -316,6 +325,14 @@ impl GossipConfig {
     }
 }
 
+/// foca's LAN dissemination count for `members`: ⌊4·log10(members + 1)⌋,
+/// within 1..=255, in integers (⌊log10(x⁴)⌋).
+fn lan_transmissions(members: NonZeroU32) -> std::num::NonZeroU8 {
+    let x = u128::from(members.get()) + 1;
+    let t = x.checked_pow(4).map_or(38, u128::ilog10);
+    std::num::NonZeroU8::new(t.clamp(1, 255) as u8).expect("non-zero")
+}
+
 impl Default for GossipConfig {
     fn default() -> Self {
         Self::lan(NonZeroU32::new(DEFAULT_EXPECTED_MEMBERS).expect("non-zero"))
@@ -325,6 +342,28 @@ impl Default for GossipConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_foca_config_is_foca_lan_with_our_timings() {
+        for n in (1..=20_000).chain([65_535, 1_000_000, u32::MAX - 1, u32::MAX]) {
+            let n = NonZeroU32::new(n).unwrap();
+            assert_eq!(
+                lan_transmissions(n),
+                foca::Config::new_lan(n).max_transmissions,
+                "{n} members"
+            );
+        }
+        let ours = GossipConfig::default().to_foca();
+        let lan = foca::Config::new_lan(NonZeroU32::new(DEFAULT_EXPECTED_MEMBERS).unwrap());
+        assert_eq!(ours.remove_down_after, lan.remove_down_after);
+        assert_eq!(ours.notify_down_members, lan.notify_down_members);
+        let to_down = |c: &foca::Config| {
+            c.periodic_announce_to_down_members
+                .as_ref()
+                .map(|p| (p.frequency, p.num_members))
+        };
+        assert_eq!(to_down(&ours), to_down(&lan));
+    }
 
     #[test]
     fn the_preset_is_valid_and_probes_faster_than_foca_lan() {
