@@ -51,16 +51,16 @@ impl Ingress {
             stats.clone(),
         );
         let upstreams: Arc<Upstreams<ProxyBody>> = Upstreams::new();
-        let evict = || -> crate::node::tunnels::slots::WaitHook {
+        let evict = || -> crate::node::tunnels::slots::EvictHook {
             let idle = Arc::downgrade(&upstreams);
-            Box::new(move |name| {
+            Box::new(move |name, via| {
                 if let Some(idle) = idle.upgrade() {
-                    idle.evict(name);
+                    idle.evict(name, via);
                 }
             })
         };
-        // A visit that must wait for a forwarded stream of its tunnel frees
-        // the ones idle connections hold.
+        // A visit that must wait for a forwarded stream of its tunnel to a
+        // node frees the ones idle connections through that node hold.
         tunnels.slots.on_wait(evict());
         // A client leaving this node waits for its open streams to end
         // before it closes: idle upstreams over it would only hold it.

@@ -103,12 +103,13 @@ impl<B> Idle<B> {
 struct Lists<B> {
     by_tunnel: HashMap<String, Vec<Idle<B>>>,
     total: usize,
-    /// When each tunnel's connections were last evicted: one opened before
+    /// When each tunnel's connections through each path (a node, or `None`
+    /// for a client attached here) were last evicted: one opened before
     /// that and answering then is not kept after its answer either. At
-    /// most [`IDLE_TOTAL`] tunnels; each is forgotten after
-    /// [`REUSE_WITHIN`], past which no connection opened before is kept
-    /// anyway.
-    evicted: HashMap<String, Instant>,
+    /// most [`IDLE_TOTAL`] tunnels and [`IDLE_PER_TUNNEL`] paths each; an
+    /// entry is forgotten after [`REUSE_WITHIN`], past which no connection
+    /// opened before is kept anyway.
+    evicted: HashMap<String, Vec<(Option<NodeId>, Instant)>>,
 }
 
 impl<B> Lists<B> {
@@ -133,7 +134,10 @@ impl<B> Lists<B> {
             }
             None => {
                 self.by_tunnel.retain(|_, list| prune(list));
-                self.evicted.retain(|_, at| at.elapsed() < REUSE_WITHIN);
+                self.evicted.retain(|_, paths| {
+                    paths.retain(|(_, at)| at.elapsed() < REUSE_WITHIN);
+                    !paths.is_empty()
+                });
             }
         }
         self.total -= dropped;
@@ -215,28 +219,8 @@ impl<B> Upstreams<B> {
             if tunnels.attached_via(name, via).await {
                 return Some(upstream);
             }
-            self.drop_via(name, via);
+            self.evict(name, Some(via));
         }
-    }
-
-    /// Drops `name`'s idle connections through node `via`.
-    fn drop_via(&self, name: &str, via: NodeId) {
-        let dropped = {
-            let mut idle = self.idle();
-            let Some(list) = idle.by_tunnel.get_mut(name) else {
-                return;
-            };
-            let (gone, kept) = std::mem::take(list)
-                .into_iter()
-                .partition::<Vec<_>, _>(|i| i.upstream.via() == Some(via));
-            *list = kept;
-            if list.is_empty() {
-                idle.by_tunnel.remove(name);
-            }
-            idle.total -= gone.len();
-            gone
-        };
-        drop(dropped);
     }
 
     /// Keeps `sender`, whose answer is done, for the next request to `name`
@@ -247,10 +231,12 @@ impl<B> Upstreams<B> {
     pub fn put(&self, name: &str, upstream: Upstream<B>) {
         let mut idle = self.idle();
         idle.sweep(Some(name));
-        let evicted_since = idle
-            .evicted
-            .get(name)
-            .is_some_and(|&at| upstream.opened < at);
+        let via = upstream.via();
+        let evicted_since = idle.evicted.get(name).is_some_and(|paths| {
+            paths
+                .iter()
+                .any(|&(path, at)| path == via && upstream.opened < at)
+        });
         if idle.total >= IDLE_TOTAL || upstream.opened.elapsed() >= REUSE_WITHIN || evicted_since {
             return;
         }
@@ -268,20 +254,41 @@ impl<B> Upstreams<B> {
         idle.total += 1;
     }
 
-    /// Closes every idle connection to `name`, and keeps none open now
-    /// once it is answered: visits of that tunnel wait for a forwarded
-    /// stream, and idle ones hold theirs (see `node::tunnels::slots`), or
-    /// the tunnel's client is leaving this node and waits for the streams
-    /// they hold.
-    pub fn evict(&self, name: &str) {
+    /// Closes the idle connections to `name` through `via` (a node, or
+    /// `None` for a client attached here), and keeps none open now on that
+    /// path once it is answered: visits of that tunnel wait for a forwarded
+    /// stream to that node, and idle ones hold theirs (see
+    /// `node::tunnels::slots`), or the tunnel's client is leaving that node
+    /// and waits for the streams they hold.
+    pub fn evict(&self, name: &str, via: Option<NodeId>) {
         let evicted = {
             let mut idle = self.idle();
-            let evicted = idle.by_tunnel.remove(name);
-            idle.total -= evicted.as_ref().map_or(0, Vec::len);
-            if idle.evicted.len() < IDLE_TOTAL || idle.evicted.contains_key(name) {
-                idle.evicted.insert(name.to_string(), Instant::now());
+            let mut gone = Vec::new();
+            if let Some(list) = idle.by_tunnel.get_mut(name) {
+                let (out, kept) = std::mem::take(list)
+                    .into_iter()
+                    .partition::<Vec<_>, _>(|i| i.upstream.via() == via);
+                *list = kept;
+                gone = out;
+                if list.is_empty() {
+                    idle.by_tunnel.remove(name);
+                }
             }
-            evicted
+            idle.total -= gone.len();
+            let now = Instant::now();
+            let known = idle.evicted.contains_key(name);
+            if known || idle.evicted.len() < IDLE_TOTAL {
+                let paths = idle.evicted.entry(name.to_string()).or_default();
+                if let Some(i) = paths.iter().position(|(path, _)| *path == via) {
+                    paths[i].1 = now;
+                } else if paths.len() < IDLE_PER_TUNNEL {
+                    paths.push((via, now));
+                } else if let Some(oldest) = paths.iter_mut().min_by_key(|(_, at)| *at) {
+                    // Every place taken: the oldest path's entry goes.
+                    *oldest = (via, now);
+                }
+            }
+            gone
         };
         drop(evicted);
     }
@@ -334,7 +341,11 @@ impl<B: Send + 'static> Return<B> {
     }
 
     fn put(self) {
-        if !self.tunnels.slots.wanted(&self.name) {
+        let wanted = self
+            .upstream
+            .via()
+            .is_some_and(|node| self.tunnels.slots.wanted(node, &self.name));
+        if !wanted {
             self.upstreams.put(&self.name, self.upstream);
         }
     }
@@ -445,7 +456,7 @@ mod tests {
             pool.put(name, s);
             far_ends.push(far);
         }
-        pool.drop_via("a", NodeId(7));
+        pool.evict("a", Some(NodeId(7)));
         assert_eq!(pool.len(), 3);
         let mut left: Vec<_> = std::iter::from_fn(|| pool.take("a"))
             .map(|u| u.via())
@@ -453,7 +464,7 @@ mod tests {
         left.sort();
         assert_eq!(left, [None, Some(NodeId(8))]);
         assert_eq!(pool.take("b").and_then(|u| u.via()), Some(NodeId(7)));
-        pool.drop_via("c", NodeId(7));
+        pool.evict("c", Some(NodeId(7)));
         assert!(pool.is_empty());
     }
 
@@ -469,7 +480,7 @@ mod tests {
         assert_eq!(pool.len(), 5);
         assert!(pool.take("a").is_some());
         assert_eq!(pool.len(), 4);
-        pool.evict("b");
+        pool.evict("b", None);
         assert_eq!(pool.len(), 2);
         assert!(pool.take("b").is_none());
 
@@ -541,7 +552,7 @@ mod tests {
         let busy = pool.take("a").unwrap();
         let (idle, _far_idle) = sender().await;
         pool.put("a", idle);
-        pool.evict("a");
+        pool.evict("a", None);
         assert!(pool.is_empty());
         // The one that was answering comes back: closed, not kept.
         pool.put("a", busy);
@@ -550,6 +561,24 @@ mod tests {
         let (fresh, _far_fresh) = sender().await;
         pool.put("a", fresh);
         assert!(pool.take("a").is_some());
+    }
+
+    #[tokio::test]
+    async fn an_eviction_through_one_node_leaves_the_other_paths_alone() {
+        let pool = Upstreams::new();
+        let (direct, _far) = sender().await;
+        let (elsewhere, _far_elsewhere) = sender().await;
+        elsewhere.via.set(NodeId(8)).unwrap();
+        let (busy, _far_busy) = sender().await;
+        busy.via.set(NodeId(7)).unwrap();
+        pool.evict("a", Some(NodeId(7)));
+        // Answering through node 7 during its eviction: not kept.
+        pool.put("a", busy);
+        assert!(pool.is_empty());
+        // Opened as early, through other paths: kept.
+        pool.put("a", direct);
+        pool.put("a", elsewhere);
+        assert_eq!(pool.len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -112,7 +112,7 @@ pub struct Tunnels {
     public: std::sync::OnceLock<Ingress>,
     /// Called with each name a client connection leaves (see
     /// [`Tunnels::on_detach`]).
-    on_detach: std::sync::OnceLock<slots::WaitHook>,
+    on_detach: std::sync::OnceLock<slots::EvictHook>,
 }
 
 impl Tunnels {
@@ -152,9 +152,10 @@ impl Tunnels {
     }
 
     /// Sets what to do with a tunnel's name when a client connection
-    /// leaves it here (the HTTP ingress closes the tunnel's idle upstreams:
-    /// idle, they would hold the streams a detaching client waits on).
-    pub fn on_detach(&self, hook: slots::WaitHook) {
+    /// leaves it here (the HTTP ingress closes the tunnel's idle upstreams
+    /// to it: idle, they would hold the streams a detaching client waits
+    /// on).
+    pub fn on_detach(&self, hook: slots::EvictHook) {
         let _ = self.on_detach.set(hook);
     }
 

@@ -111,7 +111,7 @@ impl Tunnels {
         }
         let gone = self.detach_here(&names, &conn);
         if let Some(evict) = self.on_detach.get() {
-            names.iter().for_each(|n| evict(n));
+            names.iter().for_each(|n| evict(n, None));
         }
         // No new visitor comes over this connection now: a client that
         // asked to detach reads this end, then waits for the streams still

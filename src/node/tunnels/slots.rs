@@ -14,9 +14,10 @@
 //! Visitors past the bound wait for a stream to end (the visit's race tries
 //! the tunnel's other attachments meanwhile); a stalled stream ends at the
 //! splice's stall deadline. Idle HTTP upstreams hold their slots too: when a
-//! visit starts waiting, the tunnel's idle upstreams are closed
-//! ([`ForwardSlots::on_wait`]), and while visits wait, answered upstreams are
-//! closed rather than kept for reuse ([`ForwardSlots::wanted`]).
+//! visit starts waiting, the tunnel's idle upstreams through that node are
+//! closed ([`ForwardSlots::on_wait`]), and while visits wait, answered
+//! upstreams through it are closed rather than kept for reuse
+//! ([`ForwardSlots::wanted`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,17 +35,20 @@ pub const FORWARDS_PER_TUNNEL: usize = 64;
 
 type Key = (NodeId, String);
 
-/// What to do when a visit of a tunnel starts waiting for a slot.
-pub type WaitHook = Box<dyn Fn(&str) + Send + Sync>;
+/// Closes tunnel `name`'s idle HTTP upstreams through a node (`None`: to a
+/// client attached here): when a visit starts waiting for a slot to that
+/// node, or the client detaches from here.
+pub type EvictHook = Box<dyn Fn(&str, Option<NodeId>) + Send + Sync>;
 
 /// The forwarded streams open per (attached node, tunnel).
 pub struct ForwardSlots {
     limit: usize,
     open: Mutex<HashMap<Key, Arc<Semaphore>>>,
-    /// Visits waiting for a slot, by tunnel.
-    waiting: Mutex<HashMap<String, usize>>,
-    /// Called with the tunnel's name when a visit starts waiting.
-    on_wait: std::sync::OnceLock<WaitHook>,
+    /// Visits waiting for a slot, by tunnel and node.
+    waiting: Mutex<HashMap<String, HashMap<NodeId, usize>>>,
+    /// Called with the tunnel's name and the node when a visit starts
+    /// waiting.
+    on_wait: std::sync::OnceLock<EvictHook>,
     /// Forwarded visit attempts that waited for a slot (a visit raced over
     /// two paths may count twice).
     pub waited: AtomicU64,
@@ -93,7 +97,7 @@ impl ForwardSlots {
             Ok(permit) => permit,
             Err(_) => {
                 self.waited.fetch_add(1, Ordering::Relaxed);
-                let _waiting = Waiting::new(self, name);
+                let _waiting = Waiting::new(self, node, name);
                 semaphore
                     .clone()
                     .acquire_owned()
@@ -107,18 +111,21 @@ impl ForwardSlots {
     }
 
     /// Sets what to do when a visit starts waiting (the HTTP ingress closes
-    /// the tunnel's idle upstreams, which hold slots). Set once.
-    pub fn on_wait(&self, hook: WaitHook) {
+    /// the tunnel's idle upstreams through that node, which hold its
+    /// slots). Set once.
+    pub fn on_wait(&self, hook: EvictHook) {
         let _ = self.on_wait.set(hook);
     }
 
-    /// Whether visits of tunnel `name` are waiting for a slot: a stream of
-    /// it that is done should then end instead of waiting idle for reuse.
-    pub fn wanted(&self, name: &str) -> bool {
-        self.waiters().contains_key(name)
+    /// Whether visits of tunnel `name` are waiting for a slot to `node`: a
+    /// stream of it there that is done should then end instead of waiting
+    /// idle for reuse.
+    pub fn wanted(&self, node: NodeId, name: &str) -> bool {
+        let waiters = self.waiters();
+        !waiters.is_empty() && waiters.get(name).is_some_and(|n| n.contains_key(&node))
     }
 
-    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<NodeId, usize>>> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -137,25 +144,36 @@ impl ForwardSlots {
 /// uncounted if the visit is dropped meanwhile).
 struct Waiting<'a> {
     slots: &'a ForwardSlots,
+    node: NodeId,
     name: &'a str,
 }
 
 impl<'a> Waiting<'a> {
-    fn new(slots: &'a ForwardSlots, name: &'a str) -> Self {
-        *slots.waiters().entry(name.to_string()).or_default() += 1;
+    fn new(slots: &'a ForwardSlots, node: NodeId, name: &'a str) -> Self {
+        *slots
+            .waiters()
+            .entry(name.to_string())
+            .or_default()
+            .entry(node)
+            .or_default() += 1;
         if let Some(hook) = slots.on_wait.get() {
-            hook(name);
+            hook(name, Some(node));
         }
-        Waiting { slots, name }
+        Waiting { slots, node, name }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let mut waiters = self.slots.waiters();
-        if let Some(n) = waiters.get_mut(self.name) {
+        if let Some(nodes) = waiters.get_mut(self.name)
+            && let Some(n) = nodes.get_mut(&self.node)
+        {
             *n -= 1;
             if *n == 0 {
+                nodes.remove(&self.node);
+            }
+            if nodes.is_empty() {
                 waiters.remove(self.name);
             }
         }
@@ -195,7 +213,8 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished());
-        assert!(slots.wanted("greedy") && !slots.wanted("quiet"));
+        assert!(slots.wanted(a, "greedy") && !slots.wanted(b, "greedy"));
+        assert!(!slots.wanted(a, "quiet"));
         // ...while another tunnel, or the same one to another node, does not.
         let _other = tokio::time::timeout(Duration::from_secs(1), slots.take(a, "quiet"))
             .await
@@ -209,7 +228,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(slots.waited.load(Ordering::Relaxed), 1);
-        assert!(!slots.wanted("greedy"));
+        assert!(!slots.wanted(a, "greedy"));
         drop(third);
     }
 
@@ -222,12 +241,12 @@ mod tests {
             tokio::spawn(async move { slots.take(NodeId(1), "t").await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(slots.wanted("t"));
+        assert!(slots.wanted(NodeId(1), "t"));
         // Its slot is handed over as the visit is dropped.
         drop(held);
         waiting.abort();
         let _ = waiting.await;
-        assert!(!slots.wanted("t"));
+        assert!(!slots.wanted(NodeId(1), "t"));
         assert!(slots.is_empty(), "{} pairs left", slots.len());
     }
 
