@@ -169,7 +169,13 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
             }
             () = detach.cancelled() => {
                 // Forgotten by the client loop too, but its visitors finish.
-                let _ = write_msg(&mut send, &ClientMsg::Detach).await;
+                // (A node too slow to take even this is dropped at the
+                // second signal.)
+                tokio::select! {
+                    biased;
+                    () = drop.cancelled() => {}
+                    _ = write_msg(&mut send, &ClientMsg::Detach) => {}
+                }
                 match drain(&conn, control, &budget, &targets, &drop).await {
                     Some(0) => println!("tunnel {label}: node {} detached; its visitors were done", node.id),
                     Some(n) => println!("tunnel {label}: node {} detached; {n} visitor stream(s) still open were cut", node.id),

@@ -147,10 +147,12 @@ async fn serve_one(stream: IncomingStream, dht: mpsc::Sender<Served>, transport:
     } else {
         match tokio::time::timeout(RPC_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
-            _ => {
+            Err(_) => {
                 transport.dht_request_late();
                 Response::Error(ErrorCode::Unavailable)
             }
+            // The DHT task dropped the request unanswered: it is stopping.
+            Ok(Err(_)) => Response::Error(ErrorCode::Unavailable),
         }
     };
     if let Err(e) = write_frame(&mut send, &response).await {
