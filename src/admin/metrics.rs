@@ -354,7 +354,7 @@ impl Collector for Snapshot {
         counter(
             e,
             "tunnel_detaches_cut",
-            "Detached client connections that ended with visitor streams cut (at the client's or the node's deadline, or a client stopped at once)",
+            "Detached client connections that ended with visitor streams cut (at the client's or the node's deadline, a client stopped at once, or closed past the per-client bound of lingering connections)",
             s.clients.detaches_cut,
         )?;
         counter(

@@ -487,7 +487,7 @@ async fn send_once(
     let sent = req.extensions_mut().remove::<BodySent>();
     let reuse = !req.headers().contains_key(hyper::header::UPGRADE);
     let tunnels = &conn.ingress.tunnels;
-    if reuse && let Some(mut pooled) = upstreams.take_routed(name, tunnels).await {
+    if reuse && let Some(mut pooled) = upstreams.take_routed(name, tunnels) {
         let unanswered = Unanswered(Some(pooled.stream.clone()));
         let answer = within_answer_limit(pooled.sender.try_send_request(req), sent.as_ref(), limit);
         let Some(answer) = answer.await else {

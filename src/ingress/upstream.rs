@@ -206,19 +206,52 @@ impl<B> Upstreams<B> {
     }
 
     /// [`Self::take`], skipping connections through a node the tunnel's
-    /// client no longer lists (it detached from there, and waits for the
-    /// streams through it to end): those, and every other kept through that
-    /// node, are dropped. Checked against the route cache, so it follows a
-    /// detach within its lifetime (`route_cache::FOUND_TTL`, 10 s).
-    pub async fn take_routed(&self, name: &str, tunnels: &Tunnels) -> Option<Upstream<B>> {
+    /// route no longer lists (its client detached from there, and waits for
+    /// the streams through it to end): those, and every other kept through
+    /// that node, are evicted. Checked against the route cache, without
+    /// waiting: while it has nothing fresh, the connection is reused and
+    /// the route looked up in the background, whose answer evicts what is
+    /// off it. A detach is thus followed within the cache's lifetime
+    /// (`route_cache::FOUND_TTL`, 10 s) of reaching the DHT, while the DHT
+    /// answers; else within [`REUSE_WITHIN`].
+    pub fn take_routed(self: &Arc<Self>, name: &str, tunnels: &Arc<Tunnels>) -> Option<Upstream<B>>
+    where
+        B: Send + 'static,
+    {
         loop {
             let upstream = self.take(name)?;
             let Some(via) = upstream.via() else {
                 return Some(upstream);
             };
-            if tunnels.attached_via(name, via).await {
-                return Some(upstream);
+            match tunnels.route_lists(name, via) {
+                Some(true) => return Some(upstream),
+                Some(false) => self.evict(name, Some(via)),
+                None => {
+                    let pool = Arc::downgrade(self);
+                    tunnels.refresh_route(name, move |name, route| {
+                        if let Some(pool) = pool.upgrade() {
+                            pool.evict_off(name, route);
+                        }
+                    });
+                    return Some(upstream);
+                }
             }
+        }
+    }
+
+    /// Evicts `name`'s connections through nodes that are not in `route`.
+    fn evict_off(&self, name: &str, route: &[NodeId]) {
+        let mut off: Vec<NodeId> = {
+            let idle = self.idle();
+            let list = idle.by_tunnel.get(name).map_or(&[][..], Vec::as_slice);
+            list.iter()
+                .filter_map(|i| i.upstream.via())
+                .filter(|via| !route.contains(via))
+                .collect()
+        };
+        off.sort_unstable();
+        off.dedup();
+        for via in off {
             self.evict(name, Some(via));
         }
     }

@@ -90,6 +90,9 @@ pub struct Tunnels {
     /// oldest first (see `session::LINGERING_PER_CLIENT`).
     lingering: Mutex<HashMap<specter_dht::ClientId, std::collections::VecDeque<Connection>>>,
     routes: RouteCache<Vec<Peer>>,
+    /// Tunnels whose route is being looked up in the background (see
+    /// [`Tunnels::refresh_route`]).
+    refreshing: Mutex<std::collections::HashSet<String>>,
     /// Nodes that lately failed or were slow to answer a visit, and until
     /// when they are tried last.
     slow: Mutex<HashMap<NodeId, std::time::Instant>>,
@@ -140,6 +143,7 @@ impl Tunnels {
             attached: Mutex::new(HashMap::new()),
             lingering: Mutex::new(HashMap::new()),
             routes: RouteCache::new(),
+            refreshing: Mutex::new(std::collections::HashSet::new()),
             slow: Mutex::new(HashMap::new()),
             slots,
             forwards_broken: std::sync::atomic::AtomicU64::new(0),

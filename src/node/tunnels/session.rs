@@ -147,12 +147,16 @@ impl Tunnels {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             let list = lingering.entry(client).or_default();
+            // Closed ones are on their way out (their own task counts them).
+            list.retain(|c| c.close_reason().is_none());
             list.push_back(conn.clone());
             (list.len() > LINGERING_PER_CLIENT)
                 .then(|| list.pop_front())
                 .flatten()
         };
         if let Some(old) = oldest {
+            // Closed here before its client closed it: counted as cut here,
+            // not again by its own task (which sees a local close).
             self.detaches_cut.fetch_add(1, Relaxed);
             tracing::info!(remote = %old.remote_address(), %client, "closed the oldest detached connection of a client past {LINGERING_PER_CLIENT}");
             old.close(

@@ -44,6 +44,12 @@ pub const VISIT_DEADLINE: Duration = Duration::from_secs(10);
 /// costs the first visitor a hedge delay, not every visitor.
 pub const SLOW_FOR: Duration = Duration::from_secs(10);
 
+/// Route lookups [`Tunnels::refresh_route`] runs at once: one per tunnel
+/// whose pooled HTTP upstreams through another node are reused while the
+/// route cache has nothing fresh, so as many as the pool holds tunnels
+/// (`ingress::upstream::IDLE_TOTAL`). Past it, a reuse starts none.
+pub const ROUTE_REFRESHES: usize = 1_024;
+
 /// Why a visitor stream could not be opened.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum OpenError {
@@ -438,19 +444,53 @@ impl Tunnels {
         }
     }
 
-    /// Whether `name` is still attached through node `via`, as far as the
-    /// route cache (or, once that expired, the DHT) knows: false once a
-    /// lookup no longer lists it or finds the name gone; true when none
-    /// could be made, so a DHT that is slow to answer does not cost the
-    /// paths that work. For a pooled HTTP upstream through `via`, checked
-    /// before each reuse: a client detaching from `via` waits for the
-    /// streams through it to end.
-    pub async fn attached_via(&self, name: &str, via: NodeId) -> bool {
-        match self.lookup(name).await {
-            Ok(route) => route.iter().any(|p| p.id == via),
-            Err(OpenError::Unknown) => false,
-            Err(_) => true,
+    /// Whether the route cache still lists node `via` for `name` (`false`
+    /// when it knows the name is gone), or `None` when it has nothing
+    /// fresh. For a pooled HTTP upstream through `via`, checked before each
+    /// reuse: a client detaching from `via` waits for the streams through
+    /// it to end. A read of the cache, never a lookup.
+    pub fn route_lists(&self, name: &str, via: NodeId) -> Option<bool> {
+        match self.routes.get(name, std::time::Instant::now()) {
+            Cached::Found(route) => Some(route.iter().any(|p| p.id == via)),
+            Cached::Missing => Some(false),
+            Cached::Unknown => None,
         }
+    }
+
+    /// Looks `name`'s route up in the background (at most one lookup per
+    /// name at a time, [`ROUTE_REFRESHES`] in all) and hands `done` the
+    /// nodes it is attached to: none when the name is gone. Nothing is
+    /// handed when the lookup fails. The lookup refills the route cache
+    /// when it finds attachments.
+    pub fn refresh_route(
+        self: &Arc<Self>,
+        name: &str,
+        done: impl FnOnce(&str, &[NodeId]) + Send + 'static,
+    ) {
+        {
+            let mut refreshing = self
+                .refreshing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if refreshing.len() >= ROUTE_REFRESHES || !refreshing.insert(name.to_string()) {
+                return;
+            }
+        }
+        let (this, name) = (self.clone(), name.to_string());
+        tokio::spawn(async move {
+            let route = match this.lookup(&name).await {
+                Ok(route) => Some(route.iter().map(|p| p.id).collect()),
+                Err(OpenError::Unknown) => Some(Vec::new()),
+                Err(_) => None,
+            };
+            this.refreshing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&name);
+            if let Some(route) = route {
+                done(&name, &route);
+            }
+        });
     }
 
     /// The tunnel's attachments as the route cache, else the DHT, knows them.
