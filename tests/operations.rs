@@ -440,6 +440,7 @@ fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
         "specter_clients_busy",
         "specter_ingress_broken",
         "specter_tunnel_detaches_cut",
+        "specter_tunnel_route_refreshes_skipped",
         "specter_client_peer_requests_coalesced",
         "specter_gossip_meta_refused",
         "specter_dht_requests_late",

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::procs::*;
-use common::web::{DOMAIN, curl, http_service, ingress_cluster, keepalive_service};
+use common::web::{DOMAIN, curl, http_service, ingress_cluster, keepalive_service, spawn_download};
 
 /// Reads each connection to EOF, then answers `len=<n>;` followed by the
 /// request, and closes.
@@ -937,18 +937,16 @@ fn a_spare_attached_while_a_node_was_silent_is_detached_once_it_answers_again() 
     // A visitor downloads through the spare (attached there: the direct
     // path) for about 20 s, longer than the grace period.
     let spare_node = procs.iter().find(|p| p.id() == spare[0]).unwrap();
-    let https = spare_node.https();
-    let (ip, port) = https.rsplit_once(':').unwrap();
-    let host = format!("spare.{DOMAIN}");
     let size = 400 * 1024;
     let body = dir.path().join("slow-body");
-    let mut download = Command::new("curl")
-        .args(["-s", "-m", "90", "--http1.1", "-o", body.to_str().unwrap()])
-        .args(["--cacert", dir.path().join("ca/ca.crt").to_str().unwrap()])
-        .args(["--resolve", &format!("{host}:{port}:{ip}")])
-        .arg(format!("https://{host}:{port}/slow/{size}"))
-        .spawn()
-        .unwrap();
+    let mut download = spawn_download(
+        dir.path(),
+        &spare_node.https(),
+        &format!("spare.{DOMAIN}"),
+        &format!("/slow/{size}"),
+        &body,
+        Duration::from_secs(90),
+    );
     let got = || std::fs::metadata(&body).map_or(0, |m| m.len());
     // ...the node answers again (three healthy), and the newest goes after
     // the grace period.
@@ -1061,17 +1059,15 @@ fn an_answer_cut_by_the_death_of_its_client_is_an_error_not_a_short_body() {
         .to_string();
     // Through the node that forwards to the attached one.
     let entry = procs.iter().find(|p| p.id() != attached).unwrap();
-    let https = entry.https();
-    let (ip, port) = https.rsplit_once(':').unwrap();
-    let host = format!("cut.{DOMAIN}");
     let body = dir.path().join("body");
-    let mut curl = Command::new("curl")
-        .args(["-s", "-m", "30", "--http1.1", "-o", body.to_str().unwrap()])
-        .args(["--cacert", dir.path().join("ca/ca.crt").to_str().unwrap()])
-        .args(["--resolve", &format!("{host}:{port}:{ip}")])
-        .arg(format!("https://{host}:{port}/"))
-        .spawn()
-        .unwrap();
+    let mut curl = spawn_download(
+        dir.path(),
+        &entry.https(),
+        &format!("cut.{DOMAIN}"),
+        "/",
+        &body,
+        Duration::from_secs(30),
+    );
     let size = || std::fs::metadata(&body).map_or(0, |m| m.len());
     assert!(
         wait_for(Duration::from_secs(10), || size() >= 4096).is_some(),
@@ -1177,19 +1173,18 @@ fn a_stopping_client_lets_the_visitors_under_way_finish_unless_told_twice() {
         .expect("attached to both nodes");
         client
     };
-    let https = procs[1].https();
-    let (ip, port) = https.rsplit_once(':').unwrap();
-    let host = format!("stopping.{DOMAIN}");
+    let (https, host) = (procs[1].https(), format!("stopping.{DOMAIN}"));
     let body = dir.path().join("body");
     let download = |size: usize| {
         let _ = std::fs::remove_file(&body);
-        let curl = Command::new("curl")
-            .args(["-s", "-m", "60", "--http1.1", "-o", body.to_str().unwrap()])
-            .args(["--cacert", dir.path().join("ca/ca.crt").to_str().unwrap()])
-            .args(["--resolve", &format!("{host}:{port}:{ip}")])
-            .arg(format!("https://{host}:{port}/slow/{size}"))
-            .spawn()
-            .unwrap();
+        let curl = spawn_download(
+            dir.path(),
+            &https,
+            &host,
+            &format!("/slow/{size}"),
+            &body,
+            Duration::from_secs(60),
+        );
         assert!(
             wait_for(Duration::from_secs(10), || got(&body) > 0).is_some(),
             "the download never started"

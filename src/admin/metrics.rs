@@ -359,6 +359,12 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "tunnel_route_refreshes_skipped",
+            "Background route lookups for pooled HTTP upstreams not started because 1,024 were under way (the upstream was reused unchecked)",
+            s.clients.route_refreshes_skipped,
+        )?;
+        counter(
+            e,
             "client_peer_requests_coalesced",
             "Peer-sample requests from clients answered together with an earlier one (at most one answer per 250 ms and client)",
             s.clients.peers_coalesced,

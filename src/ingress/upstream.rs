@@ -230,7 +230,7 @@ impl<B> Upstreams<B> {
                     let pool = Arc::downgrade(self);
                     tunnels.refresh_route(name, move |name, route| {
                         if let Some(pool) = pool.upgrade() {
-                            pool.evict_off(name, route);
+                            pool.evict_off(name, route, via);
                         }
                     });
                     return Some(upstream);
@@ -239,13 +239,17 @@ impl<B> Upstreams<B> {
         }
     }
 
-    /// Evicts `name`'s connections through nodes that are not in `route`.
-    fn evict_off(&self, name: &str, route: &[NodeId]) {
+    /// Evicts `name`'s connections through nodes that are not in `route`:
+    /// those idle now, and `used`'s, the path whose reuse asked for the
+    /// route (its connection is likely still answering: the eviction keeps
+    /// it from coming back).
+    fn evict_off(&self, name: &str, route: &[NodeId], used: NodeId) {
         let mut off: Vec<NodeId> = {
             let idle = self.idle();
             let list = idle.by_tunnel.get(name).map_or(&[][..], Vec::as_slice);
             list.iter()
                 .filter_map(|i| i.upstream.via())
+                .chain([used])
                 .filter(|via| !route.contains(via))
                 .collect()
         };
@@ -594,6 +598,25 @@ mod tests {
         let (fresh, _far_fresh) = sender().await;
         pool.put("a", fresh);
         assert!(pool.take("a").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_route_without_a_node_evicts_its_paths_answering_ones_included() {
+        let pool = Upstreams::new();
+        let (answering, _far) = sender().await;
+        answering.via.set(NodeId(7)).unwrap();
+        let (idle, _far_idle) = sender().await;
+        idle.via.set(NodeId(9)).unwrap();
+        let (kept, _far_kept) = sender().await;
+        kept.via.set(NodeId(8)).unwrap();
+        pool.put("a", idle);
+        pool.put("a", kept);
+        // The route came back without 7 (whose connection is answering) and 9.
+        pool.evict_off("a", &[NodeId(8)], NodeId(7));
+        assert_eq!(pool.len(), 1);
+        pool.put("a", answering);
+        assert_eq!(pool.take("a").and_then(|u| u.via()), Some(NodeId(8)));
+        assert!(pool.is_empty());
     }
 
     #[tokio::test]

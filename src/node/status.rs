@@ -70,9 +70,11 @@ pub struct ClientsStatus {
     /// Client connections detached at their client's request, waiting for
     /// their streams to end.
     pub detaching: u64,
-    /// Detached client connections closed at the deadline with streams
-    /// still open.
+    /// Detached client connections that ended with visitor streams cut.
     pub detaches_cut: u64,
+    /// Background route lookups for pooled HTTP upstreams not started,
+    /// `ROUTE_REFRESHES` being under way.
+    pub route_refreshes_skipped: u64,
     /// Client peer-sample requests answered together with an earlier one.
     pub peers_coalesced: u64,
 }
@@ -173,6 +175,9 @@ impl NodeState {
                     forwards_broken: t.forwards_broken.load(std::sync::atomic::Ordering::Relaxed),
                     detaching: t.detaching.load(std::sync::atomic::Ordering::Relaxed),
                     detaches_cut: t.detaches_cut.load(std::sync::atomic::Ordering::Relaxed),
+                    route_refreshes_skipped: t
+                        .route_refreshes_skipped
+                        .load(std::sync::atomic::Ordering::Relaxed),
                     peers_coalesced: t.peers_coalesced.load(std::sync::atomic::Ordering::Relaxed),
                 }
             },

@@ -204,6 +204,28 @@ pub fn curl(dir: &Path, https: &str, host: &str, path: &str, http2: bool) -> (St
     (body.to_string(), status.to_string())
 }
 
+/// Starts curl downloading `https://{host}{path}` over HTTP/1.1 through the
+/// ingress at `https` into `out`, for at most `limit`, trusting the tests'
+/// CA in `dir`.
+pub fn spawn_download(
+    dir: &Path,
+    https: &str,
+    host: &str,
+    path: &str,
+    out: &Path,
+    limit: std::time::Duration,
+) -> std::process::Child {
+    let (ip, port) = https.rsplit_once(':').unwrap();
+    Command::new("curl")
+        .args(["-s", "-m", &limit.as_secs().to_string(), "--http1.1"])
+        .args(["-o", out.to_str().unwrap()])
+        .args(["--cacert", dir.join("ca/ca.crt").to_str().unwrap()])
+        .args(["--resolve", &format!("{host}:{port}:{ip}")])
+        .arg(format!("https://{host}:{port}{path}"))
+        .spawn()
+        .expect("curl is installed")
+}
+
 /// A keep-alive HTTP/1.1 service on 127.0.0.1 that answers every request
 /// `ok` and counts the TCP connections it accepted.
 pub fn keepalive_service() -> (

@@ -93,6 +93,8 @@ pub struct Tunnels {
     /// Tunnels whose route is being looked up in the background (see
     /// [`Tunnels::refresh_route`]).
     refreshing: Mutex<std::collections::HashSet<String>>,
+    /// Refreshes not started, [`visit::ROUTE_REFRESHES`] being under way.
+    pub route_refreshes_skipped: std::sync::atomic::AtomicU64,
     /// Nodes that lately failed or were slow to answer a visit, and until
     /// when they are tried last.
     slow: Mutex<HashMap<NodeId, std::time::Instant>>,
@@ -144,6 +146,7 @@ impl Tunnels {
             lingering: Mutex::new(HashMap::new()),
             routes: RouteCache::new(),
             refreshing: Mutex::new(std::collections::HashSet::new()),
+            route_refreshes_skipped: std::sync::atomic::AtomicU64::new(0),
             slow: Mutex::new(HashMap::new()),
             slots,
             forwards_broken: std::sync::atomic::AtomicU64::new(0),

@@ -472,9 +472,15 @@ impl Tunnels {
                 .refreshing
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if refreshing.len() >= ROUTE_REFRESHES || !refreshing.insert(name.to_string()) {
+            if refreshing.contains(name) {
                 return;
             }
+            if refreshing.len() >= ROUTE_REFRESHES {
+                self.route_refreshes_skipped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            refreshing.insert(name.to_string());
         }
         let (this, name) = (self.clone(), name.to_string());
         tokio::spawn(async move {
