@@ -373,31 +373,11 @@ async fn malformed_and_oversized_rpc_frames_are_refused_and_the_node_keeps_servi
 
 #[tokio::test]
 async fn a_client_connection_that_has_not_said_hello_gets_one_stream_and_junk_closes_it() {
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let ca = make_ca("t").unwrap();
     let node = start(&ca, 0, None);
     // Anyone can be a tunnel client: a fresh self-signed key.
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["anyone.invalid".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let config = specter::net::tls::client_quic_config(
-        &ca.cert,
-        CertificateDer::from(cert.der().to_vec()),
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
-    .unwrap();
-    let endpoint = bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(
-            config,
-            node.addresses().quic,
-            specter::net::tls::CLIENT_SERVER_NAME,
-        )
-        .unwrap()
-        .await
-        .unwrap();
+    let client = common::own_client::OwnClient::new(&ca.cert);
+    let conn = client.connect(node.addresses().quic).await;
     // The control stream...
     let (mut control, _recv) = conn.open_bi().await.unwrap();
     control.write_all(&[0]).await.unwrap();

@@ -1336,17 +1336,7 @@ fn a_client_detaching_in_a_loop_keeps_at_most_four_connections_lingering() {
     use specter::wire::write_msg;
     use specter_tunnel::protocol::ClientMsg;
 
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = ca(dir.path());
-    let ips = vec!["127.0.0.87".to_string()];
-    let dirs = issue_all(dir.path(), &ca_dir, &ips);
-    let node = start_node(dir.path(), &dirs[0], &ips[0], None);
-    let ca_pem = std::fs::read_to_string(dir.path().join("ca/ca.crt")).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (_dir, node, ca_pem, runtime) = lone_node("127.0.0.87");
     runtime.block_on(async {
         let client = OwnClient::new(&ca_pem);
         let mut held = Vec::new();
@@ -1400,6 +1390,23 @@ fn a_client_detaching_in_a_loop_keeps_at_most_four_connections_lingering() {
     });
 }
 
+/// One node at `ip`, the cluster CA's certificate (for a client of the
+/// test's own, `common::own_client`) and a runtime to drive that client.
+fn lone_node(ip: &str) -> (tempfile::TempDir, Proc, String, tokio::runtime::Runtime) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips = vec![ip.to_string()];
+    let dirs = issue_all(dir.path(), &ca_dir, &ips);
+    let node = start_node(dir.path(), &dirs[0], ip, None);
+    let ca_pem = std::fs::read_to_string(dir.path().join("ca/ca.crt")).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    (dir, node, ca_pem, runtime)
+}
+
 fn got(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
@@ -1412,17 +1419,7 @@ fn a_client_asking_for_peers_in_a_loop_gets_one_answer_per_gap() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = ca(dir.path());
-    let ips = vec!["127.0.0.99".to_string()];
-    let dirs = issue_all(dir.path(), &ca_dir, &ips);
-    let node = start_node(dir.path(), &dirs[0], &ips[0], None);
-    let ca_pem = std::fs::read_to_string(dir.path().join("ca/ca.crt")).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (_dir, node, ca_pem, runtime) = lone_node("127.0.0.99");
     let (sent, answered, after) = runtime.block_on(async {
         let Attached {
             conn: _conn,

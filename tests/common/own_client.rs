@@ -39,19 +39,23 @@ impl OwnClient {
         OwnClient { endpoint, config }
     }
 
-    /// Connects to the node at QUIC address `node` and registers `names`;
-    /// panics unless welcomed.
-    pub async fn attach(&self, node: &str, names: &[&str]) -> Attached {
-        let conn = self
-            .endpoint
+    /// A connection to the node at QUIC address `node`, nothing said yet.
+    pub async fn connect(&self, node: std::net::SocketAddr) -> quinn::Connection {
+        self.endpoint
             .connect_with(
                 self.config.clone(),
-                node.parse().unwrap(),
+                node,
                 specter::net::tls::CLIENT_SERVER_NAME,
             )
             .unwrap()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Connects to the node at QUIC address `node` and registers `names`;
+    /// panics unless welcomed.
+    pub async fn attach(&self, node: &str, names: &[&str]) -> Attached {
+        let conn = self.connect(node.parse().unwrap()).await;
         let (mut send, recv) = conn.open_bi().await.unwrap();
         let hello = ClientMsg::Hello {
             version: TUNNEL_PROTOCOL_VERSION,
