@@ -275,6 +275,17 @@ async fn measure(label: &str, entry: &Entry, bytes: u64, secs: f64) -> std::io::
         Entry::Https(_) => None,
         _ => Some(bulk(entry, bytes).await?),
     };
+    // `SPECTER_BENCH_BULK_ONLY=1`: the single stream alone (its latency
+    // columns left empty), to compare builds' throughput in a short run.
+    if std::env::var_os("SPECTER_BENCH_BULK_ONLY").is_some() {
+        return Ok(Row {
+            label: label.to_string(),
+            gbps,
+            c1: Vec::new(),
+            rps: 0.0,
+            c64: Vec::new(),
+        });
+    }
     let (_, c1) = load(entry, 1, secs).await?;
     let (rps, c64) = load(entry, CONNS, secs).await?;
     Ok(Row {
