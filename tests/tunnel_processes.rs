@@ -1387,6 +1387,26 @@ fn a_client_detaching_in_a_loop_keeps_at_most_four_connections_lingering() {
         .await;
         assert!(gone.is_some(), "the node still holds detached connections");
         assert_eq!(metric(&node, "specter_tunnel_detaches_cut_total "), 3);
+
+        // A client told to stop twice before its `Detach` left closes with
+        // the cut code and no detach: counted too. A plain close is not.
+        for (code, cut) in [
+            (specter::wire::CLOSE_DETACHED, 3),
+            (specter::wire::CLOSE_DETACH_CUT, 4),
+        ] {
+            let a = client.attach(&node.quic(), &["lingering"]).await;
+            a.conn.close(code, b"stopped at once");
+            let settled = common::wait_until(Duration::from_secs(5), || {
+                metric(&node, "specter_tunnel_client_connections ") == 0
+            })
+            .await;
+            assert!(settled.is_some(), "the node still holds the closed client");
+            assert_eq!(
+                metric(&node, "specter_tunnel_detaches_cut_total "),
+                cut,
+                "after a close with {code}"
+            );
+        }
     });
 }
 

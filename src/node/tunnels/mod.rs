@@ -109,7 +109,9 @@ pub struct Tunnels {
     /// Of those, the ones that ended with visitor streams cut: closed by
     /// their client that way ([`crate::wire::CLOSE_DETACH_CUT`], at its
     /// drain deadline or told to stop at once), or by this node at
-    /// `session::DETACH_LINGER` or past `session::LINGERING_PER_CLIENT`.
+    /// `session::DETACH_LINGER` or past `session::LINGERING_PER_CLIENT`;
+    /// and client connections closed that way before their detach came (a
+    /// client told to stop twice before it could ask).
     pub detaches_cut: std::sync::atomic::AtomicU64,
     /// Peer-sample requests answered together with an earlier one (see
     /// `session::PEERS_ANSWER_GAP`).

@@ -58,6 +58,13 @@ pub const DETACH_LINGER: Duration = Duration::from_secs(crate::client::DETACH_DR
 /// attaches and detaches in a loop cannot pile connections up here.
 pub const LINGERING_PER_CLIENT: usize = 4;
 
+/// Whether the client closed `conn` with visitor streams still open
+/// ([`CLOSE_DETACH_CUT`]).
+fn closed_with_cut(conn: &Connection) -> bool {
+    matches!(conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == CLOSE_DETACH_CUT)
+}
+
 impl Tunnels {
     /// Serves one client connection until it closes or `stop` fires.
     pub async fn serve_client(self: Arc<Self>, conn: Connection, stop: CancellationToken) {
@@ -108,6 +115,13 @@ impl Tunnels {
             detaching = self
                 .session(&conn, client, &mut names, &mut send, &mut control, &stop)
                 .await;
+        }
+        if !detaching && closed_with_cut(&conn) {
+            // Told to stop twice before its `Detach` left: the client cut
+            // its visitors without asking, and says so in its close.
+            // (Counted before it is forgotten here, which `/metrics` shows.)
+            self.detaches_cut
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let gone = self.detach_here(&names, &conn);
         if let Some(evict) = self.on_detach.get() {
@@ -166,9 +180,9 @@ impl Tunnels {
         }
         self.detaching.fetch_add(1, Relaxed);
         tokio::select! {
-            why = conn.closed() => {
+            _ = conn.closed() => {
                 // The client closed with visitor streams still open.
-                if matches!(why, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == CLOSE_DETACH_CUT) {
+                if closed_with_cut(conn) {
                     self.detaches_cut.fetch_add(1, Relaxed);
                 }
             }
