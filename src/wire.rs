@@ -104,6 +104,19 @@ pub fn break_stream(send: &mut SendStream, recv: &mut RecvStream) {
     let _ = recv.stop(STREAM_BROKEN);
 }
 
+/// Completes when the far side of `send` stops reading it
+/// (`STOP_SENDING`: its end of a splice gave up, or dropped the stream
+/// unread); never on a clean finish or a lost connection, which a splice
+/// sees by itself. For [`specter_tunnel::splice::splice_watching`].
+pub fn stopped_by_peer(send: &SendStream) -> impl Future<Output = ()> + Send + 'static {
+    let stopped = send.stopped();
+    async move {
+        if !matches!(stopped.await, Ok(Some(_))) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {

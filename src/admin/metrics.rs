@@ -342,7 +342,7 @@ impl Collector for Snapshot {
         counter(
             e,
             "forwards_broken",
-            "Visitors forwarded here whose splice broke, or stalled past the deadline; both sides reset",
+            "Visitors forwarded here whose splice broke, stalled past the deadline, or was given up by the entry or the client (stopped reading); both sides reset",
             s.clients.forwards_broken,
         )?;
         gauge(

@@ -82,11 +82,16 @@ pub(super) async fn carry(
     if write_msg(&mut send, &VisitReply::Ready).await.is_err() {
         return;
     }
+    // The node stops reading when its end gives up (its splice's stall
+    // deadline, its visitor gone): with a target that never answers, a
+    // half-closed splice would otherwise wait on the target for good.
+    let gone = crate::wire::stopped_by_peer(&send);
     let mut stream = tokio::io::join(&mut recv, &mut send);
-    let spliced = specter_tunnel::splice::splice_within(
+    let spliced = specter_tunnel::splice::splice_watching(
         &mut stream,
         &mut local,
         specter_tunnel::splice::SPLICE_STALL,
+        gone,
     );
     match spliced.await {
         Ok(_) => {
@@ -102,7 +107,13 @@ pub(super) async fn carry(
         Err(err) => {
             // Not a clean end: the node (and the visitor) must see a reset,
             // and the target a closed connection.
-            tracing::info!(tunnel = %visit.name, visitor = %visit.visitor, %err, "visitor stream broken mid-way; reset");
+            if specter_tunnel::splice::far_side_gone(&err) {
+                // The node's choice (its end gave up, or it let an idle
+                // pooled upstream go): nothing went wrong here.
+                tracing::debug!(tunnel = %visit.name, visitor = %visit.visitor, "the node stopped reading the visitor stream; closed");
+            } else {
+                tracing::info!(tunnel = %visit.name, visitor = %visit.visitor, %err, "visitor stream broken mid-way; reset");
+            }
             break_stream(&mut send, &mut recv);
         }
     }

@@ -52,8 +52,9 @@ pub(super) async fn visit(
     let (mut tls, slot) = ingress.finish_handshake(start, config).await?;
     let idle_limit = ingress.limits.raw_tcp_idle;
     let stall = ingress.limits.write_stall_timeout;
+    let gone = crate::wire::stopped_by_peer(&tunnel.send);
     tokio::select! {
-        spliced = specter_tunnel::splice::splice_within(&mut tls, &mut tunnel, stall) => match spliced {
+        spliced = specter_tunnel::splice::splice_watching(&mut tls, &mut tunnel, stall, gone) => match spliced {
             Ok(_) => {}
             // Most TCP clients hang up without a TLS close_notify: an end,
             // not a failure.

@@ -174,7 +174,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    splice_inner(a, b, None).await
+    splice_inner(a, b, None, std::future::pending()).await
 }
 
 /// [`splice`], ending with [`io::ErrorKind::TimedOut`] when a side has
@@ -185,7 +185,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    splice_inner(a, b, Some(stall)).await
+    splice_inner(a, b, Some(stall), std::future::pending()).await
 }
 
 /// When each direction last saw its writer take nothing of what it held,
@@ -239,11 +239,55 @@ impl Stall {
     }
 }
 
-async fn splice_inner<A, B>(a: &mut A, b: &mut B, stall: Option<Duration>) -> io::Result<Spliced>
+/// Why [`splice_watching`] ended: its `gone` completed.
+#[derive(Debug)]
+struct FarSideGone;
+
+impl std::fmt::Display for FarSideGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the far side stopped reading")
+    }
+}
+
+impl std::error::Error for FarSideGone {}
+
+/// Whether a splice ended because its far side was gone (see
+/// [`splice_watching`]): an end the far side chose (it gave up, or let an
+/// idle pooled stream go), not a failure here.
+pub fn far_side_gone(err: &io::Error) -> bool {
+    err.get_ref().is_some_and(|e| e.is::<FarSideGone>())
+}
+
+/// [`splice_within`], also ending with [`io::ErrorKind::ConnectionReset`]
+/// when `gone` completes: a far side that stopped reading a QUIC stream
+/// (`STOP_SENDING`, its end of the splice gave up) is seen only by a
+/// write, and a half-closed splice whose other side is idle writes nothing
+/// (a visitor that finished sending, a target that never answers): without
+/// this, both sockets stayed open for good.
+pub async fn splice_watching<A, B>(
+    a: &mut A,
+    b: &mut B,
+    stall: Duration,
+    gone: impl Future<Output = ()>,
+) -> io::Result<Spliced>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    splice_inner(a, b, Some(stall), gone).await
+}
+
+async fn splice_inner<A, B>(
+    a: &mut A,
+    b: &mut B,
+    stall: Option<Duration>,
+    gone: impl Future<Output = ()>,
+) -> io::Result<Spliced>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut gone = std::pin::pin!(gone);
     let (mut a_to_b, mut b_to_a) = (Direction::new(), Direction::new());
     let (mut a_done, mut b_done) = (None, None);
     let mut stall = stall.map(|after| Stall {
@@ -255,6 +299,12 @@ where
     // Within the task's budget, as tokio's own copy is: two QUIC streams
     // are rarely pending, and one splice must not hold its worker.
     tokio::task::coop::cooperative(poll_fn(|cx| {
+        if gone.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                FarSideGone,
+            )));
+        }
         if a_done.is_none()
             && let Poll::Ready(moved) = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))
         {
@@ -282,6 +332,32 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    /// A half-closed splice whose open direction is idle (the visitor
+    /// finished sending, the service never answers) ends when the far side
+    /// is gone, and only then.
+    #[tokio::test]
+    async fn a_half_closed_idle_splice_ends_when_the_far_side_is_gone() {
+        let (mut visitor, mut relay_a) = duplex(1024);
+        let (mut relay_b, _silent_service) = duplex(1024);
+        let (tell, gone) = tokio::sync::oneshot::channel::<()>();
+        let relay = tokio::spawn(async move {
+            splice_watching(&mut relay_a, &mut relay_b, Duration::from_secs(60), async {
+                let _ = gone.await;
+            })
+            .await
+        });
+        visitor.write_all(b"request").await.unwrap();
+        visitor.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!relay.is_finished(), "ended before the far side went");
+        tell.send(()).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .expect("still spliced after the far side went")
+            .unwrap();
+        assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    }
 
     /// visitor ⇄ [splice] ⇄ service, where the service reads the whole
     /// request (to EOF) and only then answers.

@@ -12,7 +12,9 @@ use super::Tunnels;
 use super::visit::{OpenError, Path, Paths};
 use crate::net::IncomingStream;
 use crate::net::streams::StreamInbox;
-use crate::wire::{STREAM_NOT_HERE, break_stream, read_frame, write_frame, write_msg};
+use crate::wire::{
+    STREAM_NOT_HERE, break_stream, read_frame, stopped_by_peer, write_frame, write_msg,
+};
 
 /// A forwarded stream must deliver its [`Visit`] header this soon.
 pub const VISIT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,18 +76,33 @@ impl Tunnels {
         if write_msg(&mut send, &VisitReply::Ready).await.is_err() {
             return;
         }
+        // Either far end that stops reading ends both hops: an idle,
+        // half-closed splice would never write to find out.
+        let (entry_gone, client_gone) = (stopped_by_peer(&send), stopped_by_peer(&client.send));
+        let gone = async move {
+            tokio::select! {
+                () = entry_gone => {}
+                () = client_gone => {}
+            }
+        };
         let mut entry = tokio::io::join(&mut recv, &mut send);
-        let spliced = specter_tunnel::splice::splice_within(
+        let spliced = specter_tunnel::splice::splice_watching(
             &mut entry,
             &mut client,
             specter_tunnel::splice::SPLICE_STALL,
+            gone,
         );
         if let Err(err) = spliced.await {
             // Both hops are reset: dropped, quinn would finish them cleanly
             // and a cut answer would look complete.
             self.forwards_broken
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(from = %peer, tunnel = %visit.name, %err, "forwarded stream broken mid-way; reset");
+            if specter_tunnel::splice::far_side_gone(&err) {
+                // The entry or the client stopped reading: their choice.
+                tracing::debug!(from = %peer, tunnel = %visit.name, %err, "forwarded stream ended by a far side; reset");
+            } else {
+                tracing::info!(from = %peer, tunnel = %visit.name, %err, "forwarded stream broken mid-way; reset");
+            }
             break_stream(&mut send, &mut recv);
             client.reset();
         }

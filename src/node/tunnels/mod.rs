@@ -101,7 +101,8 @@ pub struct Tunnels {
     /// Streams open per tunnel and node this node forwards to.
     pub slots: Arc<ForwardSlots>,
     /// Visitors forwarded here whose splice broke or stalled (a side took
-    /// nothing for the stall deadline), both sides reset.
+    /// nothing for the stall deadline), or whose entry or client stopped
+    /// reading (`splice_watching`); both sides reset.
     pub forwards_broken: std::sync::atomic::AtomicU64,
     /// Client connections detached at their client's request whose
     /// streams are still running (see `session::DETACH_LINGER`).
