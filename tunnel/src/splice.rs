@@ -299,12 +299,6 @@ where
     // Within the task's budget, as tokio's own copy is: two QUIC streams
     // are rarely pending, and one splice must not hold its worker.
     tokio::task::coop::cooperative(poll_fn(|cx| {
-        if gone.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                FarSideGone,
-            )));
-        }
         if a_done.is_none()
             && let Poll::Ready(moved) = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))
         {
@@ -318,6 +312,14 @@ where
         match (a_done, b_done) {
             (Some(a_to_b), Some(b_to_a)) => Poll::Ready(Ok(Spliced { a_to_b, b_to_a })),
             _ => {
+                // Checked once both directions had their turn: a splice
+                // that finished both ways ends cleanly whatever came after.
+                if gone.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        FarSideGone,
+                    )));
+                }
                 if let Some(stall) = &mut stall {
                     stall.check(cx, [&a_to_b, &b_to_a])?;
                 }
@@ -356,7 +358,10 @@ mod tests {
             .await
             .expect("still spliced after the far side went")
             .unwrap();
-        assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        let err = ended.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(far_side_gone(&err), "{err}");
+        assert!(!far_side_gone(&io::ErrorKind::ConnectionReset.into()));
     }
 
     /// visitor ⇄ [splice] ⇄ service, where the service reads the whole
