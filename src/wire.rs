@@ -117,6 +117,82 @@ pub fn stopped_by_peer(send: &SendStream) -> impl Future<Output = ()> + Send + '
     }
 }
 
+/// Most of quinn's received chunks one read of a [`QuicEnd`] takes: a
+/// chunk is up to a packet's payload, so 16 fill one vectored write of up
+/// to ~140 KiB to a socket at jumbo-frame sizes (~23 KiB at 1,452 B), and
+/// a blocked writer pins at most 16 received buffers.
+const READ_CHUNKS: usize = 16;
+
+/// A QUIC stream as one side of a splice
+/// ([`specter_tunnel::splice::End`]), without a staging copy either way:
+/// reads lend quinn's received chunks (written on to a socket, which
+/// copies anyway), and writes hand quinn the bytes the splice read from a
+/// socket (kept until acknowledged; they were read into the splice's own
+/// packed allocation). Chunks lent by another QUIC stream are copied once
+/// into one buffer, since each pins its whole received datagram.
+pub struct QuicEnd<'a> {
+    /// The half written to.
+    pub send: &'a mut SendStream,
+    /// The half read from.
+    pub recv: &'a mut RecvStream,
+}
+
+impl specter_tunnel::splice::End for QuicEnd<'_> {
+    fn poll_fill(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        _: &mut specter_tunnel::splice::Room,
+        held: &mut specter_tunnel::splice::Held,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let mut chunks: [bytes::Bytes; READ_CHUNKS] = Default::default();
+        let read = {
+            let read = std::pin::pin!(self.recv.read_chunks(&mut chunks));
+            std::task::ready!(read.poll(cx))
+        };
+        std::task::Poll::Ready(match read {
+            Ok(None) => Ok(0),
+            Ok(Some(k)) => {
+                let n = chunks[..k].iter().map(bytes::Bytes::len).sum();
+                held.push_lent(chunks.into_iter().take(k));
+                Ok(n)
+            }
+            Err(err) => Err(err.into()),
+        })
+    }
+
+    fn poll_drain(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        held: &mut specter_tunnel::splice::Held,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        // Lent by another QUIC stream (the attached node of a forwarded
+        // visit): copied once, into one buffer handed over whole.
+        held.own();
+        let written = {
+            let write = std::pin::pin!(self.send.write_chunks(held.chunks().make_contiguous()));
+            std::task::ready!(write.poll(cx)).map_err(std::io::Error::from)?
+        };
+        // Whole chunks taken are gone; a partly taken one was advanced.
+        held.chunks().drain(..written.chunks);
+        std::task::Poll::Ready(Ok(written.bytes))
+    }
+
+    fn poll_flush_end(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // quinn sends what it was given without being asked.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown_end(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        tokio::io::AsyncWrite::poll_shutdown(std::pin::Pin::new(&mut *self.send), cx)
+    }
+}
+
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {

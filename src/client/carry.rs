@@ -86,7 +86,10 @@ pub(super) async fn carry(
     // deadline, its visitor gone): with a target that never answers, a
     // half-closed splice would otherwise wait on the target for good.
     let gone = crate::wire::stopped_by_peer(&send);
-    let mut stream = tokio::io::join(&mut recv, &mut send);
+    let mut stream = crate::wire::QuicEnd {
+        send: &mut send,
+        recv: &mut recv,
+    };
     let spliced = specter_tunnel::splice::splice_watching(
         &mut stream,
         &mut local,

@@ -54,7 +54,9 @@ pub(super) async fn visit(
     let stall = ingress.limits.write_stall_timeout;
     let gone = crate::wire::stopped_by_peer(&tunnel.send);
     tokio::select! {
-        spliced = specter_tunnel::splice::splice_watching(&mut tls, &mut tunnel, stall, gone) => match spliced {
+        spliced = async {
+            specter_tunnel::splice::splice_watching(&mut tls, &mut tunnel.end(), stall, gone).await
+        } => match spliced {
             Ok(_) => {}
             // Most TCP clients hang up without a TLS close_notify: an end,
             // not a failure.

@@ -15,8 +15,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
 
 /// Largest buffer per direction. The 8 KiB default of `copy_bidirectional`
 /// costs many more wake-ups per byte; 1 MiB measured ≈ 2.5× the throughput
@@ -47,16 +51,222 @@ pub struct Spliced {
     pub b_to_a: u64,
 }
 
+/// A read that left less room than this in the buffer's allocation starts
+/// a new one for the next: reads pack into one allocation until it is
+/// nearly full. Bytes handed on by reference (a QUIC send buffer keeps them
+/// until the peer acknowledges them) then pin at most a quarter more than
+/// they are, however small the reads: a new allocation per read would let
+/// a peer sending one byte at a time pin 16 KiB per byte.
+const ROOM_FLOOR: usize = 4 * 1024;
+
+/// Where a direction's reads land, when its reader copies into a buffer:
+/// the size of the next read grows and shrinks with the traffic (see
+/// [`SPLICE_BUFFER_START`]), and read bytes leave as [`Bytes`] that share
+/// the allocation, so a writer may keep them without a copy.
+pub struct Room {
+    buf: BytesMut,
+    size: usize,
+}
+
+impl Room {
+    fn new() -> Self {
+        Room {
+            buf: BytesMut::new(),
+            size: SPLICE_BUFFER_START,
+        }
+    }
+
+    /// Reads once from `reader`: `Ok(None)` at EOF.
+    pub fn poll_read_from<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: Pin<&mut R>,
+    ) -> Poll<io::Result<Option<Bytes>>>
+    where
+        R: AsyncRead + ?Sized,
+    {
+        if self.buf.capacity() < ROOM_FLOOR.min(self.size) {
+            // Reuses the allocation in place once every byte read into it
+            // is gone; a new one while a writer still holds some.
+            self.buf.reserve(self.size);
+        }
+        let limit = self.size.min(self.buf.capacity());
+        let n = ready!(poll_read_buf(reader, cx, &mut (&mut self.buf).limit(limit)))?;
+        if n == 0 {
+            return Poll::Ready(Ok(None));
+        }
+        let read = self.buf.split().freeze();
+        self.resize_after(n, limit);
+        Poll::Ready(Ok(Some(read)))
+    }
+
+    /// Sizes the next read after one of `n` bytes into `limit` of room.
+    fn resize_after(&mut self, n: usize, limit: usize) {
+        if n == self.size {
+            self.size = (self.size * 2).min(SPLICE_BUFFER);
+        } else if n < limit && n < self.size / 8 {
+            // Small, and not for want of room: back to the start, and a
+            // grown allocation goes once the bytes read into it are gone.
+            self.size = SPLICE_BUFFER_START;
+            if self.buf.capacity() > SPLICE_BUFFER_START {
+                self.buf = BytesMut::new();
+            }
+        }
+    }
+}
+
+/// Bytes a direction read and has not written yet, in order.
+#[derive(Default)]
+pub struct Held {
+    chunks: VecDeque<Bytes>,
+    lent: bool,
+}
+
+impl Held {
+    /// Appends bytes the splice read into its own [`Room`]: a writer may
+    /// keep them (see [`Held::lent`]).
+    pub fn push_own(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.chunks.push_back(bytes);
+        }
+    }
+
+    /// Appends chunks a reader lent: slices of buffers it allocated (a QUIC
+    /// datagram), which may be far larger than the chunk.
+    pub fn push_lent(&mut self, chunks: impl IntoIterator<Item = Bytes>) {
+        self.lent = true;
+        self.chunks
+            .extend(chunks.into_iter().filter(|c| !c.is_empty()));
+    }
+
+    /// Whether the bytes pin buffers other than the splice's own: a writer
+    /// that would keep them (until a peer acknowledges them) copies them
+    /// instead, so what it holds costs what it is.
+    pub fn lent(&self) -> bool {
+        self.lent
+    }
+
+    /// The chunks, front first; a writer that takes some whole pops them,
+    /// and one that takes part of a chunk advances it.
+    pub fn chunks(&mut self) -> &mut VecDeque<Bytes> {
+        &mut self.chunks
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Copies lent chunks into one buffer of the splice's own, for a writer
+    /// that keeps what it takes: one copy, where the chunks would pin their
+    /// whole received buffers until acknowledged.
+    pub fn own(&mut self) {
+        if !self.lent {
+            return;
+        }
+        let total = self.chunks.iter().map(Bytes::len).sum();
+        let mut own = BytesMut::with_capacity(total);
+        for chunk in self.chunks.drain(..) {
+            own.extend_from_slice(&chunk);
+        }
+        self.chunks.push_back(own.freeze());
+        self.lent = false;
+    }
+
+    /// Drops the first `n` bytes (written out by a copying writer).
+    pub fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                return;
+            };
+            if n < front.len() {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+}
+
+/// Most chunks one vectored write takes.
+const WRITE_SLICES: usize = 64;
+
+/// One side of a splice: where a direction reads its bytes and where the
+/// other writes them. Every `AsyncRead + AsyncWrite` is one, read through
+/// the direction's [`Room`] and written by copying; a side that has its
+/// bytes in chunks already (a QUIC stream) implements it to lend them on
+/// reads and to take owned ones on writes, a copy fewer each way.
+pub trait End {
+    /// Reads what is ready into `held` (empty when called), through `room`
+    /// if this side copies: the number of bytes added, 0 at EOF.
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: &mut Room,
+        held: &mut Held,
+    ) -> Poll<io::Result<usize>>;
+
+    /// Writes from the front of `held` (never empty when called), removing
+    /// what was taken: the number of bytes, 0 if none could be.
+    fn poll_drain(&mut self, cx: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>>;
+
+    /// Pushes out what was written.
+    fn poll_flush_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Ends the write half (FIN).
+    fn poll_shutdown_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl<T> End for T
+where
+    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: &mut Room,
+        held: &mut Held,
+    ) -> Poll<io::Result<usize>> {
+        let Some(read) = ready!(room.poll_read_from(cx, Pin::new(self)))? else {
+            return Poll::Ready(Ok(0));
+        };
+        let n = read.len();
+        held.push_own(read);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_drain(&mut self, cx: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>> {
+        let n = if held.chunks.len() > 1 && self.is_write_vectored() {
+            let slices: Vec<IoSlice<'_>> = held
+                .chunks
+                .iter()
+                .take(WRITE_SLICES)
+                .map(|c| IoSlice::new(c))
+                .collect();
+            ready!(Pin::new(&mut *self).poll_write_vectored(cx, &slices))?
+        } else {
+            let front = held.chunks.front().map_or(&[][..], |c| &c[..]);
+            ready!(Pin::new(&mut *self).poll_write(cx, front))?
+        };
+        held.advance(n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_flush(cx)
+    }
+
+    fn poll_shutdown_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_shutdown(cx)
+    }
+}
+
 /// One direction of a splice: read, write out, and at EOF flush and shut
 /// the writer down.
 struct Direction {
-    buf: Vec<u8>,
-    /// Bytes of `buf` not yet written: `pos..filled`.
-    pos: usize,
-    filled: usize,
-    /// The size of the last read, until its bytes are written out and the
-    /// buffer can be resized.
-    last_read: Option<usize>,
+    room: Room,
+    held: Held,
     read_done: bool,
     need_flush: bool,
     shut_down: bool,
@@ -66,10 +276,8 @@ struct Direction {
 impl Direction {
     fn new() -> Self {
         Direction {
-            buf: vec![0; SPLICE_BUFFER_START],
-            pos: 0,
-            filled: 0,
-            last_read: None,
+            room: Room::new(),
+            held: Held::default(),
             read_done: false,
             need_flush: false,
             shut_down: false,
@@ -77,88 +285,55 @@ impl Direction {
         }
     }
 
-    /// Sizes the (empty) buffer for the next read after one of `n` bytes.
-    fn resize_after(&mut self, n: usize) {
-        let len = self.buf.len();
-        let next = if n == len {
-            (len * 2).min(SPLICE_BUFFER)
-        } else if n < len / 8 {
-            SPLICE_BUFFER_START
-        } else {
-            len
-        };
-        if next != len {
-            // Empty now: nothing to copy, and the old pages go back.
-            self.buf = vec![0; next];
-        }
-    }
-
     /// Whether read bytes wait for the writer.
     fn holding(&self) -> bool {
-        self.pos < self.filled
+        !self.held.is_empty()
     }
 
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
-        mut reader: Pin<&mut R>,
-        mut writer: Pin<&mut W>,
+        reader: &mut R,
+        writer: &mut W,
     ) -> Poll<io::Result<u64>>
     where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
+        R: End + ?Sized,
+        W: End + ?Sized,
     {
         loop {
-            while self.pos < self.filled {
-                let n = ready!(
-                    writer
-                        .as_mut()
-                        .poll_write(cx, &self.buf[self.pos..self.filled])
-                )?;
+            while !self.held.is_empty() {
+                let n = ready!(writer.poll_drain(cx, &mut self.held))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.pos += n;
                 self.moved += n as u64;
                 self.need_flush = true;
             }
-            if let Some(n) = self.last_read.take() {
-                self.resize_after(n);
-            }
             if self.read_done {
                 if self.need_flush {
-                    ready!(writer.as_mut().poll_flush(cx))?;
+                    ready!(writer.poll_flush_end(cx))?;
                     self.need_flush = false;
                 }
                 if !self.shut_down {
-                    ready!(writer.as_mut().poll_shutdown(cx))?;
+                    ready!(writer.poll_shutdown_end(cx))?;
                     self.shut_down = true;
                 }
                 return Poll::Ready(Ok(self.moved));
             }
-            let mut read = ReadBuf::new(&mut self.buf);
-            match reader.as_mut().poll_read(cx, &mut read) {
+            self.held.lent = false;
+            match reader.poll_fill(cx, &mut self.room, &mut self.held) {
                 Poll::Pending => {
                     // Nothing more to send for now: push out what was written.
                     if self.need_flush {
-                        ready!(writer.as_mut().poll_flush(cx))?;
+                        ready!(writer.poll_flush_end(cx))?;
                         self.need_flush = false;
                     }
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    let n = read.filled().len();
-                    if n == 0 {
-                        self.read_done = true;
-                    } else {
-                        // Written out at the top of the loop; the buffer is
-                        // resized once they are gone.
-                        self.pos = 0;
-                        self.filled = n;
-                        self.last_read = Some(n);
-                    }
-                }
+                // Written out at the top of the loop.
+                Poll::Ready(Ok(0)) => self.read_done = true,
+                Poll::Ready(Ok(_)) => {}
             }
         }
     }
@@ -171,8 +346,8 @@ impl Direction {
 /// that may stop reading uses [`splice_within`].
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<Spliced>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: End + ?Sized,
+    B: End + ?Sized,
 {
     splice_inner(a, b, None, std::future::pending()).await
 }
@@ -182,8 +357,8 @@ where
 /// both sides and their sockets and streams are freed.
 pub async fn splice_within<A, B>(a: &mut A, b: &mut B, stall: Duration) -> io::Result<Spliced>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: End + ?Sized,
+    B: End + ?Sized,
 {
     splice_inner(a, b, Some(stall), std::future::pending()).await
 }
@@ -271,8 +446,8 @@ pub async fn splice_watching<A, B>(
     gone: impl Future<Output = ()>,
 ) -> io::Result<Spliced>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: End + ?Sized,
+    B: End + ?Sized,
 {
     splice_inner(a, b, Some(stall), gone).await
 }
@@ -284,8 +459,8 @@ async fn splice_inner<A, B>(
     gone: impl Future<Output = ()>,
 ) -> io::Result<Spliced>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: End + ?Sized,
+    B: End + ?Sized,
 {
     let mut gone = std::pin::pin!(gone);
     let (mut a_to_b, mut b_to_a) = (Direction::new(), Direction::new());
@@ -300,12 +475,12 @@ where
     // are rarely pending, and one splice must not hold its worker.
     tokio::task::coop::cooperative(poll_fn(|cx| {
         if a_done.is_none()
-            && let Poll::Ready(moved) = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))
+            && let Poll::Ready(moved) = a_to_b.poll_copy(cx, &mut *a, &mut *b)
         {
             a_done = Some(moved?);
         }
         if b_done.is_none()
-            && let Poll::Ready(moved) = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))
+            && let Poll::Ready(moved) = b_to_a.poll_copy(cx, &mut *b, &mut *a)
         {
             b_done = Some(moved?);
         }
@@ -444,22 +619,206 @@ mod tests {
         assert_eq!(moved.a_to_b, total as u64);
     }
 
+    /// A reader that hands out `sizes` bytes per read, then EOF.
+    struct Reads(VecDeque<usize>);
+
+    impl AsyncRead for Reads {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(n) = self.0.pop_front() {
+                let n = n.min(buf.remaining());
+                buf.put_slice(&vec![1u8; n]);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Reads `sizes` through a room, keeping every read (as a QUIC send
+    /// buffer keeps bytes until they are acknowledged).
+    fn read_all(room: &mut Room, sizes: &[usize]) -> Vec<Bytes> {
+        let mut reader = Reads(sizes.iter().copied().collect());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut kept = Vec::new();
+        while let Poll::Ready(Ok(Some(read))) = room.poll_read_from(&mut cx, Pin::new(&mut reader))
+        {
+            kept.push(read);
+        }
+        kept
+    }
+
+    /// How many allocations the kept reads sit in: each read that does not
+    /// start where the one before it ended began a new one.
+    fn run_starts(kept: &[Bytes]) -> Vec<usize> {
+        let mut starts = Vec::new();
+        let mut end = None;
+        for read in kept {
+            if end != Some(read.as_ptr() as usize) {
+                starts.push(read.as_ptr() as usize);
+            }
+            end = Some(read.as_ptr() as usize + read.len());
+        }
+        starts
+    }
+
     #[test]
-    fn buffers_grow_with_full_reads_and_shrink_after_small_ones() {
-        let mut d = Direction::new();
-        let mut sizes = vec![d.buf.len()];
-        while d.buf.len() < SPLICE_BUFFER {
-            let full = d.buf.len();
-            d.resize_after(full);
-            sizes.push(d.buf.len());
+    fn reads_grow_with_full_reads_and_shrink_after_small_ones() {
+        let mut room = Room::new();
+        let mut sizes = vec![room.size];
+        while room.size < SPLICE_BUFFER {
+            let full = room.size;
+            let _ = read_all(&mut room, &[full]);
+            sizes.push(room.size);
         }
         assert_eq!(sizes.len(), 7, "16 KiB doubles to 1 MiB in six full reads");
-        d.resize_after(SPLICE_BUFFER);
-        assert_eq!(d.buf.len(), SPLICE_BUFFER, "never past the bound");
-        d.resize_after(SPLICE_BUFFER / 2);
-        assert_eq!(d.buf.len(), SPLICE_BUFFER, "a half-full read keeps it");
-        d.resize_after(100);
-        assert_eq!(d.buf.len(), SPLICE_BUFFER_START, "a small read shrinks it");
+        let _ = read_all(&mut room, &[SPLICE_BUFFER]);
+        assert_eq!(room.size, SPLICE_BUFFER, "never past the bound");
+        let _ = read_all(&mut room, &[SPLICE_BUFFER / 2]);
+        assert_eq!(room.size, SPLICE_BUFFER, "a half-full read keeps it");
+        let _ = read_all(&mut room, &[100]);
+        assert_eq!(room.size, SPLICE_BUFFER_START, "a small read shrinks it");
+        assert!(
+            room.buf.capacity() <= SPLICE_BUFFER_START,
+            "and lets the grown allocation go"
+        );
+    }
+
+    #[test]
+    fn small_reads_kept_by_a_writer_pack_into_few_allocations() {
+        // A peer trickling 100-byte writes at a node whose QUIC send buffer
+        // keeps each read until acknowledged: 1,000 reads must not hold
+        // 1,000 allocations of 16 KiB.
+        let mut room = Room::new();
+        let kept = read_all(&mut room, &[100; 1000]);
+        assert_eq!(kept.len(), 1000);
+        let bytes: usize = kept.iter().map(Bytes::len).sum();
+        let allocations = run_starts(&kept).len();
+        let most = bytes.div_ceil(SPLICE_BUFFER_START - ROOM_FLOOR);
+        assert!(
+            allocations <= most,
+            "{allocations} allocations for {bytes} bytes (at most {most})"
+        );
+        // Once the writer lets go, the room reuses its allocation in place:
+        // after the rest of the current one, every run starts at its front.
+        drop(kept);
+        let mut reader = Reads([100; 600].into_iter().collect());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut starts = Vec::new();
+        let mut end = None;
+        while let Poll::Ready(Ok(Some(read))) = room.poll_read_from(&mut cx, Pin::new(&mut reader))
+        {
+            if end != Some(read.as_ptr() as usize) {
+                starts.push(read.as_ptr() as usize);
+            }
+            end = Some(read.as_ptr() as usize + read.len());
+        }
+        assert!(starts.len() > 2, "{starts:?}");
+        assert!(starts[1..].iter().all(|&s| s == starts[1]), "{starts:?}");
+    }
+
+    /// A side holding its bytes in chunks, as a QUIC stream does: lends
+    /// them on reads (`lend` chunks of `chunk` bytes each, then EOF) and
+    /// keeps the owned ones it is given on writes.
+    struct Chunked {
+        lend: VecDeque<Bytes>,
+        kept: Vec<Bytes>,
+        copied: usize,
+        finished: bool,
+    }
+
+    impl End for Chunked {
+        fn poll_fill(
+            &mut self,
+            _: &mut Context<'_>,
+            _: &mut Room,
+            held: &mut Held,
+        ) -> Poll<io::Result<usize>> {
+            let batch: Vec<Bytes> = (0..3).filter_map(|_| self.lend.pop_front()).collect();
+            let n = batch.iter().map(Bytes::len).sum();
+            held.push_lent(batch);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_drain(&mut self, _: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>> {
+            if held.lent() {
+                held.own();
+                self.copied += held.chunks()[0].len();
+            }
+            let taken: Vec<Bytes> = held.chunks().drain(..).collect();
+            let n = taken.iter().map(Bytes::len).sum();
+            self.kept.extend(taken);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush_end(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown_end(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.finished = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn chunk_sides_take_owned_reads_and_copy_lent_chunks() {
+        let datagram = Bytes::from(vec![9u8; 64 * 1024]);
+        let mut quic = Chunked {
+            lend: (0..10)
+                .map(|i| datagram.slice(i * 100..i * 100 + 100))
+                .collect(),
+            kept: Vec::new(),
+            copied: 0,
+            finished: false,
+        };
+        let (mut visitor, mut socket) = duplex(64 * 1024);
+        let writer = tokio::spawn(async move {
+            visitor.write_all(&[5u8; 200_000]).await.unwrap();
+            visitor.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            visitor.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let moved = splice(&mut socket, &mut quic).await.unwrap();
+        assert_eq!(
+            moved,
+            Spliced {
+                a_to_b: 200_000,
+                b_to_a: 1_000
+            }
+        );
+        // The socket's reads were handed over whole, without a copy...
+        assert_eq!(quic.kept.iter().map(Bytes::len).sum::<usize>(), 200_000);
+        assert!(quic.kept.iter().all(|b| b.iter().all(|&x| x == 5)));
+        assert!(quic.finished);
+        // ...and the lent chunks went to the socket, which copies anyway.
+        assert_eq!(writer.await.unwrap(), vec![9u8; 1_000]);
+        // Between two chunk sides, lent chunks are copied, not kept: they
+        // would pin their whole datagram until acknowledged.
+        let mut from = Chunked {
+            lend: (0..10)
+                .map(|i| datagram.slice(i * 100..i * 100 + 100))
+                .collect(),
+            kept: Vec::new(),
+            copied: 0,
+            finished: false,
+        };
+        let mut to = Chunked {
+            lend: VecDeque::new(),
+            kept: Vec::new(),
+            copied: 0,
+            finished: false,
+        };
+        splice(&mut from, &mut to).await.unwrap();
+        assert_eq!(to.copied, 1_000);
+        assert!(
+            to.kept
+                .iter()
+                .all(|k| !datagram.as_ptr_range().contains(&k.as_ptr())),
+            "a kept chunk still points into the datagram"
+        );
     }
 
     #[tokio::test]

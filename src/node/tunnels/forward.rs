@@ -85,14 +85,18 @@ impl Tunnels {
                 () = client_gone => {}
             }
         };
-        let mut entry = tokio::io::join(&mut recv, &mut send);
+        let mut entry = crate::wire::QuicEnd {
+            send: &mut send,
+            recv: &mut recv,
+        };
         let spliced = specter_tunnel::splice::splice_watching(
             &mut entry,
-            &mut client,
+            &mut client.end(),
             specter_tunnel::splice::SPLICE_STALL,
             gone,
-        );
-        if let Err(err) = spliced.await {
+        )
+        .await;
+        if let Err(err) = spliced {
             // Both hops are reset: dropped, quinn would finish them cleanly
             // and a cut answer would look complete.
             self.forwards_broken
