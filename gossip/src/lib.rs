@@ -33,4 +33,4 @@ pub use identity::{NodeId, NodeIdentity};
 pub use membership::{
     GossipError, GossipStats, MemberEvent, MemberState, MemberView, Membership, Transmit,
 };
-pub use meta::{MetaError, NodeMeta};
+pub use meta::{MAX_META_ENTRIES, MetaError, NodeMeta};

@@ -117,6 +117,10 @@ impl Collector for Snapshot {
         )?;
 
         let g = s.gossip;
+        let meta_refused_help = format!(
+            "Metadata broadcasts about a new node refused: the table held its bound ({} nodes)",
+            specter_gossip::MAX_META_ENTRIES
+        );
         for (name, help, v) in [
             ("gossip_packets_out", "Gossip packets sent", g.packets_out),
             ("gossip_bytes_out", "Gossip bytes sent", g.bytes_out),
@@ -137,11 +141,7 @@ impl Collector for Snapshot {
                 "Suspicions that ran out after the member had refuted them",
                 g.refuted_suspicions,
             ),
-            (
-                "gossip_meta_refused",
-                "Metadata broadcasts about a new node refused: the table held its bound (16,384 nodes)",
-                g.meta_refused,
-            ),
+            ("gossip_meta_refused", &meta_refused_help, g.meta_refused),
         ] {
             counter(e, name, help, v)?;
         }
@@ -360,7 +360,10 @@ impl Collector for Snapshot {
         counter(
             e,
             "tunnel_route_refreshes_skipped",
-            "Background route lookups for pooled HTTP upstreams not started because 1,024 were under way (the upstream was reused unchecked)",
+            &format!(
+                "Background route lookups for pooled HTTP upstreams not started because {} were under way (the upstream was reused unchecked)",
+                crate::node::tunnels::visit::ROUTE_REFRESHES
+            ),
             s.clients.route_refreshes_skipped,
         )?;
         counter(
