@@ -194,6 +194,23 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used, in clock ticks of
+/// `USER_HZ` (100 per second on Linux, whatever the kernel's own rate).
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which may hold spaces: state is
+            // field 3, utime 14 and stime 15.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+const USER_HZ: f64 = 100.0;
+
 async fn bulk(entry: &Entry, bytes: u64) -> std::io::Result<f64> {
     let mut s = entry.open().await?;
     let chunk = vec![7u8; 1 << 20];
@@ -211,6 +228,38 @@ async fn bulk(entry: &Entry, bytes: u64) -> std::io::Result<f64> {
         return Err(std::io::Error::other("bytes lost"));
     }
     Ok((sent as f64 * 8.0) / start.elapsed().as_secs_f64() / 1e9)
+}
+
+/// `SPECTER_BENCH_STREAMS=N`: the single stream's bytes as `n` uploads at
+/// once (each a multiple of the 1 MiB write), and the highest RSS (KiB) of
+/// each of the tunnel's processes while they ran: what parallel bulk
+/// streams make a process hold.
+async fn bulk_parallel(
+    entry: &Entry,
+    bytes: u64,
+    n: u64,
+    pids: &[(&'static str, u32)],
+) -> std::io::Result<(f64, Vec<(&'static str, u64)>)> {
+    let each = (bytes / n).max(1 << 20) & !((1 << 20) - 1);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let entry = entry.clone();
+            tokio::spawn(async move { bulk(&entry, each).await })
+        })
+        .collect();
+    let mut peak: Vec<(&'static str, u64)> = pids.iter().map(|(p, _)| (*p, 0)).collect();
+    while !tasks.iter().all(|t| t.is_finished()) {
+        for ((_, pid), (_, high)) in pids.iter().zip(peak.iter_mut()) {
+            *high = (*high).max(rss_kib(*pid));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for t in tasks {
+        t.await.map_err(std::io::Error::other)??;
+    }
+    let gbps = (each * n) as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9;
+    Ok((gbps, peak))
 }
 
 /// Sequential requests on one connection until `until`; their latencies.
@@ -265,15 +314,45 @@ struct Row {
     label: String,
     /// Single-stream throughput (raw TCP paths only).
     gbps: Option<f64>,
+    /// CPU seconds per GiB of the single stream, per process of the tunnel
+    /// (its own processes only: not the visitor's or the target's).
+    cpu: Vec<(&'static str, f64)>,
+    /// Highest RSS (KiB) per process during parallel uploads
+    /// (`SPECTER_BENCH_STREAMS`).
+    peak_rss: Vec<(&'static str, u64)>,
     c1: Vec<Duration>,
     rps: f64,
     c64: Vec<Duration>,
 }
 
-async fn measure(label: &str, entry: &Entry, bytes: u64, secs: f64) -> std::io::Result<Row> {
-    let gbps = match entry {
-        Entry::Https(_) => None,
-        _ => Some(bulk(entry, bytes).await?),
+async fn measure(
+    label: &str,
+    entry: &Entry,
+    pids: &[(&'static str, u32)],
+    bytes: u64,
+    secs: f64,
+) -> std::io::Result<Row> {
+    let before: Vec<u64> = pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect();
+    let streams = std::env::var("SPECTER_BENCH_STREAMS")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|&n| n > 1);
+    let (gbps, peak_rss) = match (entry, streams) {
+        (Entry::Https(_), _) => (None, Vec::new()),
+        (_, None) => (Some(bulk(entry, bytes).await?), Vec::new()),
+        (_, Some(n)) => {
+            let (gbps, peak) = bulk_parallel(entry, bytes, n, pids).await?;
+            (Some(gbps), peak)
+        }
+    };
+    let gib = bytes as f64 / f64::from(1u32 << 30);
+    let cpu = match gbps {
+        Some(_) => pids
+            .iter()
+            .zip(before)
+            .map(|((name, pid), b)| (*name, (cpu_ticks(*pid) - b) as f64 / USER_HZ / gib))
+            .collect(),
+        None => Vec::new(),
     };
     // `SPECTER_BENCH_BULK_ONLY=1`: the single stream alone (its latency
     // columns left empty), to compare builds' throughput in a short run.
@@ -281,6 +360,8 @@ async fn measure(label: &str, entry: &Entry, bytes: u64, secs: f64) -> std::io::
         return Ok(Row {
             label: label.to_string(),
             gbps,
+            cpu,
+            peak_rss,
             c1: Vec::new(),
             rps: 0.0,
             c64: Vec::new(),
@@ -291,6 +372,8 @@ async fn measure(label: &str, entry: &Entry, bytes: u64, secs: f64) -> std::io::
     Ok(Row {
         label: label.to_string(),
         gbps,
+        cpu,
+        peak_rss,
         c1,
         rps,
         c64,
@@ -932,11 +1015,17 @@ async fn run(quick: bool, install: bool, peers: bool) {
     // direct loopback row always runs, for the ratios), e.g. to profile one
     // path.
     let only = std::env::var("SPECTER_BENCH_ONLY").ok();
-    for (i, (label, entry, _)) in subjects.iter().enumerate() {
+    for (i, (label, entry, pids)) in subjects.iter().enumerate() {
         if i > 0 && only.as_ref().is_some_and(|o| !label.contains(o.as_str())) {
             continue;
         }
-        match measure(label, entry, bytes, secs).await {
+        // A forwarded visit crosses all three Specter processes.
+        let cpu_pids = if label.starts_with("Specter") {
+            &setup.pids
+        } else {
+            pids
+        };
+        match measure(label, entry, cpu_pids, bytes, secs).await {
             Ok(row) => rows.push(row),
             Err(err) => eprintln!("{label}: {err}"),
         }
@@ -991,6 +1080,26 @@ async fn run(quick: bool, install: bool, peers: bool) {
         bytes >> 20,
         std::thread::available_parallelism().map_or(0, usize::from)
     );
+    println!(
+        "\nCPU per GiB of the single stream (user + system, the tunnel's own processes; lower is better):\n"
+    );
+    for r in rows.iter().filter(|r| !r.cpu.is_empty()) {
+        let total: f64 = r.cpu.iter().map(|(_, s)| s).sum();
+        let each: Vec<String> = r.cpu.iter().map(|(p, s)| format!("{p} {s:.2}")).collect();
+        println!("- {}: {total:.2} s ({})", r.label, each.join(", "));
+    }
+    for r in rows.iter().filter(|r| !r.peak_rss.is_empty()) {
+        let each: Vec<String> = r
+            .peak_rss
+            .iter()
+            .map(|(p, kib)| format!("{p} {:.1} MiB", *kib as f64 / 1024.0))
+            .collect();
+        println!(
+            "- peak RSS during the parallel uploads, {}: {}",
+            r.label,
+            each.join(", ")
+        );
+    }
     println!("\n## Memory (RSS), same run\n");
     print_memory(&memory);
     if !missing.is_empty() {
