@@ -129,7 +129,10 @@ const READ_CHUNKS: usize = 16;
 /// copies anyway), and writes hand quinn the bytes the splice read from a
 /// socket (kept until acknowledged; they were read into the splice's own
 /// packed allocation). Chunks lent by another QUIC stream are copied once
-/// into one buffer, since each pins its whole received datagram.
+/// into one buffer, since each pins its whole received datagram; the
+/// attached node's relay between two QUIC streams splices through a buffer
+/// instead (see `node::tunnels::forward`), which held less under parallel
+/// uploads.
 pub struct QuicEnd<'a> {
     /// The half written to.
     pub send: &'a mut SendStream,
