@@ -168,8 +168,9 @@ impl specter_tunnel::splice::End for QuicEnd<'_> {
         cx: &mut std::task::Context<'_>,
         held: &mut specter_tunnel::splice::Held,
     ) -> std::task::Poll<std::io::Result<usize>> {
-        // Lent by another QUIC stream (the attached node of a forwarded
-        // visit): copied once, into one buffer handed over whole.
+        // Lent by another QUIC stream (a splice of two `QuicEnd`s; the
+        // attached node relays through a buffer instead): copied once, into
+        // one buffer handed over whole.
         held.own();
         let written = {
             let write = std::pin::pin!(self.send.write_chunks(held.chunks().make_contiguous()));
