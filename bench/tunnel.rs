@@ -239,7 +239,7 @@ async fn bulk_parallel(
     bytes: u64,
     n: u64,
     pids: &[(&'static str, u32)],
-) -> std::io::Result<(f64, Vec<(&'static str, u64)>)> {
+) -> std::io::Result<(f64, u64, Vec<(&'static str, u64)>)> {
     let each = (bytes / n).max(1 << 20) & !((1 << 20) - 1);
     let start = Instant::now();
     let tasks: Vec<_> = (0..n)
@@ -259,7 +259,7 @@ async fn bulk_parallel(
         t.await.map_err(std::io::Error::other)??;
     }
     let gbps = (each * n) as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9;
-    Ok((gbps, peak))
+    Ok((gbps, each * n, peak))
 }
 
 /// Sequential requests on one connection until `until`; their latencies.
@@ -337,20 +337,25 @@ async fn measure(
         .ok()
         .and_then(|n| n.parse::<u64>().ok())
         .filter(|&n| n > 1);
-    let (gbps, peak_rss) = match (entry, streams) {
-        (Entry::Https(_), _) => (None, Vec::new()),
-        (_, None) => (Some(bulk(entry, bytes).await?), Vec::new()),
+    let (gbps, moved, peak_rss) = match (entry, streams) {
+        (Entry::Https(_), _) => (None, 0, Vec::new()),
+        (_, None) => (Some(bulk(entry, bytes).await?), bytes, Vec::new()),
         (_, Some(n)) => {
-            let (gbps, peak) = bulk_parallel(entry, bytes, n, pids).await?;
-            (Some(gbps), peak)
+            let (gbps, moved, peak) = bulk_parallel(entry, bytes, n, pids).await?;
+            (Some(gbps), moved, peak)
         }
     };
-    let gib = bytes as f64 / f64::from(1u32 << 30);
+    let gib = moved as f64 / f64::from(1u32 << 30);
     let cpu = match gbps {
         Some(_) => pids
             .iter()
             .zip(before)
-            .map(|((name, pid), b)| (*name, (cpu_ticks(*pid) - b) as f64 / USER_HZ / gib))
+            .map(|((name, pid), b)| {
+                (
+                    *name,
+                    cpu_ticks(*pid).saturating_sub(b) as f64 / USER_HZ / gib,
+                )
+            })
             .collect(),
         None => Vec::new(),
     };
