@@ -157,13 +157,21 @@ fn twenty_thousand_names_survive_a_restart_with_every_batch_accepted() {
             std::thread::spawn(move || {
                 for i in (w..NAMES).step_by(WRITERS) {
                     let body = admin_request(writer, "POST", &format!("/dht/put?name=bulk-{i}"));
-                    assert!(body.starts_with("HTTP/1.1 200"), "bulk-{i}: {body}");
+                    if !body.starts_with("HTTP/1.1 200") {
+                        return Err(format!("bulk-{i}: {body}"));
+                    }
                 }
+                Ok(())
             })
         })
         .collect();
-    for t in threads {
-        t.join().unwrap();
+    let failed: Vec<String> = threads
+        .into_iter()
+        .filter_map(|t| t.join().unwrap().err())
+        .collect();
+    if !failed.is_empty() {
+        let kept = dir.keep();
+        panic!("puts failed: {failed:?}; logs in {}", kept.display());
     }
     println!("{NAMES} names written in {:?}", began.elapsed());
     let held: Vec<u64> = procs.iter().flatten().map(records_total).collect();
