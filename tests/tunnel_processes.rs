@@ -564,6 +564,18 @@ async fn upgrade_echo(dir: &Path, https: &str, host: &str) {
         "{}",
         String::from_utf8_lossy(&head)
     );
+    // The server's first bytes came with its answer's head: they follow it.
+    let mut greeting = vec![0u8; common::web::ECHO_GREETING.len()];
+    tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut greeting))
+        .await
+        .expect("no greeting within 10 s")
+        .unwrap();
+    assert_eq!(
+        greeting,
+        common::web::ECHO_GREETING,
+        "{}",
+        String::from_utf8_lossy(&greeting)
+    );
     for msg in [&b"ping"[..], &b"pong pong"[..]] {
         tls.write_all(msg).await.unwrap();
         let mut back = vec![0u8; msg.len()];

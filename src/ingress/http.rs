@@ -710,18 +710,14 @@ async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) ->
         let stall = conn.ingress.limits.write_stall_timeout;
         tokio::spawn(async move {
             if let (Ok(v), Ok(t)) = tokio::join!(visitor_upgrade, target_upgrade) {
-                let (mut v, mut t) = (TokioIo::new(v), TokioIo::new(t));
                 // Upgraded (a WebSocket): raw bytes, with raw TCP's idle rule.
                 tokio::select! {
-                    spliced = specter_tunnel::splice::splice_within(&mut v, &mut t, stall) => {
+                    spliced = splice_upgraded(TokioIo::new(v), t, stall) => {
                         if let Err(err) = spliced
                             && err.kind() != std::io::ErrorKind::UnexpectedEof
                         {
-                            // A side broke or stalled: the tunnel stream is
-                            // reset, not finished as if the far end were done.
                             stats.broken();
                             tracing::info!(%err, "upgraded connection broken mid-way; reset");
-                            reset_upgraded(t.into_inner());
                         }
                     }
                     () = idle(&slot, idle_limit) => stats.cut(Cut::RawIdle),
@@ -746,16 +742,54 @@ async fn forward(mut req: Request<Body>, name: &str, conn: &Conn, head: bool) ->
     }
 }
 
-/// Resets the tunnel stream under an upgraded upstream connection (always a
-/// fresh one: upgrades are never pooled).
-fn reset_upgraded(upgraded: hyper::upgrade::Upgraded) {
+/// Splices an upgraded visitor connection with the tunnel stream under its
+/// upgraded upstream connection (always a fresh one: upgrades are never
+/// pooled), as the raw-TCP ingress does: the bytes hyper read past the
+/// switch go to the visitor first, then the stream is spliced as its own
+/// QUIC end (no staging copy), ending when the client's end stops reading
+/// it. A side that broke or stalled resets the stream: the client does not
+/// see a clean end as if the visitor were done.
+async fn splice_upgraded(
+    mut visitor: TokioIo<hyper::upgrade::Upgraded>,
+    upstream: hyper::upgrade::Upgraded,
+    stall: Duration,
+) -> std::io::Result<()> {
     type Upstream = TokioIo<Opening<crate::node::tunnels::visit::Pair>>;
-    if let Ok(parts) = upgraded.downcast::<Upstream>() {
-        let mut opening = parts.io.into_inner();
-        if let Some(pair) = opening.stream_mut() {
-            pair.reset();
+    let parts = match upstream.downcast::<Upstream>() {
+        Ok(parts) => parts,
+        // Not ours (never so today): spliced as any connection.
+        Err(other) => {
+            let mut other = TokioIo::new(other);
+            return specter_tunnel::splice::splice_within(&mut visitor, &mut other, stall)
+                .await
+                .map(drop);
         }
+    };
+    let mut opening = parts.io.into_inner();
+    let Some(pair) = opening.stream_mut() else {
+        return Err(std::io::Error::other(
+            "upgraded before its tunnel stream opened",
+        ));
+    };
+    let spliced = async {
+        if !parts.read_buf.is_empty() {
+            use tokio::io::AsyncWriteExt;
+            tokio::time::timeout(stall, visitor.write_all(&parts.read_buf))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        }
+        let gone = crate::wire::stopped_by_peer(&pair.send);
+        specter_tunnel::splice::splice_watching(&mut visitor, &mut pair.end(), stall, gone)
+            .await
+            .map(drop)
     }
+    .await;
+    if let Err(err) = &spliced
+        && err.kind() != std::io::ErrorKind::UnexpectedEof
+    {
+        pair.reset();
+    }
+    spliced
 }
 
 #[cfg(test)]

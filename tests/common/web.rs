@@ -70,8 +70,12 @@ pub fn silent_taken() -> usize {
     SILENT_TAKEN.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// What [`http_service`] says first after switching protocols.
+pub const ECHO_GREETING: &[u8] = b"hello, upgraded\n";
+
 /// An HTTP/1.1 service on 127.0.0.1: answers `path=… xff=… proto=…` (what
-/// reached it), echoes bytes after an `Upgrade`, for `/big/N` sends N
+/// reached it), greets ([`ECHO_GREETING`]) then echoes bytes after an
+/// `Upgrade`, for `/big/N` sends N
 /// bytes, for `/slow/N` sends N bytes at 20 KiB/s, and never answers
 /// `/silent`: it holds that connection open for
 /// the rest of the test process, whatever the other side does (a hung
@@ -101,7 +105,12 @@ pub fn http_service() -> std::net::SocketAddr {
                         .unwrap_or_default()
                 };
                 if !header("upgrade").is_empty() {
-                    let _ = conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n");
+                    // A greeting in the same write as the switch, as a
+                    // server that speaks first does: it reaches the proxy
+                    // with the answer's head.
+                    let mut answer = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n".to_vec();
+                    answer.extend_from_slice(ECHO_GREETING);
+                    let _ = conn.write_all(&answer);
                     let mut buf = [0u8; 4096];
                     while let Ok(n) = conn.read(&mut buf) {
                         if n == 0 || conn.write_all(&buf[..n]).is_err() {
