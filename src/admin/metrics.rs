@@ -236,6 +236,14 @@ impl Collector for Snapshot {
                 t.dht_requests_late,
             ),
             (
+                "peers_presumed_silent",
+                &format!(
+                    "Times a node was presumed dead because nothing came from it for {} ms while a DHT request or a forwarded visit waited on it",
+                    crate::net::liveness::PEER_SILENCE.as_millis()
+                ),
+                t.presumed_silent,
+            ),
+            (
                 "clients_busy",
                 "Client connections closed busy because the queue of clients waiting to be served was full",
                 t.clients_busy,

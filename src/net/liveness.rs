@@ -19,26 +19,131 @@ pub const PEER_SILENCE: Duration = Duration::from_millis(400);
 /// the call. Used beside a wait for a peer's answer. After a quarter of
 /// `silence` without a packet it pings the peer (an empty datagram, ignored
 /// by the receiver), and again at each further quarter, so that an idle but
-/// live peer is heard from.
+/// live peer is heard from. Time this process spent unable to run the
+/// watch does not count as the peer's silence (see [`Hearing`]).
 pub async fn silent(conn: &Connection, silence: Duration) {
     let check = (silence / 8).max(Duration::from_millis(5));
-    let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
-    let mut pings = 0u32;
+    let mut hearing = Hearing::new(conn.stats().udp_rx.datagrams, check, silence);
+    let mut last = Instant::now();
     loop {
         tokio::time::sleep(check).await;
-        let received = conn.stats().udp_rx.datagrams;
-        if received != heard.0 {
-            heard = (received, Instant::now());
-            pings = 0;
-            continue;
+        let now = Instant::now();
+        let heard = hearing.check(conn.stats().udp_rx.datagrams, now - last);
+        last = now;
+        match heard {
+            Heard::Nothing => {}
+            Heard::Ping => {
+                let _ = conn.send_datagram(Bytes::new());
+            }
+            Heard::Silent => return,
         }
-        let quiet = heard.1.elapsed();
-        if quiet >= silence {
-            return;
+    }
+}
+
+/// What one check of a [`Hearing`] concludes.
+#[derive(Debug, PartialEq, Eq)]
+enum Heard {
+    /// Heard from, or not quiet for long yet.
+    Nothing,
+    /// Quiet for another quarter of the silence: ping the peer.
+    Ping,
+    /// Quiet for the whole silence: presumed dead.
+    Silent,
+}
+
+/// How long a peer has been quiet, counted by periodic checks of its
+/// connection's received-datagram count. A check that comes late counts at
+/// most [`LATE_CHECK_COUNTS`] intervals: a late check means this process
+/// was busy or descheduled, and then so were the drivers that read our
+/// socket, so the peer's packets may be waiting there unread. Counting the
+/// whole delay made a loaded node declare live peers silent all at once
+/// (and fail every call to them) as soon as it ran again.
+struct Hearing {
+    received: u64,
+    quiet: Duration,
+    pings: u32,
+    interval: Duration,
+    silence: Duration,
+}
+
+/// See [`Hearing`]: a check counts at most this many intervals of quiet,
+/// enough for a timer's ordinary lateness.
+const LATE_CHECK_COUNTS: u32 = 2;
+
+impl Hearing {
+    fn new(received: u64, interval: Duration, silence: Duration) -> Self {
+        Hearing {
+            received,
+            quiet: Duration::ZERO,
+            pings: 0,
+            interval,
+            silence,
         }
-        if quiet >= silence / 4 * (pings + 1) {
-            pings += 1;
-            let _ = conn.send_datagram(Bytes::new());
+    }
+
+    /// One check, `elapsed` after the one before (or the start), with
+    /// `received` datagrams counted on the connection so far.
+    fn check(&mut self, received: u64, elapsed: Duration) -> Heard {
+        if received != self.received {
+            self.received = received;
+            self.quiet = Duration::ZERO;
+            self.pings = 0;
+            return Heard::Nothing;
         }
+        self.quiet += elapsed.min(self.interval * LATE_CHECK_COUNTS);
+        if self.quiet >= self.silence {
+            Heard::Silent
+        } else if self.quiet >= self.silence / 4 * (self.pings + 1) {
+            self.pings += 1;
+            Heard::Ping
+        } else {
+            Heard::Nothing
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHECK: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn a_peer_quiet_for_the_silence_is_silent_after_a_ping_each_quarter() {
+        let mut h = Hearing::new(7, CHECK, PEER_SILENCE);
+        let heard: Vec<Heard> = (0..8).map(|_| h.check(7, CHECK)).collect();
+        use Heard::*;
+        assert_eq!(
+            heard,
+            [Nothing, Ping, Nothing, Ping, Nothing, Ping, Nothing, Silent]
+        );
+    }
+
+    #[test]
+    fn a_packet_starts_the_count_again() {
+        let mut h = Hearing::new(0, CHECK, PEER_SILENCE);
+        for _ in 0..7 {
+            assert_ne!(h.check(0, CHECK), Heard::Silent);
+        }
+        assert_eq!(h.check(1, CHECK), Heard::Nothing);
+        for _ in 0..7 {
+            assert_ne!(h.check(1, CHECK), Heard::Silent);
+        }
+        assert_eq!(h.check(1, CHECK), Heard::Silent);
+    }
+
+    #[test]
+    fn a_stall_of_this_process_is_not_the_peers_silence() {
+        // The check runs two seconds late (the node was busy): the peer's
+        // packets may be unread in our socket, so it is not silent yet.
+        let mut h = Hearing::new(3, CHECK, PEER_SILENCE);
+        assert_ne!(h.check(3, Duration::from_secs(2)), Heard::Silent);
+        // Our drivers then read what it sent meanwhile.
+        assert_eq!(h.check(9, CHECK), Heard::Nothing);
+        // A dead peer is still found, later by at most the counted part of
+        // each late check.
+        let mut h = Hearing::new(3, CHECK, PEER_SILENCE);
+        let silent_at = (1..=10).find(|_| h.check(3, Duration::from_secs(2)) == Heard::Silent);
+        assert_eq!(silent_at, Some(4), "each late check counts 100 ms, not 2 s");
     }
 }

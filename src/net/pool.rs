@@ -133,6 +133,7 @@ pub struct TransportStats {
     pub(super) frames_refused: AtomicU64,
     pub(super) dht_requests_refused: AtomicU64,
     pub(super) dht_requests_late: AtomicU64,
+    pub(super) presumed_silent: AtomicU64,
     pub(super) clients_busy: AtomicU64,
     /// Streams other nodes hold open to this one, and limit raises.
     pub(super) streams: Arc<super::quic::StreamCounts>,
@@ -159,6 +160,10 @@ pub struct TransportCounters {
     /// DHT requests answered `Unavailable` because the DHT did not answer
     /// them within the request deadline (`node::rpc::RPC_TIMEOUT`).
     pub dht_requests_late: u64,
+    /// Nodes presumed dead while a DHT request or a forwarded visit waited
+    /// on them: nothing at all came from them for [`PEER_SILENCE`] (see
+    /// [`Transport::mark_silent`]).
+    pub presumed_silent: u64,
     /// Client connections closed busy: the queue of clients waiting to be
     /// served was full (`CLIENT_INBOX_CAPACITY`).
     pub clients_busy: u64,
@@ -532,6 +537,7 @@ impl Transport {
     /// [`PEER_SILENCE`]. Until it is heard from again, [`Transport::is_silent`]
     /// says so and callers fail over at once instead of waiting again.
     pub fn mark_silent(&self, peer: NodeId, conn: &Connection) {
+        bump(&self.stats.presumed_silent);
         let heard = conn.stats().udp_rx.datagrams;
         self.pool().silent.insert(peer, (conn.stable_id(), heard));
     }
@@ -610,6 +616,7 @@ impl Transport {
             frames_refused: get(&s.frames_refused),
             dht_requests_refused: get(&s.dht_requests_refused),
             dht_requests_late: get(&s.dht_requests_late),
+            presumed_silent: get(&s.presumed_silent),
             clients_busy: get(&s.clients_busy),
             peer_streams: get(&s.streams.held),
             stream_limit_raises: get(&s.streams.raises),
