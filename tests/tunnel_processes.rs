@@ -1513,3 +1513,56 @@ fn a_client_asking_for_peers_in_a_loop_gets_one_answer_per_gap() {
         "{coalesced} coalesced, {total} answers in all"
     );
 }
+
+/// A client that stops running for a while (a small, overloaded machine;
+/// here SIGSTOP) finds its nodes' packets waiting in its socket when it
+/// runs again, and reads them before it judges its nodes: it must not count
+/// the time it could not run as their silence, and attach replacements for
+/// nodes that answered all along.
+#[test]
+fn a_client_stalled_for_a_second_takes_none_of_its_nodes_for_silent() {
+    const STALLS: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = (88..=90).map(|i| format!("127.0.0.{i}")).collect();
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
+    let seed = procs[0].quic();
+    let service = http_service();
+    let log = dir.path().join("stall-client.log");
+    let child = tunnel_cmd(
+        dir.path(),
+        "stall",
+        "stall",
+        &format!("http://{service}"),
+        &seed,
+    )
+    .args(["--attachments", "2"])
+    .stdout(std::fs::File::create(&log).unwrap())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let client = Reaped(child);
+    let ready = client_ready_file(&dir.path().join("stall"));
+    wait_client(&ready, Duration::from_secs(20), |r| r["healthy"] == 2).expect("two attachments");
+    let host = format!("stall.{DOMAIN}");
+    for _ in 0..STALLS {
+        // The stall's length is the scenario, not a wait for something.
+        signal(client.0.id(), "-STOP");
+        std::thread::sleep(Duration::from_secs(1));
+        signal(client.0.id(), "-CONT");
+        // Running again: it serves a visitor.
+        let (body, code) = curl(dir.path(), &procs[0].https(), &host, "/", false);
+        assert_eq!(code, "1.1 200", "{body}");
+    }
+    let client_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !client_log.contains("is silent"),
+        "a node was taken for silent after the client's own stall:\n{client_log}"
+    );
+    let now = wait_client(&ready, Duration::from_secs(1), |_| true).expect("a ready file");
+    assert_eq!(
+        now["attachments"].as_array().map(Vec::len),
+        Some(2),
+        "{now}"
+    );
+}

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::carry::carry;
 use super::target::Target;
+use crate::net::liveness::{Heard, Hearing};
 use crate::net::quic::StreamBudget;
 use crate::wire::{CLOSE_DETACH_CUT, CLOSE_DETACHED, FrameReader, write_msg};
 
@@ -156,7 +157,8 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
     let mut refresh = tokio::time::interval(PEERS_REFRESH);
     refresh.tick().await;
     let mut check = tokio::time::interval(SILENCE_CHECK);
-    let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
+    let hearing = || Hearing::new(conn.stats().udp_rx.datagrams, SILENCE_CHECK, CLIENT_SILENCE);
+    let (mut heard, mut checked) = (hearing(), Instant::now());
     let budget = crate::net::quic::StreamBudget::new(&conn, Default::default());
     let mut silent = false;
     let why = loop {
@@ -209,23 +211,29 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
             },
             () = suspect.notified() => {
                 // Count it silent now; any packet from here on clears it.
-                heard = (conn.stats().udp_rx.datagrams, Instant::now());
+                heard = hearing();
                 if !silent {
                     silent = true;
                     let _ = updates.send(Update::Silent(addr, node.id, true)).await;
                 }
             }
             _ = check.tick() => {
-                let received = conn.stats().udp_rx.datagrams;
-                if received != heard.0 {
-                    heard = (received, Instant::now());
-                    if silent {
+                // Quiet counts only while this process could run (see
+                // `Hearing`): a client that was stalled reads its nodes'
+                // packets before it judges them.
+                let now = Instant::now();
+                let verdict = heard.check(conn.stats().udp_rx.datagrams, now - checked);
+                checked = now;
+                match verdict {
+                    Heard::Again if silent => {
                         silent = false;
                         let _ = updates.send(Update::Silent(addr, node.id, false)).await;
                     }
-                } else if !silent && heard.1.elapsed() >= CLIENT_SILENCE {
-                    silent = true;
-                    let _ = updates.send(Update::Silent(addr, node.id, true)).await;
+                    Heard::Silent if !silent => {
+                        silent = true;
+                        let _ = updates.send(Update::Silent(addr, node.id, true)).await;
+                    }
+                    _ => {}
                 }
             }
             _ = refresh.tick() => {

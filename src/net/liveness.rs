@@ -31,7 +31,7 @@ pub async fn silent(conn: &Connection, silence: Duration) {
         let heard = hearing.check(conn.stats().udp_rx.datagrams, now - last);
         last = now;
         match heard {
-            Heard::Nothing => {}
+            Heard::Nothing | Heard::Again => {}
             Heard::Ping => {
                 let _ = conn.send_datagram(Bytes::new());
             }
@@ -42,9 +42,11 @@ pub async fn silent(conn: &Connection, silence: Duration) {
 
 /// What one check of a [`Hearing`] concludes.
 #[derive(Debug, PartialEq, Eq)]
-enum Heard {
-    /// Heard from, or not quiet for long yet.
+pub enum Heard {
+    /// Not quiet for long yet.
     Nothing,
+    /// Heard from since the check before.
+    Again,
     /// Quiet for another quarter of the silence: ping the peer.
     Ping,
     /// Quiet for the whole silence: presumed dead.
@@ -57,8 +59,9 @@ enum Heard {
 /// was busy or descheduled, and then so were the drivers that read our
 /// socket, so the peer's packets may be waiting there unread. Counting the
 /// whole delay made a loaded node declare live peers silent all at once
-/// (and fail every call to them) as soon as it ran again.
-struct Hearing {
+/// (and fail every call to them) as soon as it ran again, and a stalled
+/// client count every attachment silent and attach replacements.
+pub struct Hearing {
     received: u64,
     quiet: Duration,
     pings: u32,
@@ -71,7 +74,9 @@ struct Hearing {
 const LATE_CHECK_COUNTS: u32 = 2;
 
 impl Hearing {
-    fn new(received: u64, interval: Duration, silence: Duration) -> Self {
+    /// Checks every `interval` of a connection that has received
+    /// `received` datagrams so far, quiet for `silence` to be silent.
+    pub fn new(received: u64, interval: Duration, silence: Duration) -> Self {
         Hearing {
             received,
             quiet: Duration::ZERO,
@@ -83,12 +88,12 @@ impl Hearing {
 
     /// One check, `elapsed` after the one before (or the start), with
     /// `received` datagrams counted on the connection so far.
-    fn check(&mut self, received: u64, elapsed: Duration) -> Heard {
+    pub fn check(&mut self, received: u64, elapsed: Duration) -> Heard {
         if received != self.received {
             self.received = received;
             self.quiet = Duration::ZERO;
             self.pings = 0;
-            return Heard::Nothing;
+            return Heard::Again;
         }
         self.quiet += elapsed.min(self.interval * LATE_CHECK_COUNTS);
         if self.quiet >= self.silence {
@@ -125,7 +130,7 @@ mod tests {
         for _ in 0..7 {
             assert_ne!(h.check(0, CHECK), Heard::Silent);
         }
-        assert_eq!(h.check(1, CHECK), Heard::Nothing);
+        assert_eq!(h.check(1, CHECK), Heard::Again);
         for _ in 0..7 {
             assert_ne!(h.check(1, CHECK), Heard::Silent);
         }
@@ -139,7 +144,7 @@ mod tests {
         let mut h = Hearing::new(3, CHECK, PEER_SILENCE);
         assert_ne!(h.check(3, Duration::from_secs(2)), Heard::Silent);
         // Our drivers then read what it sent meanwhile.
-        assert_eq!(h.check(9, CHECK), Heard::Nothing);
+        assert_eq!(h.check(9, CHECK), Heard::Again);
         // A dead peer is still found, later by at most the counted part of
         // each late check.
         let mut h = Hearing::new(3, CHECK, PEER_SILENCE);
