@@ -157,8 +157,8 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
     let mut refresh = tokio::time::interval(PEERS_REFRESH);
     refresh.tick().await;
     let mut check = tokio::time::interval(SILENCE_CHECK);
-    let hearing = || Hearing::new(conn.stats().udp_rx.datagrams, SILENCE_CHECK, CLIENT_SILENCE);
-    let (mut heard, mut checked) = (hearing(), Instant::now());
+    let hearing = || Hearing::new(&conn, SILENCE_CHECK, CLIENT_SILENCE);
+    let mut heard = hearing();
     let budget = crate::net::quic::StreamBudget::new(&conn, Default::default());
     let mut silent = false;
     let why = loop {
@@ -221,10 +221,7 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
                 // Quiet counts only while this process could run (see
                 // `Hearing`): a client that was stalled reads its nodes'
                 // packets before it judges them.
-                let now = Instant::now();
-                let verdict = heard.check(conn.stats().udp_rx.datagrams, now - checked);
-                checked = now;
-                match verdict {
+                match heard.check(conn.stats().udp_rx.datagrams, Instant::now()) {
                     Heard::Again if silent => {
                         silent = false;
                         let _ = updates.send(Update::Silent(addr, node.id, false)).await;

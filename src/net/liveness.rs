@@ -23,14 +23,10 @@ pub const PEER_SILENCE: Duration = Duration::from_millis(400);
 /// watch does not count as the peer's silence (see [`Hearing`]).
 pub async fn silent(conn: &Connection, silence: Duration) {
     let check = (silence / 8).max(Duration::from_millis(5));
-    let mut hearing = Hearing::new(conn.stats().udp_rx.datagrams, check, silence);
-    let mut last = Instant::now();
+    let mut hearing = Hearing::new(conn, check, silence);
     loop {
         tokio::time::sleep(check).await;
-        let now = Instant::now();
-        let heard = hearing.check(conn.stats().udp_rx.datagrams, now - last);
-        last = now;
-        match heard {
+        match hearing.check(conn.stats().udp_rx.datagrams, Instant::now()) {
             Heard::Nothing | Heard::Again => {}
             Heard::Ping => {
                 let _ = conn.send_datagram(Bytes::new());
@@ -63,6 +59,7 @@ pub enum Heard {
 /// client count every attachment silent and attach replacements.
 pub struct Hearing {
     received: u64,
+    checked: Instant,
     quiet: Duration,
     pings: u32,
     interval: Duration,
@@ -74,11 +71,21 @@ pub struct Hearing {
 const LATE_CHECK_COUNTS: u32 = 2;
 
 impl Hearing {
-    /// Checks every `interval` of a connection that has received
-    /// `received` datagrams so far, quiet for `silence` to be silent.
-    pub fn new(received: u64, interval: Duration, silence: Duration) -> Self {
+    /// Checks every `interval` of `conn`, from now, quiet for `silence` to
+    /// be silent.
+    pub fn new(conn: &Connection, interval: Duration, silence: Duration) -> Self {
+        Self::from(
+            conn.stats().udp_rx.datagrams,
+            Instant::now(),
+            interval,
+            silence,
+        )
+    }
+
+    fn from(received: u64, at: Instant, interval: Duration, silence: Duration) -> Self {
         Hearing {
             received,
+            checked: at,
             quiet: Duration::ZERO,
             pings: 0,
             interval,
@@ -86,9 +93,11 @@ impl Hearing {
         }
     }
 
-    /// One check, `elapsed` after the one before (or the start), with
-    /// `received` datagrams counted on the connection so far.
-    pub fn check(&mut self, received: u64, elapsed: Duration) -> Heard {
+    /// One check at `now`, with `received` datagrams counted on the
+    /// connection so far.
+    pub fn check(&mut self, received: u64, now: Instant) -> Heard {
+        let elapsed = now.saturating_duration_since(self.checked);
+        self.checked = now;
         if received != self.received {
             self.received = received;
             self.quiet = Duration::ZERO;
@@ -113,9 +122,30 @@ mod tests {
 
     const CHECK: Duration = Duration::from_millis(50);
 
+    /// Checks at the given gaps after the start, all with `received`.
+    struct Clock {
+        hearing: Hearing,
+        now: Instant,
+    }
+
+    impl Clock {
+        fn new(received: u64) -> Self {
+            let now = Instant::now();
+            Clock {
+                hearing: Hearing::from(received, now, CHECK, PEER_SILENCE),
+                now,
+            }
+        }
+
+        fn check(&mut self, received: u64, after: Duration) -> Heard {
+            self.now += after;
+            self.hearing.check(received, self.now)
+        }
+    }
+
     #[test]
     fn a_peer_quiet_for_the_silence_is_silent_after_a_ping_each_quarter() {
-        let mut h = Hearing::new(7, CHECK, PEER_SILENCE);
+        let mut h = Clock::new(7);
         let heard: Vec<Heard> = (0..8).map(|_| h.check(7, CHECK)).collect();
         use Heard::*;
         assert_eq!(
@@ -126,7 +156,7 @@ mod tests {
 
     #[test]
     fn a_packet_starts_the_count_again() {
-        let mut h = Hearing::new(0, CHECK, PEER_SILENCE);
+        let mut h = Clock::new(0);
         for _ in 0..7 {
             assert_ne!(h.check(0, CHECK), Heard::Silent);
         }
@@ -141,13 +171,13 @@ mod tests {
     fn a_stall_of_this_process_is_not_the_peers_silence() {
         // The check runs two seconds late (the node was busy): the peer's
         // packets may be unread in our socket, so it is not silent yet.
-        let mut h = Hearing::new(3, CHECK, PEER_SILENCE);
+        let mut h = Clock::new(3);
         assert_ne!(h.check(3, Duration::from_secs(2)), Heard::Silent);
         // Our drivers then read what it sent meanwhile.
         assert_eq!(h.check(9, CHECK), Heard::Again);
         // A dead peer is still found, later by at most the counted part of
         // each late check.
-        let mut h = Hearing::new(3, CHECK, PEER_SILENCE);
+        let mut h = Clock::new(3);
         let silent_at = (1..=10).find(|_| h.check(3, Duration::from_secs(2)) == Heard::Silent);
         assert_eq!(silent_at, Some(4), "each late check counts 100 ms, not 2 s");
     }
