@@ -117,6 +117,25 @@ pub fn stopped_by_peer(send: &SendStream) -> impl Future<Output = ()> + Send + '
     }
 }
 
+/// Splices the QUIC stream `send`/`recv` (as a [`QuicEnd`]) with `other`
+/// within `stall`, ending as soon as the stream's far side stops reading
+/// it ([`stopped_by_peer`]): how every hop between a socket and a tunnel
+/// stream (the entry's raw-TCP and upgraded visitors, the client's target)
+/// carries its bytes. What a failure resets is the caller's to decide.
+pub async fn splice_stream<O>(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    other: &mut O,
+    stall: std::time::Duration,
+) -> std::io::Result<specter_tunnel::splice::Spliced>
+where
+    O: specter_tunnel::splice::End + ?Sized,
+{
+    let gone = stopped_by_peer(send);
+    let mut stream = QuicEnd { send, recv };
+    specter_tunnel::splice::splice_watching(&mut stream, other, stall, gone).await
+}
+
 /// Most of quinn's received chunks one read of a [`QuicEnd`] takes: a
 /// chunk is up to a packet's payload, so 16 fill one vectored write of up
 /// to ~140 KiB to a socket at jumbo-frame sizes (~23 KiB at 1,452 B), and

@@ -85,16 +85,11 @@ pub(super) async fn carry(
     // The node stops reading when its end gives up (its splice's stall
     // deadline, its visitor gone): with a target that never answers, a
     // half-closed splice would otherwise wait on the target for good.
-    let gone = crate::wire::stopped_by_peer(&send);
-    let mut stream = crate::wire::QuicEnd {
-        send: &mut send,
-        recv: &mut recv,
-    };
-    let spliced = specter_tunnel::splice::splice_watching(
-        &mut stream,
+    let spliced = crate::wire::splice_stream(
+        &mut send,
+        &mut recv,
         &mut local,
         specter_tunnel::splice::SPLICE_STALL,
-        gone,
     );
     match spliced.await {
         Ok(_) => {

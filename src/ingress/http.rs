@@ -778,8 +778,7 @@ async fn splice_upgraded(
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         }
-        let gone = crate::wire::stopped_by_peer(&pair.send);
-        specter_tunnel::splice::splice_watching(&mut visitor, &mut pair.end(), stall, gone)
+        crate::wire::splice_stream(&mut pair.send, &mut pair.recv, &mut visitor, stall)
             .await
             .map(drop)
     }

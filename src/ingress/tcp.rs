@@ -52,11 +52,8 @@ pub(super) async fn visit(
     let (mut tls, slot) = ingress.finish_handshake(start, config).await?;
     let idle_limit = ingress.limits.raw_tcp_idle;
     let stall = ingress.limits.write_stall_timeout;
-    let gone = crate::wire::stopped_by_peer(&tunnel.send);
     tokio::select! {
-        spliced = async {
-            specter_tunnel::splice::splice_watching(&mut tls, &mut tunnel.end(), stall, gone).await
-        } => match spliced {
+        spliced = crate::wire::splice_stream(&mut tunnel.send, &mut tunnel.recv, &mut tls, stall) => match spliced {
             Ok(_) => {}
             // Most TCP clients hang up without a TLS close_notify: an end,
             // not a failure.

@@ -88,14 +88,6 @@ impl Pair {
     pub fn reset(&mut self) {
         crate::wire::break_stream(&mut self.send, &mut self.recv);
     }
-
-    /// Both halves as one side of a splice.
-    pub fn end(&mut self) -> crate::wire::QuicEnd<'_> {
-        crate::wire::QuicEnd {
-            send: &mut self.send,
-            recv: &mut self.recv,
-        }
-    }
 }
 
 impl tokio::io::AsyncRead for Pair {
