@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use common::procs::*;
@@ -130,6 +129,17 @@ fn records_survive_the_owners_sigkill_and_return_to_it_after_restart() {
     assert_eq!(code, 200);
 }
 
+/// Nodes on `ips`, certificates from a fresh CA, started and joined in one
+/// ring: their directory, each node's own, and the nodes.
+fn ring(ips: &[String]) -> (tempfile::TempDir, Vec<PathBuf>, Vec<Proc>) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let dirs: Vec<PathBuf> = issue_all(dir.path(), &ca, ips);
+    let procs = start_all(dir.path(), &dirs, ips);
+    wait_ring(&procs);
+    (dir, dirs, procs)
+}
+
 fn records_total(p: &Proc) -> u64 {
     status(p).map_or(0, |s| s["dht"]["records_total"].as_u64().unwrap_or(0))
 }
@@ -142,12 +152,8 @@ fn records_total(p: &Proc) -> u64 {
 fn twenty_thousand_names_survive_a_restart_with_every_batch_accepted() {
     const NAMES: usize = 20_000;
     const WRITERS: usize = 8;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = ca(dir.path());
     let ips: Vec<String> = (1..=3).map(|i| format!("127.0.91.{i}")).collect();
-    let dirs: Vec<PathBuf> = issue_all(dir.path(), &ca, &ips);
-    let started = start_all(dir.path(), &dirs, &ips);
-    wait_ring(&started);
+    let (dir, dirs, started) = ring(&ips);
     let mut procs: Vec<Option<Proc>> = started.into_iter().map(Some).collect();
 
     let began = std::time::Instant::now();
@@ -184,14 +190,7 @@ fn twenty_thousand_names_survive_a_restart_with_every_batch_accepted() {
     // with the same key; the others hand its share back.
     let leaving = procs[1].take().unwrap();
     let before = held[1];
-    let pid = leaving.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(leaving.child.id(), "-TERM");
     let mut leaving = leaving;
     let exited = wait_for(Duration::from_secs(20), || {
         matches!(leaving.child.try_wait(), Ok(Some(_)))
@@ -259,12 +258,8 @@ fn admin_request(admin: std::net::SocketAddr, method: &str, path: &str) -> Strin
 fn a_node_stalled_for_a_second_presumes_no_peer_dead_and_fails_no_put() {
     const WRITERS: usize = 8;
     const STALLS: usize = 5;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = ca(dir.path());
     let ips: Vec<String> = (4..=6).map(|i| format!("127.0.91.{i}")).collect();
-    let dirs: Vec<PathBuf> = issue_all(dir.path(), &ca, &ips);
-    let procs = start_all(dir.path(), &dirs, &ips);
-    wait_ring(&procs);
+    let (dir, _, procs) = ring(&ips);
     let writer = procs[0].admin();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -287,16 +282,7 @@ fn a_node_stalled_for_a_second_presumes_no_peer_dead_and_fails_no_put() {
             })
         })
         .collect();
-    let pid = procs[0].child.id().to_string();
-    let signal = |sig: &str| {
-        assert!(
-            Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
+    let pid = procs[0].child.id();
     for _ in 0..STALLS {
         // Puts under way, then the stall itself (its length is the
         // scenario, not a wait for something).
@@ -305,9 +291,9 @@ fn a_node_stalled_for_a_second_presumes_no_peer_dead_and_fails_no_put() {
             written.load(std::sync::atomic::Ordering::SeqCst) >= before + 20
         });
         assert!(flowing.is_some(), "puts stopped flowing");
-        signal("-STOP");
+        signal(pid, "-STOP");
         std::thread::sleep(Duration::from_secs(1));
-        signal("-CONT");
+        signal(pid, "-CONT");
     }
     let before = written.load(std::sync::atomic::Ordering::SeqCst);
     let flowing = wait_for(Duration::from_secs(20), || {

@@ -884,15 +884,6 @@ fn a_node_serves_visitors_only_once_it_has_joined() {
     assert_eq!(code, "1.1 404");
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 #[test]
 fn a_spare_attached_while_a_node_was_silent_is_detached_once_it_answers_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -901,21 +892,7 @@ fn a_spare_attached_while_a_node_was_silent_is_detached_once_it_answers_again() 
     let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
     let seed = procs[0].quic();
     let service = http_service();
-    let log = dir.path().join("spare-client.log");
-    let child = tunnel_cmd(
-        dir.path(),
-        "spare",
-        "spare",
-        &format!("http://{service}"),
-        &seed,
-    )
-    .args(["--attachments", "2"])
-    .stdout(std::fs::File::create(&log).unwrap())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let _client = Reaped(child);
-    let ready = client_ready_file(&dir.path().join("spare"));
+    let (_client, ready, log) = logged_client(dir.path(), "spare", &service, &seed, 2);
     let nodes = |r: &serde_json::Value| -> Vec<String> {
         r["attachments"]
             .as_array()
@@ -1119,22 +1096,8 @@ fn a_client_refused_by_one_node_keeps_serving_through_the_others() {
         &["--client-auth", "token"],
     );
     let service = http_service();
-    let log = dir.path().join("mixed-client.log");
     let via = format!("{},{}", strict.quic(), open.quic());
-    let child = tunnel_cmd(
-        dir.path(),
-        "mixed",
-        "mixed",
-        &format!("http://{service}"),
-        &via,
-    )
-    .args(["--attachments", "2"])
-    .stdout(std::fs::File::create(&log).unwrap())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let mut client = Reaped(child);
-    let ready = client_ready_file(&dir.path().join("mixed"));
+    let (mut client, ready, log) = logged_client(dir.path(), "mixed", &service, &via, 2);
     assert!(
         wait_client(&ready, Duration::from_secs(20), |r| r["healthy"] == 1).is_some(),
         "not attached to the open node: {}",
@@ -1528,21 +1491,7 @@ fn a_client_stalled_for_a_second_takes_none_of_its_nodes_for_silent() {
     let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
     let seed = procs[0].quic();
     let service = http_service();
-    let log = dir.path().join("stall-client.log");
-    let child = tunnel_cmd(
-        dir.path(),
-        "stall",
-        "stall",
-        &format!("http://{service}"),
-        &seed,
-    )
-    .args(["--attachments", "2"])
-    .stdout(std::fs::File::create(&log).unwrap())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let client = Reaped(child);
-    let ready = client_ready_file(&dir.path().join("stall"));
+    let (client, ready, log) = logged_client(dir.path(), "stall", &service, &seed, 2);
     wait_client(&ready, Duration::from_secs(20), |r| r["healthy"] == 2).expect("two attachments");
     let host = format!("stall.{DOMAIN}");
     for _ in 0..STALLS {
@@ -1565,4 +1514,24 @@ fn a_client_stalled_for_a_second_takes_none_of_its_nodes_for_silent() {
         Some(2),
         "{now}"
     );
+}
+
+/// A client serving tunnel `name` (state in `dir/NAME`) for the HTTP
+/// service at `service` through `via`, holding `attachments`, its output
+/// in `dir/NAME-client.log`: the client, its ready file and its log.
+fn logged_client(
+    dir: &Path,
+    name: &str,
+    service: &std::net::SocketAddr,
+    via: &str,
+    attachments: u32,
+) -> (Reaped, std::path::PathBuf, std::path::PathBuf) {
+    let log = dir.join(format!("{name}-client.log"));
+    let child = tunnel_cmd(dir, name, name, &format!("http://{service}"), via)
+        .args(["--attachments", &attachments.to_string()])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Reaped(child), client_ready_file(&dir.join(name)), log)
 }

@@ -347,6 +347,16 @@ pub fn state_of(observer: &Proc, id: &str) -> String {
         })
 }
 
+/// Sends `sig` (`-STOP`, `-TERM`, …) to process `pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
 pub fn wait_for(deadline: Duration, cond: impl FnMut() -> bool) -> Option<Duration> {
     wait_for_every(deadline, Duration::from_millis(25), cond)
 }
