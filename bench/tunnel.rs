@@ -317,6 +317,10 @@ struct Row {
     /// CPU seconds per GiB of the single stream, per process of the tunnel
     /// (its own processes only: not the visitor's or the target's).
     cpu: Vec<(&'static str, f64)>,
+    /// CPU microseconds per request of the c64 run, per process of the
+    /// tunnel (as `cpu`): the cost of a request, steadier on a shared
+    /// machine than the rate.
+    cpu_c64: Vec<(&'static str, f64)>,
     /// Highest RSS (KiB) per process during parallel uploads
     /// (`SPECTER_BENCH_STREAMS`).
     peak_rss: Vec<(&'static str, u64)>,
@@ -366,6 +370,7 @@ async fn measure(
             label: label.to_string(),
             gbps,
             cpu,
+            cpu_c64: Vec::new(),
             peak_rss,
             c1: Vec::new(),
             rps: 0.0,
@@ -373,11 +378,22 @@ async fn measure(
         });
     }
     let (_, c1) = load(entry, 1, secs).await?;
+    let before: Vec<u64> = pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect();
     let (rps, c64) = load(entry, CONNS, secs).await?;
+    let requests = rps * secs;
+    let cpu_c64 = pids
+        .iter()
+        .zip(before)
+        .map(|((name, pid), b)| {
+            let secs = cpu_ticks(*pid).saturating_sub(b) as f64 / USER_HZ;
+            (*name, secs * 1e6 / requests.max(1.0))
+        })
+        .collect();
     Ok(Row {
         label: label.to_string(),
         gbps,
         cpu,
+        cpu_c64,
         peak_rss,
         c1,
         rps,
@@ -1092,6 +1108,18 @@ async fn run(quick: bool, install: bool, peers: bool) {
         let total: f64 = r.cpu.iter().map(|(_, s)| s).sum();
         let each: Vec<String> = r.cpu.iter().map(|(p, s)| format!("{p} {s:.2}")).collect();
         println!("- {}: {total:.2} s ({})", r.label, each.join(", "));
+    }
+    println!(
+        "\nCPU per request of the c64 run (µs, user + system, the tunnel's own processes; lower is better):\n"
+    );
+    for r in rows.iter().filter(|r| !r.cpu_c64.is_empty()) {
+        let total: f64 = r.cpu_c64.iter().map(|(_, s)| s).sum();
+        let each: Vec<String> = r
+            .cpu_c64
+            .iter()
+            .map(|(p, us)| format!("{p} {us:.1}"))
+            .collect();
+        println!("- {}: {total:.1} µs ({})", r.label, each.join(", "));
     }
     for r in rows.iter().filter(|r| !r.peak_rss.is_empty()) {
         let each: Vec<String> = r
