@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use quinn::Endpoint;
 use specter_dht::Peer;
@@ -221,7 +221,7 @@ pub(super) async fn attachment(session: Session, addr: SocketAddr) {
                 // Quiet counts only while this process could run (see
                 // `Hearing`): a client that was stalled reads its nodes'
                 // packets before it judges them.
-                match heard.check(conn.stats().udp_rx.datagrams, Instant::now()) {
+                match heard.hear(&conn) {
                     Heard::Again if silent => {
                         silent = false;
                         let _ = updates.send(Update::Silent(addr, node.id, false)).await;

@@ -26,7 +26,7 @@ pub async fn silent(conn: &Connection, silence: Duration) {
     let mut hearing = Hearing::new(conn, check, silence);
     loop {
         tokio::time::sleep(check).await;
-        match hearing.check(conn.stats().udp_rx.datagrams, Instant::now()) {
+        match hearing.hear(conn) {
             Heard::Nothing | Heard::Again => {}
             Heard::Ping => {
                 let _ = conn.send_datagram(Bytes::new());
@@ -93,9 +93,14 @@ impl Hearing {
         }
     }
 
+    /// One check of `conn`, now.
+    pub fn hear(&mut self, conn: &Connection) -> Heard {
+        self.check(conn.stats().udp_rx.datagrams, Instant::now())
+    }
+
     /// One check at `now`, with `received` datagrams counted on the
     /// connection so far.
-    pub fn check(&mut self, received: u64, now: Instant) -> Heard {
+    fn check(&mut self, received: u64, now: Instant) -> Heard {
         let elapsed = now.saturating_duration_since(self.checked);
         self.checked = now;
         if received != self.received {
