@@ -211,6 +211,22 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 const USER_HZ: f64 = 100.0;
 
+/// The CPU time (user + system) each process has used since `before` (from
+/// [`cpu_marks`]), in seconds, divided by `per`.
+fn cpu_since(pids: &[(&'static str, u32)], before: &[u64], per: f64) -> Vec<(&'static str, f64)> {
+    pids.iter()
+        .zip(before)
+        .map(|((name, pid), b)| {
+            let secs = cpu_ticks(*pid).saturating_sub(*b) as f64 / USER_HZ;
+            (*name, secs / per)
+        })
+        .collect()
+}
+
+fn cpu_marks(pids: &[(&'static str, u32)]) -> Vec<u64> {
+    pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect()
+}
+
 async fn bulk(entry: &Entry, bytes: u64) -> std::io::Result<f64> {
     let mut s = entry.open().await?;
     let chunk = vec![7u8; 1 << 20];
@@ -301,6 +317,30 @@ async fn load(entry: &Entry, conns: usize, secs: f64) -> std::io::Result<(f64, V
     Ok((rps, all))
 }
 
+/// One line per row of the CPU its tunnel's processes spent `what`, in
+/// `unit` with `digits` decimals (`of` picks the figures from a row).
+fn print_cpu(
+    rows: &[Row],
+    what: &str,
+    unit: &str,
+    digits: usize,
+    of: impl Fn(&Row) -> &Vec<(&'static str, f64)>,
+) {
+    println!("\nCPU {what} (user + system, the tunnel's own processes; lower is better):\n");
+    for r in rows.iter().filter(|r| !of(r).is_empty()) {
+        let total: f64 = of(r).iter().map(|(_, v)| v).sum();
+        let each: Vec<String> = of(r)
+            .iter()
+            .map(|(p, v)| format!("{p} {v:.digits$}"))
+            .collect();
+        println!(
+            "- {}: {total:.digits$} {unit} ({})",
+            r.label,
+            each.join(", ")
+        );
+    }
+}
+
 /// The `permille`/1000 quantile of sorted latencies.
 fn pct(sorted: &[Duration], permille: usize) -> Duration {
     if sorted.is_empty() {
@@ -318,8 +358,8 @@ struct Row {
     /// (its own processes only: not the visitor's or the target's).
     cpu: Vec<(&'static str, f64)>,
     /// CPU microseconds per request of the c64 run, per process of the
-    /// tunnel (as `cpu`): the cost of a request, steadier on a shared
-    /// machine than the rate.
+    /// tunnel (as `cpu`): where a request's cost goes, to compare within
+    /// a run (it moves with the machine's load as the rate does).
     cpu_c64: Vec<(&'static str, f64)>,
     /// Highest RSS (KiB) per process during parallel uploads
     /// (`SPECTER_BENCH_STREAMS`).
@@ -336,7 +376,7 @@ async fn measure(
     bytes: u64,
     secs: f64,
 ) -> std::io::Result<Row> {
-    let before: Vec<u64> = pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect();
+    let before = cpu_marks(pids);
     let streams = std::env::var("SPECTER_BENCH_STREAMS")
         .ok()
         .and_then(|n| n.parse::<u64>().ok())
@@ -351,16 +391,7 @@ async fn measure(
     };
     let gib = moved as f64 / f64::from(1u32 << 30);
     let cpu = match gbps {
-        Some(_) => pids
-            .iter()
-            .zip(before)
-            .map(|((name, pid), b)| {
-                (
-                    *name,
-                    cpu_ticks(*pid).saturating_sub(b) as f64 / USER_HZ / gib,
-                )
-            })
-            .collect(),
+        Some(_) => cpu_since(pids, &before, gib),
         None => Vec::new(),
     };
     // `SPECTER_BENCH_BULK_ONLY=1`: the single stream alone (its latency
@@ -378,17 +409,10 @@ async fn measure(
         });
     }
     let (_, c1) = load(entry, 1, secs).await?;
-    let before: Vec<u64> = pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect();
+    let before = cpu_marks(pids);
     let (rps, c64) = load(entry, CONNS, secs).await?;
-    let requests = rps * secs;
-    let cpu_c64 = pids
-        .iter()
-        .zip(before)
-        .map(|((name, pid), b)| {
-            let secs = cpu_ticks(*pid).saturating_sub(b) as f64 / USER_HZ;
-            (*name, secs * 1e6 / requests.max(1.0))
-        })
-        .collect();
+    // Microseconds per request.
+    let cpu_c64 = cpu_since(pids, &before, (rps * secs).max(1.0) / 1e6);
     Ok(Row {
         label: label.to_string(),
         gbps,
@@ -1101,26 +1125,10 @@ async fn run(quick: bool, install: bool, peers: bool) {
         bytes >> 20,
         std::thread::available_parallelism().map_or(0, usize::from)
     );
-    println!(
-        "\nCPU per GiB of the single stream (user + system, the tunnel's own processes; lower is better):\n"
-    );
-    for r in rows.iter().filter(|r| !r.cpu.is_empty()) {
-        let total: f64 = r.cpu.iter().map(|(_, s)| s).sum();
-        let each: Vec<String> = r.cpu.iter().map(|(p, s)| format!("{p} {s:.2}")).collect();
-        println!("- {}: {total:.2} s ({})", r.label, each.join(", "));
-    }
-    println!(
-        "\nCPU per request of the c64 run (µs, user + system, the tunnel's own processes; lower is better):\n"
-    );
-    for r in rows.iter().filter(|r| !r.cpu_c64.is_empty()) {
-        let total: f64 = r.cpu_c64.iter().map(|(_, s)| s).sum();
-        let each: Vec<String> = r
-            .cpu_c64
-            .iter()
-            .map(|(p, us)| format!("{p} {us:.1}"))
-            .collect();
-        println!("- {}: {total:.1} µs ({})", r.label, each.join(", "));
-    }
+    print_cpu(&rows, "per GiB of the single stream", "s", 2, |r| &r.cpu);
+    print_cpu(&rows, "per request of the c64 run", "µs", 1, |r| {
+        &r.cpu_c64
+    });
     for r in rows.iter().filter(|r| !r.peak_rss.is_empty()) {
         let each: Vec<String> = r
             .peak_rss
