@@ -234,6 +234,86 @@ async fn a_datagram_claiming_another_nodes_identity_is_dropped() {
     }
 }
 
+/// Sends `msg` one way on a stream and reads it at the other end.
+async fn carry(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, msg: &[u8]) {
+    send.write_all(msg).await.expect("write");
+    let mut got = vec![0; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut got))
+        .await
+        .expect("read in time")
+        .expect("read");
+    assert_eq!(got, msg);
+}
+
+/// A connection that loses a simultaneous dial carries the streams already
+/// on it to their end, then closes: at the higher id's end the pooled
+/// connection it dialed itself loses to the peer's, and at the lower id's
+/// end the peer's new one loses while the peer still uses it. Closing the
+/// loser at once cut answers under way when a restarted node and its peers
+/// dialed each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_losing_duplicate_carries_its_streams_to_their_end() {
+    use specter::wire::StreamKind;
+    let ca = make_ca("test").unwrap();
+    let (t1, t2) = (tls_for(&ca, 1), tls_for(&ca, 2));
+    let (hi, lo) = if t1.id > t2.id { (t1, t2) } else { (t2, t1) };
+    for (ta, tb) in [(&hi, &lo), (&lo, &hi)] {
+        let bind = || bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (a, mut inbox_a) = Transport::new(bind(), ta).unwrap();
+        let (b, mut inbox_b) = Transport::new(bind(), tb).unwrap();
+        // The peer's simultaneous dial: the same identity from another socket.
+        let (b2, _inbox_b2) = Transport::new(bind(), tb).unwrap();
+        for t in [&a, &b, &b2] {
+            tokio::spawn(t.clone().serve(cancel.clone()));
+        }
+        let a_addr = a.local_addr().unwrap();
+        // A stream from a, under way when the duplicate arrives.
+        let mut first = a
+            .open_stream(b.local_addr().unwrap(), tb.id, StreamKind::Forward)
+            .await
+            .unwrap();
+        let mut first_at_b = inbox_b.forwards.recv().await.unwrap();
+        carry(&mut first.send, &mut first_at_b.recv, b"request").await;
+        carry(&mut first_at_b.send, &mut first.recv, b"answer, part 1").await;
+        // b dials again and opens a stream on its new connection before it
+        // can know that a keeps the other one.
+        let mut second = b2
+            .open_stream(a_addr, ta.id, StreamKind::Forward)
+            .await
+            .unwrap();
+        let settled = wait_until(Duration::from_secs(5), || {
+            a.counters().duplicates_closed == 1
+        })
+        .await;
+        assert!(settled.is_some(), "a never saw the duplicate");
+        let mut second_at_a = tokio::time::timeout(Duration::from_secs(5), inbox_a.forwards.recv())
+            .await
+            .expect("the stream on the new connection is served")
+            .unwrap();
+        carry(&mut second.send, &mut second_at_a.recv, b"second request").await;
+        carry(&mut second_at_a.send, &mut second.recv, b"second answer").await;
+        // Both streams still carry, whichever connection lost.
+        carry(&mut first_at_b.send, &mut first.recv, b"answer, part 2").await;
+        carry(&mut first.send, &mut first_at_b.recv, b"more request").await;
+        let loser = if ta.id > tb.id {
+            first.conn.clone()
+        } else {
+            second.conn.clone()
+        };
+        assert_eq!(a.counters().duplicates_draining, 1);
+        assert!(loser.close_reason().is_none());
+        // Once its streams end, the loser closes; the winner stays.
+        drop((first, first_at_b, second, second_at_a));
+        let closed = wait_until(Duration::from_secs(10), || loser.close_reason().is_some()).await;
+        assert!(closed.is_some(), "the losing connection was never closed");
+        let c = a.counters();
+        assert_eq!((c.duplicates_draining, c.duplicate_streams_cut), (0, 0));
+        assert_eq!(a.connected_peers(), vec![tb.id]);
+        cancel.cancel();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_dials_settle_on_one_connection() {
     let ca = make_ca("test").unwrap();

@@ -432,6 +432,7 @@ fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
     assert!(value("specter_quic_connections", &[]) >= 1.0);
     for name in [
         "specter_quic_duplicates_closed",
+        "specter_quic_duplicate_streams_cut",
         "specter_quic_idle_closed",
         "specter_dht_requests",
         "specter_dht_handed_off",
@@ -452,6 +453,7 @@ fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
     assert_eq!(value("specter_ingress_timeouts", &["answer"]), 0.0);
     assert!(family("specter_dht_records").family_type == OpenMetricsType::Gauge);
     assert_eq!(value("specter_tunnel_clients_detaching", &[]), 0.0);
+    assert!(family("specter_quic_duplicates_draining").family_type == OpenMetricsType::Gauge);
     // The attached node counts the client holding the tunnel.
     let one_client = wait_for(Duration::from_secs(5), || {
         http_get(procs[0].admin(), "/metrics")

@@ -184,6 +184,12 @@ impl Collector for Snapshot {
             "Streams other nodes hold open to this node (forwarded visitors, DHT requests)",
             count(t.peer_streams),
         )?;
+        gauge(
+            e,
+            "quic_duplicates_draining",
+            "Node connections that lost a simultaneous dial, kept open until their streams end (at most one per node)",
+            count(t.duplicates_draining),
+        )?;
         for (name, help, v) in [
             (
                 "quic_datagrams_sent",
@@ -257,6 +263,11 @@ impl Collector for Snapshot {
                 "quic_duplicates_closed",
                 "Duplicate connections to one node closed",
                 t.duplicates_closed,
+            ),
+            (
+                "quic_duplicate_streams_cut",
+                "Streams cut because the connection they were on lost a simultaneous dial and was closed before they ended",
+                t.duplicate_streams_cut,
             ),
             (
                 "quic_idle_closed",

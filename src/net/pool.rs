@@ -21,9 +21,13 @@ use specter_gossip::NodeId;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::liveness::{PEER_SILENCE, silent};
+use super::quic::{OwnStream, StreamBudget};
 use super::streams::{StreamInbox, StreamRoutes};
 use super::tls::{self, NODE_SERVER_NAME, NodeTls, TlsError};
-use crate::wire::{CLOSE_DUPLICATE, CLOSE_IDLE, CLOSE_PEER_DOWN, CLOSE_SHUTDOWN, CLOSE_WRONG_PEER};
+use crate::wire::{
+    CLOSE_DUPLICATE, CLOSE_IDLE, CLOSE_PEER_DOWN, CLOSE_SHUTDOWN, CLOSE_WRONG_PEER, StreamKind,
+    WireError,
+};
 
 /// Client connections waiting for the tunnel server; beyond this, new ones
 /// are closed with [`crate::wire::CLOSE_BUSY`].
@@ -60,6 +64,25 @@ pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 
 /// A dial or an inbound handshake that has not completed by then is abandoned.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a connection that lost a simultaneous dial (see
+/// [`keep_newer`]) stays open for the streams already on it. Both ends
+/// open no new stream on it; it closes once its streams have ended (and
+/// [`drain_quiet`] has passed), or after this, cutting what is still open.
+/// Long, since a forwarded visitor (an ssh session) may be on it, and
+/// cheap: at most one such connection per peer ([`Pool::draining`]).
+pub const DUPLICATE_DRAIN_LIMIT: Duration = Duration::from_secs(600);
+
+/// How often a draining connection looks at its streams.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+/// How long a draining connection must have had no open stream before it
+/// closes: the last bytes of a stream that just ended on this end may still
+/// be in flight to the peer, and a close would drop them. Ten round trips,
+/// and never under two seconds, cover their loss and retransmission.
+pub fn drain_quiet(rtt: Duration) -> Duration {
+    (rtt * 10).max(Duration::from_secs(2))
+}
 
 /// Datagrams received from nodes, tagged with the cert-derived id of the
 /// connection each arrived on.
@@ -118,6 +141,30 @@ pub enum DialError {
     NoIdentity(SocketAddr),
 }
 
+/// A bi-stream this node opened to another ([`Transport::open_stream`]); its
+/// kind byte is sent.
+pub struct NodeStream {
+    /// The connection it is on.
+    pub conn: Connection,
+    /// Our sending half.
+    pub send: quinn::SendStream,
+    /// Our receiving half.
+    pub recv: quinn::RecvStream,
+    /// Counts the stream on its connection while held.
+    pub held: OwnStream,
+}
+
+/// Why [`Transport::open_stream`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// No connection to the peer.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The connection failed while the stream was opened.
+    #[error(transparent)]
+    Stream(#[from] WireError),
+}
+
 /// Counters for `/status` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct TransportStats {
@@ -129,6 +176,7 @@ pub struct TransportStats {
     pub(super) handshakes_refused: AtomicU64,
     pub(super) wrong_peer: AtomicU64,
     pub(super) duplicates_closed: AtomicU64,
+    pub(super) duplicate_streams_cut: AtomicU64,
     pub(super) idle_closed: AtomicU64,
     pub(super) frames_refused: AtomicU64,
     pub(super) dht_requests_refused: AtomicU64,
@@ -151,7 +199,15 @@ pub struct TransportCounters {
     pub handshakes_failed: u64,
     pub handshakes_refused: u64,
     pub wrong_peer: u64,
+    /// Duplicate connections resolved (the loser closed, or draining).
     pub duplicates_closed: u64,
+    /// Connections that lost a simultaneous dial and still carry streams
+    /// (at most one per peer, see [`DUPLICATE_DRAIN_LIMIT`]).
+    pub duplicates_draining: u64,
+    /// Streams cut because their connection lost a simultaneous dial and
+    /// was closed before they ended: [`DUPLICATE_DRAIN_LIMIT`] passed, or a
+    /// newer loser replaced it.
+    pub duplicate_streams_cut: u64,
     pub idle_closed: u64,
     pub frames_refused: u64,
     /// DHT requests answered `Unavailable` because the served queue was
@@ -187,8 +243,17 @@ pub fn keep_newer(
     new_outbound: bool,
     we_are_lower: bool,
 ) -> bool {
-    let simultaneous = existing_age < HANDSHAKE_TIMEOUT;
-    !simultaneous || existing_outbound == new_outbound || new_outbound == we_are_lower
+    !simultaneous(existing_age) || existing_outbound == new_outbound || new_outbound == we_are_lower
+}
+
+/// Whether a connection `existing_age` old that another one to the same
+/// peer joins was dialed at the same time: both are live, and either end may
+/// already have opened streams on the one that loses, so it is drained
+/// rather than closed. An older one is taken for abandoned (the peer
+/// restarted, or closed it as idle): closed at once, so that what waits on
+/// it fails over now.
+pub fn simultaneous(existing_age: Duration) -> bool {
+    existing_age < HANDSHAKE_TIMEOUT
 }
 
 pub(super) fn bump(counter: &AtomicU64) {
@@ -197,6 +262,8 @@ pub(super) fn bump(counter: &AtomicU64) {
 
 pub(super) struct Entry {
     conn: Connection,
+    /// Its streams, both ways.
+    budget: Arc<StreamBudget>,
     outbound: bool,
     since: Instant,
     last_used: Instant,
@@ -216,6 +283,10 @@ pub(super) struct Pool {
     /// is cleared by the next [`Transport::is_silent`] that finds the count
     /// moved (the peer spoke) or the connection gone or replaced.
     silent: HashMap<NodeId, (usize, u64)>,
+    /// Per peer, the connection that lost a simultaneous dial and still
+    /// carries streams (see [`DUPLICATE_DRAIN_LIMIT`]); a later loser closes
+    /// the earlier one at once, so there is at most one per peer.
+    draining: HashMap<NodeId, (Connection, Arc<StreamBudget>)>,
 }
 
 /// The node's QUIC endpoint and its pool of node connections.
@@ -378,6 +449,42 @@ impl Transport {
         addr: SocketAddr,
         expected: Option<NodeId>,
     ) -> Result<(NodeId, Connection), DialError> {
+        let (peer, conn, _) = self.connect_counted(addr, expected).await?;
+        Ok((peer, conn))
+    }
+
+    /// Opens a bi-stream of `kind` to `peer` at `addr` (dialing it if there
+    /// is no connection) and names its kind. The stream counts on its
+    /// connection until [`NodeStream::held`] is dropped: a connection that
+    /// loses a simultaneous dial stays open until then.
+    pub async fn open_stream(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        peer: NodeId,
+        kind: StreamKind,
+    ) -> Result<NodeStream, StreamError> {
+        let (_, conn, budget) = self.connect_counted(addr, Some(peer)).await?;
+        // Counted before it is opened: a drain that starts meanwhile waits
+        // for it.
+        let held = budget.ours_opened();
+        let (mut send, recv) = conn.open_bi().await.map_err(WireError::from)?;
+        send.write_all(&[kind.byte()])
+            .await
+            .map_err(WireError::from)?;
+        Ok(NodeStream {
+            conn,
+            send,
+            recv,
+            held,
+        })
+    }
+
+    /// [`Transport::connect`], with the streams of the connection.
+    async fn connect_counted(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<(NodeId, Connection, Arc<StreamBudget>), DialError> {
         {
             let pool = self.pool();
             let pooled = match expected {
@@ -391,7 +498,7 @@ impl Transport {
             if let Some((id, entry)) = pooled
                 && entry.conn.close_reason().is_none()
             {
-                return Ok((*id, entry.conn.clone()));
+                return Ok((*id, entry.conn.clone(), entry.budget.clone()));
             }
         }
         let connecting = self
@@ -428,58 +535,125 @@ impl Transport {
                 actual: peer,
             });
         }
-        Ok((peer, self.adopt(conn, peer, true)))
+        let (conn, budget) = self.adopt(conn, peer, true);
+        Ok((peer, conn, budget))
     }
 
     /// Puts `conn` in the pool unless it loses the tie-break against an open
-    /// connection to the same peer; returns the connection that stays.
+    /// connection to the same peer; returns the connection that stays, with
+    /// its streams. The loser of a simultaneous dial is drained (see
+    /// [`DUPLICATE_DRAIN_LIMIT`]), an abandoned one closed at once.
     pub(super) fn adopt(
         self: &Arc<Self>,
         conn: Connection,
         peer: NodeId,
         outbound: bool,
-    ) -> Connection {
+    ) -> (Connection, Arc<StreamBudget>) {
+        let budget = StreamBudget::new(&conn, self.stats.streams.clone());
         let mut pool = self.pool();
+        let mut stays = None;
+        let mut drain = None;
         if let Some(existing) = pool.conns.get(&peer)
             && existing.conn.close_reason().is_none()
             && existing.conn.stable_id() != conn.stable_id()
         {
-            let keep_new = keep_newer(
-                existing.since.elapsed(),
-                existing.outbound,
-                outbound,
-                self.local < peer,
-            );
+            let age = existing.since.elapsed();
             bump(&self.stats.duplicates_closed);
-            if !keep_new {
-                conn.close(CLOSE_DUPLICATE, b"duplicate connection");
-                return existing.conn.clone();
+            if !keep_newer(age, existing.outbound, outbound, self.local < peer) {
+                // Only ever a simultaneous dial: the peer may have opened
+                // streams on the new one already.
+                stays = Some((existing.conn.clone(), existing.budget.clone()));
+                drain = Some((conn.clone(), budget.clone()));
+            } else if simultaneous(age) {
+                drain = Some((existing.conn.clone(), existing.budget.clone()));
+            } else {
+                existing
+                    .conn
+                    .close(CLOSE_DUPLICATE, b"duplicate connection");
             }
-            existing
-                .conn
-                .close(CLOSE_DUPLICATE, b"duplicate connection");
         }
-        pool.failed.remove(&peer);
-        pool.conns.insert(
-            peer,
-            Entry {
-                conn: conn.clone(),
-                outbound,
-                since: Instant::now(),
-                last_used: Instant::now(),
-            },
-        );
+        if let Some(loser) = &drain
+            && let Some((earlier, streams)) = pool.draining.insert(peer, loser.clone())
+        {
+            self.close_drained(&earlier, &streams);
+        }
+        if stays.is_none() {
+            pool.failed.remove(&peer);
+            pool.conns.insert(
+                peer,
+                Entry {
+                    conn: conn.clone(),
+                    budget: budget.clone(),
+                    outbound,
+                    since: Instant::now(),
+                    last_used: Instant::now(),
+                },
+            );
+        }
         drop(pool);
-        tracing::debug!(%peer, outbound, remote = %conn.remote_address(), "node connection up");
+        tracing::debug!(%peer, outbound, remote = %conn.remote_address(), kept = stays.is_none(), "node connection up");
+        // Served even when it lost: streams the peer opened on it before it
+        // learned so are carried to their end.
         let this = self.clone();
         let reader = conn.clone();
         tokio::spawn(async move { this.read_datagrams(reader, peer).await });
         tokio::spawn(
             self.streams
                 .clone()
-                .serve(conn.clone(), peer, self.stats.streams.clone()),
+                .serve(conn.clone(), peer, budget.clone()),
         );
-        conn
+        if let Some((loser, streams)) = drain {
+            tokio::spawn(self.clone().drain(peer, loser, streams));
+        }
+        stays.unwrap_or((conn, budget))
+    }
+
+    /// Keeps `conn`, which lost a simultaneous dial, open until its streams
+    /// have ended and [`drain_quiet`] has passed, or
+    /// [`DUPLICATE_DRAIN_LIMIT`]; then closes it.
+    async fn drain(self: Arc<Self>, peer: NodeId, conn: Connection, streams: Arc<StreamBudget>) {
+        let began = Instant::now();
+        let mut quiet_since = None;
+        while conn.close_reason().is_none() {
+            let now = Instant::now();
+            if streams.in_use() > 0 {
+                quiet_since = None;
+            } else if now.saturating_duration_since(*quiet_since.get_or_insert(now))
+                >= drain_quiet(conn.rtt())
+            {
+                break;
+            }
+            if now.saturating_duration_since(began) >= DUPLICATE_DRAIN_LIMIT {
+                break;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        let mut pool = self.pool();
+        if pool
+            .draining
+            .get(&peer)
+            .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
+        {
+            pool.draining.remove(&peer);
+        }
+        drop(pool);
+        self.close_drained(&conn, &streams);
+    }
+
+    /// Closes a connection that lost a simultaneous dial, counting the
+    /// streams this cuts.
+    fn close_drained(&self, conn: &Connection, streams: &StreamBudget) {
+        if conn.close_reason().is_some() {
+            return;
+        }
+        let cut = streams.in_use();
+        if cut > 0 {
+            self.stats
+                .duplicate_streams_cut
+                .fetch_add(u64::from(cut), Ordering::Relaxed);
+            tracing::info!(remote = %conn.remote_address(), cut, "closed a duplicate connection with streams still open");
+        }
+        conn.close(CLOSE_DUPLICATE, b"duplicate connection");
     }
 
     async fn read_datagrams(self: Arc<Self>, conn: Connection, peer: NodeId) {
@@ -602,8 +776,12 @@ impl Transport {
     pub fn counters(&self) -> TransportCounters {
         let s = &self.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (connections, draining) = {
+            let pool = self.pool();
+            (pool.conns.len() as u64, pool.draining.len() as u64)
+        };
         TransportCounters {
-            connections: self.pool().conns.len() as u64,
+            connections,
             datagrams_sent: get(&s.datagrams_sent),
             datagrams_received: get(&s.datagrams_received),
             datagram_send_errors: get(&s.datagram_send_errors),
@@ -612,6 +790,8 @@ impl Transport {
             handshakes_refused: get(&s.handshakes_refused),
             wrong_peer: get(&s.wrong_peer),
             duplicates_closed: get(&s.duplicates_closed),
+            duplicates_draining: draining,
+            duplicate_streams_cut: get(&s.duplicate_streams_cut),
             idle_closed: get(&s.idle_closed),
             frames_refused: get(&s.frames_refused),
             dht_requests_refused: get(&s.dht_requests_refused),

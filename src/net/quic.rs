@@ -51,10 +51,12 @@ pub fn next_stream_limit(open: u32, limit: u32, max: u32) -> Option<u32> {
 /// Grows one connection's limit of concurrent incoming bi-streams from
 /// [`STREAMS_START`] to [`MAX_STREAMS_PER_PEER`] as its streams are used
 /// (see [`next_stream_limit`]); never lowered, since quinn keeps what it
-/// allocated.
+/// allocated. It also counts the streams this end opened on the connection,
+/// so that a connection about to close can wait for both kinds to end.
 pub struct StreamBudget {
     conn: quinn::Connection,
     open: std::sync::atomic::AtomicU32,
+    ours: std::sync::atomic::AtomicU32,
     limit: std::sync::atomic::AtomicU32,
     counts: std::sync::Arc<StreamCounts>,
 }
@@ -72,6 +74,9 @@ pub struct StreamCounts {
 /// One open incoming stream, counted until dropped.
 pub struct HeldStream(std::sync::Arc<StreamBudget>);
 
+/// One stream this end opened, counted until dropped.
+pub struct OwnStream(std::sync::Arc<StreamBudget>);
+
 impl StreamBudget {
     /// The budget of `conn`, whose limit is [`STREAMS_START`] now, counted
     /// in `counts`.
@@ -82,6 +87,7 @@ impl StreamBudget {
         std::sync::Arc::new(StreamBudget {
             conn: conn.clone(),
             open: std::sync::atomic::AtomicU32::new(0),
+            ours: std::sync::atomic::AtomicU32::new(0),
             limit: std::sync::atomic::AtomicU32::new(STREAMS_START),
             counts,
         })
@@ -109,6 +115,26 @@ impl StreamBudget {
     /// Incoming streams open now.
     pub fn open(&self) -> u32 {
         self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts a stream this end is opening; it counts until the returned
+    /// guard is dropped.
+    pub fn ours_opened(self: &std::sync::Arc<Self>) -> OwnStream {
+        self.ours.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OwnStream(self.clone())
+    }
+
+    /// Streams open now either way.
+    pub fn in_use(&self) -> u32 {
+        self.open() + self.ours.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for OwnStream {
+    fn drop(&mut self) {
+        self.0
+            .ours
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -2,6 +2,7 @@
 //! [`StreamKind`]) into one inbox per kind: DHT requests for the RPC server,
 //! forwarded visitors for the tunnels.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::Connection;
@@ -70,16 +71,10 @@ impl StreamRoutes {
     }
 
     /// Sorts every bi-stream `peer` opens on `conn` until the connection
-    /// ends. Each stream waits on its own, so one that is slow to name its
-    /// kind holds back nothing else; QUIC's stream limit bounds how many
-    /// wait.
-    pub async fn serve(
-        self,
-        conn: Connection,
-        peer: NodeId,
-        counts: std::sync::Arc<super::quic::StreamCounts>,
-    ) {
-        let budget = StreamBudget::new(&conn, counts);
+    /// ends, counting each in `budget` while it is held. Each stream waits on
+    /// its own, so one that is slow to name its kind holds back nothing else;
+    /// QUIC's stream limit bounds how many wait.
+    pub async fn serve(self, conn: Connection, peer: NodeId, budget: Arc<StreamBudget>) {
         while let Ok((send, mut recv)) = conn.accept_bi().await {
             let routes = self.clone();
             let held = budget.opened();

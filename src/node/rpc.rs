@@ -11,6 +11,7 @@ use specter_gossip::NodeId;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::liveness::{PEER_SILENCE, silent};
+use crate::net::pool::{NodeStream, StreamError};
 use crate::net::streams::StreamInbox;
 use crate::net::{DialError, IncomingStream, Transport};
 use crate::wire::{
@@ -48,12 +49,19 @@ pub async fn call(
         return Err(RpcError::Silent);
     }
     tokio::time::timeout(RPC_TIMEOUT, async {
-        let (_, conn) = transport.connect(to.addr, Some(to.id)).await?;
+        let NodeStream {
+            conn,
+            mut send,
+            mut recv,
+            held: _held,
+        } = transport
+            .open_stream(to.addr, to.id, StreamKind::Rpc)
+            .await
+            .map_err(|e| match e {
+                StreamError::Dial(e) => RpcError::Dial(e),
+                StreamError::Stream(e) => RpcError::Wire(e),
+            })?;
         let exchange = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(WireError::from)?;
-            send.write_all(&[StreamKind::Rpc.byte()])
-                .await
-                .map_err(WireError::from)?;
             write_frame(&mut send, request).await?;
             Ok(read_frame::<Response>(&mut recv).await?)
         };

@@ -24,6 +24,7 @@ use super::slots::{ForwardSlot, ForwardSlots};
 use crate::clock::now_ms;
 use crate::net::Transport;
 use crate::net::liveness::{PEER_SILENCE, silent};
+use crate::net::quic::OwnStream;
 use crate::net::tls::takes_early;
 use crate::node::membership::{Members, READY_WAIT};
 use crate::wire::{STREAM_NOT_HERE, StreamKind, WireError, read_frame, write_msg};
@@ -78,6 +79,9 @@ pub struct Pair {
     pub recv: RecvStream,
     /// Held, not read: freed with the pair.
     _slot: Option<ForwardSlot>,
+    /// Counts a forwarded stream on its node connection (which stays open
+    /// for it if it loses a simultaneous dial); freed with the pair.
+    _held: Option<OwnStream>,
     /// The node it goes through, when it is forwarded.
     pub via: Option<NodeId>,
 }
@@ -321,6 +325,7 @@ async fn attempt(
     }
     let unreachable = |_: WireError| OpenError::Unreachable;
     let mut slot = None;
+    let mut held = None;
     let (conn, mut send, mut recv) = match &path {
         Path::Local(conn) => {
             let (send, recv) = conn.open_bi().await.map_err(|_| OpenError::Unreachable)?;
@@ -331,16 +336,13 @@ async fn attempt(
             // slow: the race does not hold it against the node.
             slot = Some(reach.slots.take(peer.id, &visit.name).await);
             slotted.store(true, std::sync::atomic::Ordering::Relaxed);
-            let (_, conn) = reach
+            let stream = reach
                 .transport
-                .connect(peer.addr, Some(peer.id))
+                .open_stream(peer.addr, peer.id, StreamKind::Forward)
                 .await
                 .map_err(|_| OpenError::Unreachable)?;
-            let (mut send, recv) = conn.open_bi().await.map_err(|_| OpenError::Unreachable)?;
-            send.write_all(&[StreamKind::Forward.byte()])
-                .await
-                .map_err(|_| OpenError::Unreachable)?;
-            (conn, send, recv)
+            held = Some(stream.held);
+            (stream.conn, stream.send, stream.recv)
         }
     };
     // A peer of an earlier release takes no early bytes in the header: it
@@ -388,6 +390,7 @@ async fn attempt(
             send,
             recv,
             _slot: slot,
+            _held: held,
             via,
         }),
         Err(err) => {
