@@ -234,6 +234,36 @@ async fn a_datagram_claiming_another_nodes_identity_is_dropped() {
     }
 }
 
+/// Callers that need a connection to the same peer at once (gossip, a DHT
+/// request and visitors after a restart) share one dial: each extra one
+/// would end as a duplicate connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_dials_to_one_peer_share_one_handshake() {
+    let ca = make_ca("test").unwrap();
+    let (ta, tb) = (tls_for(&ca, 1), tls_for(&ca, 2));
+    let bind = || bind_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (a, _inbox_a) = Transport::new(bind(), &ta).unwrap();
+    let (b, _inbox_b) = Transport::new(bind(), &tb).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(a.clone().serve(cancel.clone()));
+    tokio::spawn(b.clone().serve(cancel.clone()));
+    let b_addr = b.local_addr().unwrap();
+    let dials = (0..8).map(|_| {
+        let a = a.clone();
+        tokio::spawn(async move { a.connect(b_addr, Some(tb.id)).await })
+    });
+    let mut ids = BTreeSet::new();
+    for dial in dials.collect::<Vec<_>>() {
+        let (peer, conn) = dial.await.unwrap().unwrap();
+        assert_eq!(peer, tb.id);
+        ids.insert(conn.stable_id());
+    }
+    assert_eq!(ids.len(), 1, "one connection for all eight callers");
+    assert_eq!(a.counters().duplicates_closed, 0);
+    assert_eq!(b.counters().duplicates_closed, 0);
+    cancel.cancel();
+}
+
 /// Sends `msg` one way on a stream and reads it at the other end.
 async fn carry(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, msg: &[u8]) {
     send.write_all(msg).await.expect("write");

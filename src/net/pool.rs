@@ -101,7 +101,7 @@ pub struct Inboxes {
 }
 
 /// Why a dial failed. The pool is unchanged.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DialError {
     /// quinn refused to start the connection (bad address, endpoint closed).
     #[error("cannot dial {addr}: {source}")]
@@ -287,6 +287,40 @@ pub(super) struct Pool {
     /// carries streams (see [`DUPLICATE_DRAIN_LIMIT`]); a later loser closes
     /// the earlier one at once, so there is at most one per peer.
     draining: HashMap<NodeId, (Connection, Arc<StreamBudget>)>,
+    /// Dials under way, per peer: callers that need the same peer meanwhile
+    /// share the dial's outcome instead of each dialing (every extra dial
+    /// would end as a duplicate connection). An entry lives while someone
+    /// waits on it ([`DialTicket`]).
+    dials: HashMap<NodeId, Arc<SharedDial>>,
+}
+
+/// The outcome of one dial, for everyone who waited on it.
+type SharedDial = tokio::sync::OnceCell<Result<Counted, DialError>>;
+
+/// A connection to a peer, with its streams.
+type Counted = (NodeId, Connection, Arc<StreamBudget>);
+
+/// A caller's share in a dial under way; the last one out removes it from
+/// [`Pool::dials`].
+struct DialTicket<'a> {
+    transport: &'a Transport,
+    peer: NodeId,
+    dial: Arc<SharedDial>,
+}
+
+impl Drop for DialTicket<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.transport.pool();
+        // Shares are taken under the pool's lock: two references are the
+        // map's and this one.
+        if pool
+            .dials
+            .get(&self.peer)
+            .is_some_and(|d| Arc::ptr_eq(d, &self.dial) && Arc::strong_count(d) == 2)
+        {
+            pool.dials.remove(&self.peer);
+        }
+    }
 }
 
 /// The node's QUIC endpoint and its pool of node connections.
@@ -484,9 +518,9 @@ impl Transport {
         self: &Arc<Self>,
         addr: SocketAddr,
         expected: Option<NodeId>,
-    ) -> Result<(NodeId, Connection, Arc<StreamBudget>), DialError> {
-        {
-            let pool = self.pool();
+    ) -> Result<Counted, DialError> {
+        let ticket = {
+            let mut pool = self.pool();
             let pooled = match expected {
                 Some(id) => pool.conns.get_key_value(&id),
                 // A seed known by address only: reuse a connection to it.
@@ -500,7 +534,30 @@ impl Transport {
             {
                 return Ok((*id, entry.conn.clone(), entry.budget.clone()));
             }
+            expected.map(|peer| DialTicket {
+                transport: self,
+                peer,
+                dial: pool.dials.entry(peer).or_default().clone(),
+            })
+        };
+        match ticket {
+            // If the caller that runs the dial gives up, the next one waiting
+            // runs it.
+            Some(ticket) => ticket
+                .dial
+                .get_or_init(|| self.dial(addr, expected))
+                .await
+                .clone(),
+            None => self.dial(addr, None).await,
         }
+    }
+
+    /// Dials `addr`, checks the peer's id and adds the connection to the pool.
+    async fn dial(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<Counted, DialError> {
         let connecting = self
             .endpoint
             .connect_with(self.dial_config(), addr, NODE_SERVER_NAME)
