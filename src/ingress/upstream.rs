@@ -92,9 +92,13 @@ struct Idle<B> {
 }
 
 impl<B> Idle<B> {
-    fn live(&self) -> bool {
-        self.since.elapsed() < IDLE_TIMEOUT
-            && self.upstream.opened.elapsed() < REUSE_WITHIN
+    /// Whether it may still be reused at `now` (read once by the caller for
+    /// a whole list: an answer checks its tunnel's list, up to
+    /// [`IDLE_PER_TUNNEL`] connections, and a clock read each was most of
+    /// the pool's cost per request).
+    fn live(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.since) < IDLE_TIMEOUT
+            && now.saturating_duration_since(self.upstream.opened) < REUSE_WITHIN
             && !self.upstream.sender.is_closed()
     }
 }
@@ -116,11 +120,11 @@ impl<B> Lists<B> {
     /// Drops what expired or closed in `name`'s list (every list when
     /// `name` is `None`), so they hold only live connections. (Dropping a
     /// sender only closes a channel; its connection task ends on its own.)
-    fn sweep(&mut self, name: Option<&str>) {
+    fn sweep(&mut self, name: Option<&str>, now: Instant) {
         let mut dropped = 0;
         let mut prune = |list: &mut Vec<Idle<B>>| {
             let before = list.len();
-            list.retain(Idle::live);
+            list.retain(|idle| idle.live(now));
             dropped += before - list.len();
             !list.is_empty()
         };
@@ -135,7 +139,7 @@ impl<B> Lists<B> {
             None => {
                 self.by_tunnel.retain(|_, list| prune(list));
                 self.evicted.retain(|_, paths| {
-                    paths.retain(|(_, at)| at.elapsed() < REUSE_WITHIN);
+                    paths.retain(|(_, at)| now.saturating_duration_since(*at) < REUSE_WITHIN);
                     !paths.is_empty()
                 });
             }
@@ -170,7 +174,7 @@ impl<B: Send + 'static> Upstreams<B> {
                     let Some(pool) = weak.upgrade() else {
                         break;
                     };
-                    pool.idle().sweep(None);
+                    pool.idle().sweep(None, Instant::now());
                 }
             });
         }
@@ -188,13 +192,14 @@ impl<B> Upstreams<B> {
     pub fn take(&self, name: &str) -> Option<Upstream<B>> {
         let mut idle = self.idle();
         let list = idle.by_tunnel.get_mut(name)?;
+        let now = Instant::now();
         let mut popped = 0;
         let found = loop {
             let Some(candidate) = list.pop() else {
                 break None;
             };
             popped += 1;
-            if candidate.live() && candidate.upstream.sender.is_ready() {
+            if candidate.live(now) && candidate.upstream.sender.is_ready() {
                 break Some(candidate.upstream);
             }
         };
@@ -267,19 +272,21 @@ impl<B> Upstreams<B> {
     /// never walks the whole pool.
     pub fn put(&self, name: &str, upstream: Upstream<B>) {
         let mut idle = self.idle();
-        idle.sweep(Some(name));
+        let now = Instant::now();
+        idle.sweep(Some(name), now);
         let via = upstream.via();
         let evicted_since = idle.evicted.get(name).is_some_and(|paths| {
             paths
                 .iter()
                 .any(|&(path, at)| path == via && upstream.opened < at)
         });
-        if idle.total >= IDLE_TOTAL || upstream.opened.elapsed() >= REUSE_WITHIN || evicted_since {
+        let aged = now.saturating_duration_since(upstream.opened) >= REUSE_WITHIN;
+        if idle.total >= IDLE_TOTAL || aged || evicted_since {
             return;
         }
         let kept = Idle {
             upstream,
-            since: Instant::now(),
+            since: now,
         };
         match idle.by_tunnel.get_mut(name) {
             Some(list) if list.len() >= IDLE_PER_TUNNEL => return,
