@@ -333,9 +333,23 @@ async fn a_losing_duplicate_carries_its_streams_to_their_end() {
         };
         assert_eq!(a.counters().duplicates_draining, 1);
         assert!(loser.close_reason().is_none());
-        // Once its streams end, the loser closes; the winner stays.
+        // Once its streams end, the end that dialed the loser closes it. Here
+        // b2 stands for b, but never learns of the winner (it went to b), so
+        // when a accepted the loser, b2 is made to close it.
         drop((first, first_at_b, second, second_at_a));
-        let closed = wait_until(Duration::from_secs(10), || loser.close_reason().is_some()).await;
+        let a_dialed_it = ta.id > tb.id;
+        if !a_dialed_it {
+            tokio::time::sleep(specter::net::pool::drain_quiet(loser.rtt()) * 2).await;
+            assert!(
+                loser.close_reason().is_none(),
+                "the end that accepted the loser closed it"
+            );
+            b2.shutdown().await;
+        }
+        let closed = wait_until(Duration::from_secs(10), || {
+            loser.close_reason().is_some() && a.counters().duplicates_draining == 0
+        })
+        .await;
         assert!(closed.is_some(), "the losing connection was never closed");
         let c = a.counters();
         assert_eq!((c.duplicates_draining, c.duplicate_streams_cut), (0, 0));

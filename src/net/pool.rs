@@ -620,17 +620,22 @@ impl Transport {
                 // Only ever a simultaneous dial: the peer may have opened
                 // streams on the new one already.
                 stays = Some((existing.conn.clone(), existing.budget.clone()));
-                drain = Some((conn.clone(), budget.clone()));
+                drain = Some((conn.clone(), budget.clone(), outbound));
             } else if simultaneous(age) {
-                drain = Some((existing.conn.clone(), existing.budget.clone()));
+                drain = Some((
+                    existing.conn.clone(),
+                    existing.budget.clone(),
+                    existing.outbound,
+                ));
             } else {
                 existing
                     .conn
                     .close(CLOSE_DUPLICATE, b"duplicate connection");
             }
         }
-        if let Some(loser) = &drain
-            && let Some((earlier, streams)) = pool.draining.insert(peer, loser.clone())
+        if let Some((loser, streams, _)) = &drain
+            && let Some((earlier, streams)) =
+                pool.draining.insert(peer, (loser.clone(), streams.clone()))
         {
             self.close_drained(&earlier, &streams);
         }
@@ -659,8 +664,8 @@ impl Transport {
                 .clone()
                 .serve(conn.clone(), peer, budget.clone()),
         );
-        if let Some((loser, streams)) = drain {
-            tokio::spawn(self.clone().drain(peer, loser, streams));
+        if let Some((loser, streams, dialed_here)) = drain {
+            tokio::spawn(self.clone().drain(peer, loser, streams, dialed_here));
         }
         stays.unwrap_or((conn, budget))
     }
@@ -668,15 +673,30 @@ impl Transport {
     /// Keeps `conn`, which lost a simultaneous dial, open until its streams
     /// have ended and [`drain_quiet`] has passed, or
     /// [`DUPLICATE_DRAIN_LIMIT`]; then closes it.
-    async fn drain(self: Arc<Self>, peer: NodeId, conn: Connection, streams: Arc<StreamBudget>) {
+    ///
+    /// Only the end that dialed it closes it then: that end takes the
+    /// winner in by accepting it, which it can do only once the peer has
+    /// finished that handshake and so has the winner too and opens no more
+    /// streams on the loser. The end that accepted the loser may have the
+    /// winner before the peer does, while the peer still opens streams on
+    /// the loser: it waits for the peer to close it (or for the limit, or
+    /// for the peer to be declared dead, see [`Transport::forget`]).
+    async fn drain(
+        self: Arc<Self>,
+        peer: NodeId,
+        conn: Connection,
+        streams: Arc<StreamBudget>,
+        dialed_here: bool,
+    ) {
         let began = Instant::now();
         let mut quiet_since = None;
         while conn.close_reason().is_none() {
             let now = Instant::now();
             if streams.in_use() > 0 {
                 quiet_since = None;
-            } else if now.saturating_duration_since(*quiet_since.get_or_insert(now))
-                >= drain_quiet(conn.rtt())
+            } else if dialed_here
+                && now.saturating_duration_since(*quiet_since.get_or_insert(now))
+                    >= drain_quiet(conn.rtt())
             {
                 break;
             }
@@ -789,16 +809,27 @@ impl Transport {
         still
     }
 
-    /// Closes the connection to `peer`, which gossip declared dead, if it is
-    /// also silent (see [`PEER_SILENCE`]). QUIC alone would keep it for
+    /// Closes the connection to `peer` (and a duplicate still draining),
+    /// which gossip declared dead, if it is also silent (see
+    /// [`PEER_SILENCE`]). QUIC alone would keep it for
     /// [`crate::tls::NODE_IDLE_TIMEOUT`], and every stream on it (a forwarded
     /// visitor) would stall that long instead of failing at once and being
     /// retried elsewhere. A peer declared dead while it still answers (an
     /// overloaded one) keeps its connection and the visitors on it.
     pub fn forget(self: &Arc<Self>, peer: NodeId) {
-        let Some(conn) = self.pool().conns.get(&peer).map(|e| e.conn.clone()) else {
-            return;
+        let conns: Vec<Connection> = {
+            let pool = self.pool();
+            let pooled = pool.conns.get(&peer).map(|e| e.conn.clone());
+            // A duplicate connection still draining goes the same way.
+            let draining = pool.draining.get(&peer).map(|(c, _)| c.clone());
+            pooled.into_iter().chain(draining).collect()
         };
+        for conn in conns {
+            self.forget_conn(peer, conn);
+        }
+    }
+
+    fn forget_conn(self: &Arc<Self>, peer: NodeId, conn: Connection) {
         let this = self.clone();
         tokio::spawn(async move {
             let silent = tokio::time::timeout(PEER_SILENCE * 2, silent(&conn, PEER_SILENCE)).await;
