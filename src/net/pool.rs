@@ -287,11 +287,12 @@ pub(super) struct Pool {
     /// carries streams (see [`DUPLICATE_DRAIN_LIMIT`]); a later loser closes
     /// the earlier one at once, so there is at most one per peer.
     draining: HashMap<NodeId, (Connection, Arc<StreamBudget>)>,
-    /// Dials under way, per peer: callers that need the same peer meanwhile
-    /// share the dial's outcome instead of each dialing (every extra dial
-    /// would end as a duplicate connection). An entry lives while someone
-    /// waits on it ([`DialTicket`]).
-    dials: HashMap<NodeId, Arc<SharedDial>>,
+    /// Dials under way, per address: callers that need the same node
+    /// meanwhile share the dial's outcome instead of each dialing (every
+    /// extra dial would end as a duplicate connection), whether they know it
+    /// by id (gossip, DHT, visitors) or by address only (a seed). An entry
+    /// lives while someone waits on it ([`DialTicket`]).
+    dials: HashMap<SocketAddr, Arc<SharedDial>>,
 }
 
 /// The outcome of one dial, for everyone who waited on it.
@@ -304,7 +305,7 @@ type Counted = (NodeId, Connection, Arc<StreamBudget>);
 /// [`Pool::dials`].
 struct DialTicket<'a> {
     transport: &'a Transport,
-    peer: NodeId,
+    addr: SocketAddr,
     dial: Arc<SharedDial>,
 }
 
@@ -315,10 +316,10 @@ impl Drop for DialTicket<'_> {
         // map's and this one.
         if pool
             .dials
-            .get(&self.peer)
+            .get(&self.addr)
             .is_some_and(|d| Arc::ptr_eq(d, &self.dial) && Arc::strong_count(d) == 2)
         {
-            pool.dials.remove(&self.peer);
+            pool.dials.remove(&self.addr);
         }
     }
 }
@@ -534,21 +535,31 @@ impl Transport {
             {
                 return Ok((*id, entry.conn.clone(), entry.budget.clone()));
             }
-            expected.map(|peer| DialTicket {
+            DialTicket {
                 transport: self,
-                peer,
-                dial: pool.dials.entry(peer).or_default().clone(),
-            })
+                addr,
+                dial: pool.dials.entry(addr).or_default().clone(),
+            }
         };
-        match ticket {
-            // If the caller that runs the dial gives up, the next one waiting
-            // runs it.
-            Some(ticket) => ticket
-                .dial
-                .get_or_init(|| self.dial(addr, expected))
-                .await
-                .clone(),
-            None => self.dial(addr, None).await,
+        // If the caller that runs the dial gives up, the next one waiting
+        // runs it.
+        let shared = ticket
+            .dial
+            .get_or_init(|| self.dial(addr, expected))
+            .await
+            .clone();
+        match (shared, expected) {
+            // The dial was run for someone who knew the address only, or
+            // another id: it reached a node, but not this caller's.
+            (Ok((actual, ..)), Some(expected)) if actual != expected => {
+                bump(&self.stats.wrong_peer);
+                Err(DialError::WrongPeer {
+                    addr,
+                    expected,
+                    actual,
+                })
+            }
+            (shared, _) => shared,
         }
     }
 
