@@ -261,7 +261,7 @@ impl Collector for Snapshot {
             ),
             (
                 "quic_duplicates_closed",
-                "Duplicate connections to one node closed",
+                "Duplicate connections to one node settled: the loser closed, or drained of its streams first",
                 t.duplicates_closed,
             ),
             (

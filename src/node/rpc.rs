@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::net::liveness::{PEER_SILENCE, silent};
 use crate::net::pool::{NodeStream, StreamError};
 use crate::net::streams::StreamInbox;
-use crate::net::{DialError, IncomingStream, Transport};
+use crate::net::{IncomingStream, Transport};
 use crate::wire::{
     STREAM_TIMEOUT, STREAM_TOO_LARGE, StreamKind, WireError, read_frame, write_frame,
 };
@@ -25,9 +25,9 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
-    /// No connection to the peer.
+    /// No connection to the peer, or no stream on it.
     #[error(transparent)]
-    Dial(#[from] DialError),
+    Open(#[from] StreamError),
     /// The stream failed or carried a bad frame.
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -56,11 +56,7 @@ pub async fn call(
             held: _held,
         } = transport
             .open_stream(to.addr, to.id, StreamKind::Rpc)
-            .await
-            .map_err(|e| match e {
-                StreamError::Dial(e) => RpcError::Dial(e),
-                StreamError::Stream(e) => RpcError::Wire(e),
-            })?;
+            .await?;
         let exchange = async {
             write_frame(&mut send, request).await?;
             Ok(read_frame::<Response>(&mut recv).await?)
