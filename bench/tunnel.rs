@@ -227,6 +227,74 @@ fn cpu_marks(pids: &[(&'static str, u32)]) -> Vec<u64> {
     pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect()
 }
 
+/// How many times the process's threads have gone to sleep so far (their
+/// voluntary context switches, from `/proc`): each is a wake-up later, which
+/// is dear on a virtual machine. Involuntary switches (a thread preempted by
+/// another process on a shared core) are left out.
+fn sleeps(pid: u32) -> u64 {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    threads
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+fn sleep_marks(pids: &[(&'static str, u32)]) -> Vec<u64> {
+    pids.iter().map(|(_, pid)| sleeps(*pid)).collect()
+}
+
+/// Sleeps per request since `before` (from [`sleep_marks`]).
+fn sleeps_since(
+    pids: &[(&'static str, u32)],
+    before: &[u64],
+    requests: f64,
+) -> Vec<(&'static str, f64)> {
+    pids.iter()
+        .zip(before)
+        .map(|((name, pid), b)| (*name, sleeps(*pid).saturating_sub(*b) as f64 / requests))
+        .collect()
+}
+
+/// `SPECTER_BENCH_PERF=DIR`: `perf record -g` of the tunnel's processes
+/// while a row's c64 load runs, into `DIR/<row>.data` (to compare where two
+/// paths spend a request); stopped by [`stop_perf`].
+fn start_perf(label: &str, pids: &[(&'static str, u32)]) -> Option<Child> {
+    let dir = std::env::var("SPECTER_BENCH_PERF").ok()?;
+    let list: Vec<String> = pids.iter().map(|(_, p)| p.to_string()).collect();
+    let file: String = label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let out = Path::new(&dir).join(format!("{file}.data"));
+    Command::new("perf")
+        .args(["record", "-g", "-F", "2000", "-p", &list.join(",")])
+        .arg("-o")
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .inspect_err(|err| eprintln!("perf record: {err}"))
+        .ok()
+}
+
+fn stop_perf(perf: Option<Child>) {
+    if let Some(perf) = perf {
+        // perf writes its file on SIGINT.
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait_with_output();
+    }
+}
+
 async fn bulk(entry: &Entry, bytes: u64) -> std::io::Result<f64> {
     let mut s = entry.open().await?;
     let chunk = vec![7u8; 1 << 20];
@@ -326,18 +394,31 @@ fn print_cpu(
     digits: usize,
     of: impl Fn(&Row) -> &Vec<(&'static str, f64)>,
 ) {
-    println!("\nCPU {what} (user + system, the tunnel's own processes; lower is better):\n");
+    print_per_process(
+        rows,
+        &format!("CPU {what} (user + system, the tunnel's own processes; lower is better)"),
+        unit,
+        digits,
+        of,
+    );
+}
+
+fn print_per_process(
+    rows: &[Row],
+    title: &str,
+    unit: &str,
+    digits: usize,
+    of: impl Fn(&Row) -> &Vec<(&'static str, f64)>,
+) {
+    println!("\n{title}:\n");
     for r in rows.iter().filter(|r| !of(r).is_empty()) {
         let total: f64 = of(r).iter().map(|(_, v)| v).sum();
         let each: Vec<String> = of(r)
             .iter()
             .map(|(p, v)| format!("{p} {v:.digits$}"))
             .collect();
-        println!(
-            "- {}: {total:.digits$} {unit} ({})",
-            r.label,
-            each.join(", ")
-        );
+        let total = format!("{total:.digits$} {unit}");
+        println!("- {}: {} ({})", r.label, total.trim_end(), each.join(", "));
     }
 }
 
@@ -361,6 +442,10 @@ struct Row {
     /// tunnel (as `cpu`): where a request's cost goes, to compare within
     /// a run (it moves with the machine's load as the rate does).
     cpu_c64: Vec<(&'static str, f64)>,
+    /// Times per request the tunnel's processes went to sleep (see
+    /// [`sleeps`]) in the c1 and the c64 run: the wake-ups a request costs.
+    sleeps_c1: Vec<(&'static str, f64)>,
+    sleeps_c64: Vec<(&'static str, f64)>,
     /// Highest RSS (KiB) per process during parallel uploads
     /// (`SPECTER_BENCH_STREAMS`).
     peak_rss: Vec<(&'static str, u64)>,
@@ -402,15 +487,23 @@ async fn measure(
             gbps,
             cpu,
             cpu_c64: Vec::new(),
+            sleeps_c1: Vec::new(),
+            sleeps_c64: Vec::new(),
             peak_rss,
             c1: Vec::new(),
             rps: 0.0,
             c64: Vec::new(),
         });
     }
-    let (_, c1) = load(entry, 1, secs).await?;
+    let slept = sleep_marks(pids);
+    let (c1_rps, c1) = load(entry, 1, secs).await?;
+    let sleeps_c1 = sleeps_since(pids, &slept, (c1_rps * secs).max(1.0));
     let before = cpu_marks(pids);
+    let slept = sleep_marks(pids);
+    let perf = start_perf(label, pids);
     let (rps, c64) = load(entry, CONNS, secs).await?;
+    stop_perf(perf);
+    let sleeps_c64 = sleeps_since(pids, &slept, (rps * secs).max(1.0));
     // Microseconds per request.
     let cpu_c64 = cpu_since(pids, &before, (rps * secs).max(1.0) / 1e6);
     Ok(Row {
@@ -418,6 +511,8 @@ async fn measure(
         gbps,
         cpu,
         cpu_c64,
+        sleeps_c1,
+        sleeps_c64,
         peak_rss,
         c1,
         rps,
@@ -1129,6 +1224,18 @@ async fn run(quick: bool, install: bool, peers: bool) {
     print_cpu(&rows, "per request of the c64 run", "µs", 1, |r| {
         &r.cpu_c64
     });
+    for (run, of) in [
+        (
+            "c1",
+            (|r: &Row| &r.sleeps_c1) as fn(&Row) -> &Vec<(&'static str, f64)>,
+        ),
+        ("c64", |r: &Row| &r.sleeps_c64),
+    ] {
+        let title = format!(
+            "Sleeps per request of the {run} run (voluntary context switches of the tunnel's own processes, each a wake-up later; lower is better)"
+        );
+        print_per_process(&rows, &title, "", 2, of);
+    }
     for r in rows.iter().filter(|r| !r.peak_rss.is_empty()) {
         let each: Vec<String> = r
             .peak_rss
