@@ -410,6 +410,9 @@ fn print_per_process(
     digits: usize,
     of: impl Fn(&Row) -> &Vec<(&'static str, f64)>,
 ) {
+    if rows.iter().all(|r| of(r).is_empty()) {
+        return;
+    }
     println!("\n{title}:\n");
     for r in rows.iter().filter(|r| !of(r).is_empty()) {
         let total: f64 = of(r).iter().map(|(_, v)| v).sum();
