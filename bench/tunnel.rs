@@ -938,6 +938,136 @@ fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
 }
 
+// The rows the issue's targets compare.
+const LOOPBACK: &str = "direct loopback TCP";
+const RAW_DIRECT: &str = "Specter, direct path (TLS + QUIC)";
+const RAW_FORWARDED: &str = "Specter, forwarded path (TLS + QUIC)";
+const HTTPS_DIRECT: &str = "Specter HTTPS, direct path (HTTP/1.1 over TLS, keep-alive)";
+const HTTPS_FORWARDED: &str = "Specter HTTPS, forwarded path";
+const NOISE: &str = "rathole, noise transport (encrypted)";
+
+/// `SPECTER_BENCH_ROUNDS=N`: every row is measured N times, the rows taking
+/// turns round after round, so that the machine's drift falls on all of them
+/// alike; the targets are then judged in each round. Default 1.
+fn rounds() -> usize {
+    std::env::var("SPECTER_BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// A speed target of the tunnel issue, judged within one round against
+/// rathole's Noise mode.
+enum Target {
+    /// `of`'s c64 request rate at least `times` Noise's.
+    Rate { of: &'static str, times: f64 },
+    /// `of`'s single-stream throughput at least `times` Noise's.
+    Stream { of: &'static str, times: f64 },
+    /// `of`'s c1 p50 over direct loopback's at most `times` × (Noise's
+    /// added p50 + 50 µs).
+    Added { of: &'static str, times: f64 },
+}
+
+const TARGETS: [(&str, Target); 6] = [
+    (
+        "HTTPS c64, direct ≥ 1.0× Noise",
+        Target::Rate {
+            of: HTTPS_DIRECT,
+            times: 1.0,
+        },
+    ),
+    (
+        "HTTPS c64, forwarded ≥ 0.75× Noise",
+        Target::Rate {
+            of: HTTPS_FORWARDED,
+            times: 0.75,
+        },
+    ),
+    (
+        "HTTPS c1 p50 added, direct ≤ Noise's + 50 µs",
+        Target::Added {
+            of: HTTPS_DIRECT,
+            times: 1.0,
+        },
+    ),
+    (
+        "HTTPS c1 p50 added, forwarded ≤ 2 × (Noise's + 50 µs)",
+        Target::Added {
+            of: HTTPS_FORWARDED,
+            times: 2.0,
+        },
+    ),
+    (
+        "raw single stream, direct ≥ 1.3× Noise",
+        Target::Stream {
+            of: RAW_DIRECT,
+            times: 1.3,
+        },
+    ),
+    (
+        "raw single stream, forwarded ≥ 1.0× Noise",
+        Target::Stream {
+            of: RAW_FORWARDED,
+            times: 1.0,
+        },
+    ),
+];
+
+impl Target {
+    /// The cell for one round and whether it meets the target; `None` if a
+    /// row it needs did not run.
+    fn judge(&self, rows: &[Row]) -> Option<(String, bool)> {
+        let row = |label: &str| rows.iter().find(|r| r.label == label);
+        let noise = row(NOISE)?;
+        match *self {
+            Target::Rate { of, times } => {
+                let ratio = row(of)?.rps / noise.rps;
+                Some((format!("{ratio:.2}×"), ratio >= times))
+            }
+            Target::Stream { of, times } => {
+                let ratio = row(of)?.gbps? / noise.gbps?;
+                Some((format!("{ratio:.2}×"), ratio >= times))
+            }
+            Target::Added { of, times } => {
+                let base = pct(&row(LOOPBACK)?.c1, 500).as_secs_f64() * 1e6;
+                let added = |r: &Row| pct(&r.c1, 500).as_secs_f64() * 1e6 - base;
+                let (value, bound) = (added(row(of)?), times * (added(noise) + 50.0));
+                Some((format!("{value:.0} µs (≤ {bound:.0})"), value <= bound))
+            }
+        }
+    }
+}
+
+/// The targets in every round, and in how many rounds each was met.
+fn print_targets(rounds: &[Vec<Row>]) {
+    let judged: Vec<(&str, Vec<(String, bool)>)> = TARGETS
+        .iter()
+        .filter_map(|(name, target)| {
+            let cells: Option<Vec<_>> = rounds.iter().map(|rows| target.judge(rows)).collect();
+            Some((*name, cells?))
+        })
+        .collect();
+    if judged.is_empty() {
+        return;
+    }
+    println!(
+        "\n## The speed targets, round by round (ratios to rathole's Noise mode in the same round)\n"
+    );
+    let heads: Vec<String> = (1..=rounds.len()).map(|i| format!("round {i}")).collect();
+    println!("| target | {} | met in |", heads.join(" | "));
+    println!("|---|{}---:|", "---:|".repeat(rounds.len()));
+    for (name, cells) in judged {
+        let met = cells.iter().filter(|(_, ok)| *ok).count();
+        let shown: Vec<&str> = cells.iter().map(|(c, _)| c.as_str()).collect();
+        println!(
+            "| {name} | {} | {met} of {} |",
+            shown.join(" | "),
+            cells.len()
+        );
+    }
+}
+
 fn print_table(rows: &[Row]) {
     let base = &rows[0];
     let (b_c1, b_p99) = (pct(&base.c1, 500), pct(&base.c64, 990));
@@ -1070,32 +1200,13 @@ async fn run(quick: bool, install: bool, peers: bool) {
     let mut procs = Procs(Vec::new());
     // (label, entry, processes whose memory is measured)
     type Pids = Vec<(&'static str, u32)>;
-    let mut subjects: Vec<(String, Entry, Pids)> = vec![(
-        "direct loopback TCP".into(),
-        Entry::Tcp(target_addr),
-        Vec::new(),
-    )];
+    let mut subjects: Vec<(String, Entry, Pids)> =
+        vec![(LOOPBACK.into(), Entry::Tcp(target_addr), Vec::new())];
     let setup = start_specter(&dir, target_addr, &mut procs).await;
-    subjects.push((
-        "Specter, direct path (TLS + QUIC)".into(),
-        setup.tcp.0.clone(),
-        setup.pids.clone(),
-    ));
-    subjects.push((
-        "Specter, forwarded path (TLS + QUIC)".into(),
-        setup.tcp.1.clone(),
-        Vec::new(),
-    ));
-    subjects.push((
-        "Specter HTTPS, direct path (HTTP/1.1 over TLS, keep-alive)".into(),
-        setup.https.0.clone(),
-        Vec::new(),
-    ));
-    subjects.push((
-        "Specter HTTPS, forwarded path".into(),
-        setup.https.1.clone(),
-        Vec::new(),
-    ));
+    subjects.push((RAW_DIRECT.into(), setup.tcp.0.clone(), setup.pids.clone()));
+    subjects.push((RAW_FORWARDED.into(), setup.tcp.1.clone(), Vec::new()));
+    subjects.push((HTTPS_DIRECT.into(), setup.https.0.clone(), Vec::new()));
+    subjects.push((HTTPS_FORWARDED.into(), setup.https.1.clone(), Vec::new()));
     let last_two = |procs: &Procs| -> Pids {
         let n = procs.0.len();
         vec![
@@ -1118,11 +1229,7 @@ async fn run(quick: bool, install: bool, peers: bool) {
                 last_two(&procs),
             ));
             let noise = start_rathole(&bin, &dir, target_addr, true, &mut procs).await;
-            subjects.push((
-                "rathole, noise transport (encrypted)".into(),
-                noise,
-                last_two(&procs),
-            ));
+            subjects.push((NOISE.into(), noise, last_two(&procs)));
         }
         None => missing.push("rathole"),
     }
@@ -1153,26 +1260,36 @@ async fn run(quick: bool, install: bool, peers: bool) {
         }
     }
 
-    let mut rows = Vec::new();
     // `SPECTER_BENCH_ONLY=text`: only the rows whose label contains it (the
     // direct loopback row always runs, for the ratios), e.g. to profile one
     // path.
     let only = std::env::var("SPECTER_BENCH_ONLY").ok();
-    for (i, (label, entry, pids)) in subjects.iter().enumerate() {
-        if i > 0 && only.as_ref().is_some_and(|o| !label.contains(o.as_str())) {
-            continue;
+    let mut rounds_run = Vec::new();
+    for round in 1..=rounds() {
+        if rounds() > 1 {
+            eprintln!("round {round} of {}", rounds());
         }
-        // A forwarded visit crosses all three Specter processes.
-        let cpu_pids = if label.starts_with("Specter") {
-            &setup.pids
-        } else {
-            pids
-        };
-        match measure(label, entry, cpu_pids, bytes, secs).await {
-            Ok(row) => rows.push(row),
-            Err(err) => eprintln!("{label}: {err}"),
+        let mut rows = Vec::new();
+        for (i, (label, entry, pids)) in subjects.iter().enumerate() {
+            if i > 0 && only.as_ref().is_some_and(|o| !label.contains(o.as_str())) {
+                continue;
+            }
+            // A forwarded visit crosses all three Specter processes.
+            let cpu_pids = if label.starts_with("Specter") {
+                &setup.pids
+            } else {
+                pids
+            };
+            match measure(label, entry, cpu_pids, bytes, secs).await {
+                Ok(row) => rows.push(row),
+                Err(err) => eprintln!("{label}: {err}"),
+            }
         }
+        rounds_run.push(rows);
     }
+    // The table, the CPU and sleep figures and the plot are the first
+    // round's; the targets are judged in each.
+    let rows: &[Row] = &rounds_run[0];
 
     // Memory after the load (every row has run), then with idle visitors.
     let after = rss_of(&setup.pids).await;
@@ -1217,16 +1334,14 @@ async fn run(quick: bool, install: bool, peers: bool) {
     }
 
     println!("## Tunnels side by side (loopback, one run)\n");
-    print_table(&rows);
+    print_table(rows);
     println!(
         "\n{} MiB single stream (upload); {secs} s per latency row; c64 = {CONNS} keep-alive connections, each sending its next request when the last is answered. Every process on one machine with {} CPUs.",
         bytes >> 20,
         std::thread::available_parallelism().map_or(0, usize::from)
     );
-    print_cpu(&rows, "per GiB of the single stream", "s", 2, |r| &r.cpu);
-    print_cpu(&rows, "per request of the c64 run", "µs", 1, |r| {
-        &r.cpu_c64
-    });
+    print_cpu(rows, "per GiB of the single stream", "s", 2, |r| &r.cpu);
+    print_cpu(rows, "per request of the c64 run", "µs", 1, |r| &r.cpu_c64);
     for (run, of) in [
         (
             "c1",
@@ -1237,7 +1352,7 @@ async fn run(quick: bool, install: bool, peers: bool) {
         let title = format!(
             "Sleeps per request of the {run} run (voluntary context switches of the tunnel's own processes, each a wake-up later; lower is better)"
         );
-        print_per_process(&rows, &title, "", 2, of);
+        print_per_process(rows, &title, "", 2, of);
     }
     for r in rows.iter().filter(|r| !r.peak_rss.is_empty()) {
         let each: Vec<String> = r
@@ -1251,6 +1366,7 @@ async fn run(quick: bool, install: bool, peers: bool) {
             each.join(", ")
         );
     }
+    print_targets(&rounds_run);
     println!("\n## Memory (RSS), same run\n");
     print_memory(&memory);
     if !missing.is_empty() {
@@ -1260,7 +1376,7 @@ async fn run(quick: bool, install: bool, peers: bool) {
         );
     }
     let png = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tunnel.png");
-    match plot(&rows, &png) {
+    match plot(rows, &png) {
         Ok(()) => println!("\nLatency plot: {}", png.display()),
         Err(err) => eprintln!("latency plot not written: {err}"),
     }
