@@ -548,10 +548,23 @@ impl Transport {
             .get_or_init(|| self.dial(addr, expected))
             .await
             .clone();
-        match (shared, expected) {
-            // The dial was run for someone who knew the address only, or
-            // another id: it reached a node, but not this caller's.
-            (Ok((actual, ..)), Some(expected)) if actual != expected => {
+        // The dial may have been run for someone who knew the address only,
+        // or another id: it reached a node, but perhaps not this caller's.
+        let (actual, conn, budget) = shared?;
+        self.check_peer(addr, expected, actual)?;
+        Ok((actual, conn, budget))
+    }
+
+    /// `Err(WrongPeer)`, counted, if the node reached at `addr` is not the
+    /// one the caller expected there.
+    fn check_peer(
+        &self,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+        actual: NodeId,
+    ) -> Result<(), DialError> {
+        match expected {
+            Some(expected) if expected != actual => {
                 bump(&self.stats.wrong_peer);
                 Err(DialError::WrongPeer {
                     addr,
@@ -559,7 +572,7 @@ impl Transport {
                     actual,
                 })
             }
-            (shared, _) => shared,
+            _ => Ok(()),
         }
     }
 
@@ -592,16 +605,9 @@ impl Transport {
             conn.close(CLOSE_WRONG_PEER, b"self");
             return Err(DialError::SelfDial(addr));
         }
-        if let Some(expected) = expected
-            && expected != peer
-        {
-            bump(&self.stats.wrong_peer);
+        if let Err(err) = self.check_peer(addr, expected, peer) {
             conn.close(CLOSE_WRONG_PEER, b"unexpected node id");
-            return Err(DialError::WrongPeer {
-                addr,
-                expected,
-                actual: peer,
-            });
+            return Err(err);
         }
         let (conn, budget) = self.adopt(conn, peer, true);
         Ok((peer, conn, budget))
