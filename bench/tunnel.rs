@@ -211,20 +211,24 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 const USER_HZ: f64 = 100.0;
 
-/// The CPU time (user + system) each process has used since `before` (from
-/// [`cpu_marks`]), in seconds, divided by `per`.
-fn cpu_since(pids: &[(&'static str, u32)], before: &[u64], per: f64) -> Vec<(&'static str, f64)> {
-    pids.iter()
-        .zip(before)
-        .map(|((name, pid), b)| {
-            let secs = cpu_ticks(*pid).saturating_sub(*b) as f64 / USER_HZ;
-            (*name, secs / per)
-        })
-        .collect()
+/// Each process's reading of a counter (`read`: [`cpu_ticks`], [`sleeps`])
+/// now, to measure from with [`growth`].
+fn marks(pids: &[(&'static str, u32)], read: fn(u32) -> u64) -> Vec<u64> {
+    pids.iter().map(|(_, pid)| read(*pid)).collect()
 }
 
-fn cpu_marks(pids: &[(&'static str, u32)]) -> Vec<u64> {
-    pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect()
+/// How much each process's counter grew since `before` (from [`marks`]),
+/// divided by `per`.
+fn growth(
+    pids: &[(&'static str, u32)],
+    before: &[u64],
+    read: fn(u32) -> u64,
+    per: f64,
+) -> Vec<(&'static str, f64)> {
+    pids.iter()
+        .zip(before)
+        .map(|((name, pid), b)| (*name, read(*pid).saturating_sub(*b) as f64 / per))
+        .collect()
 }
 
 /// How many times the process's threads have gone to sleep so far (their
@@ -245,22 +249,6 @@ fn sleeps(pid: u32) -> u64 {
                 .and_then(|n| n.trim().parse::<u64>().ok())
         })
         .sum()
-}
-
-fn sleep_marks(pids: &[(&'static str, u32)]) -> Vec<u64> {
-    pids.iter().map(|(_, pid)| sleeps(*pid)).collect()
-}
-
-/// Sleeps per request since `before` (from [`sleep_marks`]).
-fn sleeps_since(
-    pids: &[(&'static str, u32)],
-    before: &[u64],
-    requests: f64,
-) -> Vec<(&'static str, f64)> {
-    pids.iter()
-        .zip(before)
-        .map(|((name, pid), b)| (*name, sleeps(*pid).saturating_sub(*b) as f64 / requests))
-        .collect()
 }
 
 /// `SPECTER_BENCH_PERF=DIR`: `perf record -g` of the tunnel's processes
@@ -464,7 +452,7 @@ async fn measure(
     bytes: u64,
     secs: f64,
 ) -> std::io::Result<Row> {
-    let before = cpu_marks(pids);
+    let before = marks(pids, cpu_ticks);
     let streams = std::env::var("SPECTER_BENCH_STREAMS")
         .ok()
         .and_then(|n| n.parse::<u64>().ok())
@@ -479,7 +467,7 @@ async fn measure(
     };
     let gib = moved as f64 / f64::from(1u32 << 30);
     let cpu = match gbps {
-        Some(_) => cpu_since(pids, &before, gib),
+        Some(_) => growth(pids, &before, cpu_ticks, gib * USER_HZ),
         None => Vec::new(),
     };
     // `SPECTER_BENCH_BULK_ONLY=1`: the single stream alone (its latency
@@ -498,17 +486,22 @@ async fn measure(
             c64: Vec::new(),
         });
     }
-    let slept = sleep_marks(pids);
+    let slept = marks(pids, sleeps);
     let (c1_rps, c1) = load(entry, 1, secs).await?;
-    let sleeps_c1 = sleeps_since(pids, &slept, (c1_rps * secs).max(1.0));
-    let before = cpu_marks(pids);
-    let slept = sleep_marks(pids);
+    let sleeps_c1 = growth(pids, &slept, sleeps, (c1_rps * secs).max(1.0));
+    let before = marks(pids, cpu_ticks);
+    let slept = marks(pids, sleeps);
     let perf = start_perf(label, pids);
     let (rps, c64) = load(entry, CONNS, secs).await?;
     stop_perf(perf);
-    let sleeps_c64 = sleeps_since(pids, &slept, (rps * secs).max(1.0));
+    let sleeps_c64 = growth(pids, &slept, sleeps, (rps * secs).max(1.0));
     // Microseconds per request.
-    let cpu_c64 = cpu_since(pids, &before, (rps * secs).max(1.0) / 1e6);
+    let cpu_c64 = growth(
+        pids,
+        &before,
+        cpu_ticks,
+        (rps * secs).max(1.0) / 1e6 * USER_HZ,
+    );
     Ok(Row {
         label: label.to_string(),
         gbps,
@@ -1265,9 +1258,10 @@ async fn run(quick: bool, install: bool, peers: bool) {
     // path.
     let only = std::env::var("SPECTER_BENCH_ONLY").ok();
     let mut rounds_run = Vec::new();
-    for round in 1..=rounds() {
-        if rounds() > 1 {
-            eprintln!("round {round} of {}", rounds());
+    let rounds = rounds();
+    for round in 1..=rounds {
+        if rounds > 1 {
+            eprintln!("round {round} of {rounds}");
         }
         let mut rows = Vec::new();
         for (i, (label, entry, pids)) in subjects.iter().enumerate() {
