@@ -779,13 +779,262 @@ fn http_visitors_reuse_upstream_connections_on_both_paths() {
             assert!(status.ends_with(" 200") && body == "ok", "{status}: {body}");
         }
     }
-    // Each entry node opened one tunnel stream (the client one target
-    // connection) and reused it; a few more are allowed for timing.
+    // Each entry node opened a tunnel stream (the client a target
+    // connection) for its HTTP/1.1 fast path and one for its full proxy
+    // (the HTTP/2 visitors), and reused them; a few more are allowed for
+    // timing.
     let opened = accepted.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
-        opened <= 4,
+        opened <= 6,
         "40 requests opened {opened} target connections"
     );
+}
+
+/// A keep-alive target answering by path, each framing an HTTP/1.1 answer
+/// can have: `/len` (a length), `/chunked` (chunks and a trailer),
+/// `/to-end` (no length: the body ends with the connection), `POST` (the
+/// body's length, read whole); `HEAD` gets `/len`'s head alone.
+fn framings_service() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if conn.read(&mut byte).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap())
+                        })
+                        .unwrap_or(0);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let xff = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("x-forwarded-for:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .unwrap_or_default();
+                    let answer = if head.starts_with("POST ") {
+                        let mut body = vec![0u8; length];
+                        if conn.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        let text = format!("got={length}");
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                            text.len()
+                        )
+                    } else if head.starts_with("HEAD ") {
+                        "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n".to_string()
+                    } else if path == "/len" {
+                        let text = format!("len xff={xff}");
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nKeep-Alive: timeout=5\r\n\r\n{text}",
+                            text.len()
+                        )
+                    } else if path == "/chunked" {
+                        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5;x=y\r\nworld\r\n0\r\nX-Done: yes\r\n\r\n".to_string()
+                    } else {
+                        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\n\r\nto-end");
+                        return;
+                    };
+                    if conn.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads one HTTP/1.1 answer from `tls` (`head`: to a HEAD, so no body):
+/// its head and its body, chunks joined.
+async fn read_answer<S: tokio::io::AsyncRead + Unpin>(
+    tls: &mut S,
+    have: &mut Vec<u8>,
+    head: bool,
+) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut more = async |have: &mut Vec<u8>| {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(have)
+        );
+        have.extend_from_slice(&buf[..n]);
+    };
+    let end = loop {
+        if let Some(i) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        more(have).await;
+    };
+    let text: String = String::from_utf8_lossy(&have[..end]).into();
+    have.drain(..end);
+    let lower = text.to_ascii_lowercase();
+    let mut body = Vec::new();
+    if head {
+    } else if lower.contains("transfer-encoding: chunked") {
+        loop {
+            let line = loop {
+                if let Some(i) = have.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                more(have).await;
+            };
+            let size = String::from_utf8_lossy(&have[..line]).to_string();
+            let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+            have.drain(..line + 2);
+            if size == 0 {
+                // Trailers, to the blank line.
+                while !have.starts_with(b"\r\n") {
+                    let Some(i) = have.windows(2).position(|w| w == b"\r\n") else {
+                        more(have).await;
+                        continue;
+                    };
+                    have.drain(..i + 2);
+                }
+                have.drain(..2);
+                break;
+            }
+            while have.len() < size + 2 {
+                more(have).await;
+            }
+            body.extend_from_slice(&have[..size]);
+            have.drain(..size + 2);
+        }
+    } else {
+        let length: usize = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse().unwrap())
+            .expect("a length or chunks");
+        while have.len() < length {
+            more(have).await;
+        }
+        body = have.drain(..length).collect();
+    }
+    (text, String::from_utf8(body).unwrap())
+}
+
+#[test]
+fn one_keep_alive_connection_carries_every_framing_then_hands_over_to_the_full_proxy() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let ips: Vec<String> = (13..=14).map(|i| format!("127.0.0.{i}")).collect();
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
+    let service = framings_service();
+    let _client = attach_one(
+        dir.path(),
+        "framed",
+        "framed",
+        &format!("http://{service}"),
+        &procs[0].quic(),
+    );
+    let host = format!("framed.{DOMAIN}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Through the attached node and through the forwarding one.
+    for p in &procs {
+        rt.block_on(async {
+            let mut tls = tls_to(dir.path(), &p.https(), &host).await;
+            let mut have = Vec::new();
+            let get = |path: &str| {
+                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+            };
+            // Every framing, twice, on one connection: each answer ends
+            // where the next begins.
+            for _ in 0..2 {
+                tls.write_all(get("/len").as_bytes()).await.unwrap();
+                let (head, body) = read_answer(&mut tls, &mut have, false).await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                assert!(
+                    !head.to_ascii_lowercase().contains("keep-alive"),
+                    "hop-by-hop passed on: {head}"
+                );
+                assert!(
+                    body.starts_with("len xff=127.0.1.") && !body.contains("6.6.6.6"),
+                    "the target was told {body:?}"
+                );
+                let head_req = format!("HEAD /len HTTP/1.1\r\nHost: {host}\r\n\r\n");
+                tls.write_all(head_req.as_bytes()).await.unwrap();
+                let (head, body) = read_answer(&mut tls, &mut have, true).await;
+                assert!(
+                    head.to_ascii_lowercase().contains("content-length: 8"),
+                    "{head}"
+                );
+                assert!(body.is_empty());
+                tls.write_all(get("/chunked").as_bytes()).await.unwrap();
+                let (head, body) = read_answer(&mut tls, &mut have, false).await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                assert_eq!(body, "helloworld");
+                tls.write_all(get("/to-end").as_bytes()).await.unwrap();
+                let (head, body) = read_answer(&mut tls, &mut have, false).await;
+                assert!(
+                    head.to_ascii_lowercase()
+                        .contains("transfer-encoding: chunked"),
+                    "{head}"
+                );
+                assert_eq!(body, "to-end");
+            }
+            // Two requests in one write, answered in order.
+            tls.write_all(format!("{}{}", get("/len"), get("/chunked")).as_bytes())
+                .await
+                .unwrap();
+            assert!(
+                read_answer(&mut tls, &mut have, false)
+                    .await
+                    .1
+                    .starts_with("len ")
+            );
+            assert_eq!(
+                read_answer(&mut tls, &mut have, false).await.1,
+                "helloworld"
+            );
+            // A body: the full proxy takes over the connection, and carries
+            // what follows on it too.
+            let post =
+                format!("POST /post HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n\r\nabc");
+            tls.write_all(post.as_bytes()).await.unwrap();
+            assert_eq!(read_answer(&mut tls, &mut have, false).await.1, "got=3");
+            tls.write_all(get("/chunked").as_bytes()).await.unwrap();
+            assert_eq!(
+                read_answer(&mut tls, &mut have, false).await.1,
+                "helloworld"
+            );
+            tls.write_all(get("/len").as_bytes()).await.unwrap();
+            assert!(
+                read_answer(&mut tls, &mut have, false)
+                    .await
+                    .1
+                    .starts_with("len xff=127.0.1.")
+            );
+            assert!(have.is_empty(), "bytes past the last answer: {have:?}");
+        });
+    }
 }
 
 /// A port on `ip` that was free a moment ago.

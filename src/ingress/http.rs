@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HOST, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -62,10 +63,10 @@ pub enum HttpMode {
 
 /// One visitor connection, as every request on it sees it.
 #[derive(Clone)]
-struct Conn {
-    ingress: Arc<Ingress>,
-    slot: Arc<Slot>,
-    visitor: SocketAddr,
+pub(super) struct Conn {
+    pub(super) ingress: Arc<Ingress>,
+    pub(super) slot: Arc<Slot>,
+    pub(super) visitor: SocketAddr,
 }
 
 impl Conn {
@@ -128,22 +129,15 @@ fn host_of(headers: &hyper::HeaderMap, uri: &hyper::Uri) -> Option<String> {
         .or_else(|| uri.authority().map(|a| a.to_string()))
 }
 
-/// Serves one HTTPS visitor connection (TLS done) whose TLS name chose
-/// tunnel `name`.
-pub async fn serve<IO>(
-    io: IO,
-    name: String,
-    visitor: SocketAddr,
-    slot: Arc<Slot>,
-    ingress: Arc<Ingress>,
-) where
+/// Serves an HTTPS visitor connection (TLS done) whose TLS name chose
+/// tunnel `name` on the full proxy (hyper, HTTP/1.1 or HTTP/2) until it
+/// ends: from the start for HTTP/2, else once the HTTP/1.1 fast path
+/// ([`super::fast`]) has handed it over.
+pub(super) async fn serve_full<IO>(io: IO, name: String, conn: Conn)
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Conn {
-        ingress: ingress.clone(),
-        slot: slot.clone(),
-        visitor,
-    };
+    let (ingress, slot, visitor) = (conn.ingress.clone(), conn.slot.clone(), conn.visitor);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (conn, name) = (conn.clone(), name.clone());
         async move {
@@ -192,15 +186,15 @@ pub async fn serve<IO>(
 /// [`watch`] finds a deadline passed. An idle connection is closed
 /// gracefully (an HTTP/2 GOAWAY, so a request racing the close is retried on
 /// a new connection), any other at once.
-async fn supervise<C, E>(
+pub(super) async fn supervise<C, T: Default, E>(
     mut conn: Pin<&mut C>,
     graceful: impl FnOnce(Pin<&mut C>),
     slot: &Slot,
     ingress: &Ingress,
     visitor: SocketAddr,
-) -> Result<(), E>
+) -> Result<T, E>
 where
-    C: Future<Output = Result<(), E>>,
+    C: Future<Output = Result<T, E>>,
 {
     tokio::select! {
         r = conn.as_mut() => r,
@@ -209,12 +203,12 @@ where
             tracing::debug!(%visitor, ?why, "closing a visitor connection");
             if why == Cut::Idle {
                 graceful(conn.as_mut());
-                tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
+                tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(T::default()))
             } else {
-                Ok(())
+                Ok(T::default())
             }
         }
-        () = slot.closed() => Ok(()),
+        () = slot.closed() => Ok(T::default()),
     }
 }
 
@@ -406,6 +400,37 @@ pub fn page(status: StatusCode, message: &str, head: bool) -> Response<Body> {
     r
 }
 
+/// Writes `page` (one of [`page`]'s: its body is whole) to an HTTP/1.1
+/// visitor, which stays open for the next request.
+pub(super) async fn write_page<IO>(io: &mut IO, page: Response<Body>) -> std::io::Result<()>
+where
+    IO: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let (parts, body) = page.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (k, v) in &parts.headers {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(&body);
+    io.write_all(&out).await?;
+    io.flush().await
+}
+
 /// Cancelled when a request's body has been sent (a request without one
 /// has no such token): the target's time to answer runs from then.
 #[derive(Clone, Default)]
@@ -438,11 +463,11 @@ async fn within_answer_limit<F: Future>(
 /// (past `answer_timeout`, or its visitor left) would otherwise end its
 /// stream cleanly, and the client would keep its connection to the target
 /// waiting for an answer nobody reads.
-struct Unanswered(Option<OpenOutcome>);
+pub(super) struct Unanswered(pub(super) Option<OpenOutcome>);
 
 impl Unanswered {
     /// The answer began: the connection may end cleanly or be reused.
-    fn answered(mut self) {
+    pub(super) fn answered(mut self) {
         self.0 = None;
     }
 }
@@ -456,7 +481,7 @@ impl Drop for Unanswered {
 }
 
 /// The 504 for a request whose target did not begin its answer in time.
-fn answer_timed_out(name: &str, conn: &Conn, head: bool) -> (Response<Body>, bool) {
+pub(super) fn answer_timed_out(name: &str, conn: &Conn, head: bool) -> (Response<Body>, bool) {
     let limit = conn.ingress.limits.answer_timeout;
     conn.ingress.stats.cut(Cut::Answer);
     tracing::info!(visitor = %conn.visitor, tunnel = %name, ?limit, "504: the target did not begin its answer in time");
@@ -480,7 +505,7 @@ async fn send_once(
     name: &str,
     conn: &Conn,
     head: bool,
-) -> Result<(Response<Incoming>, Option<Upstream<Body>>), (Response<Body>, bool)> {
+) -> Result<(Response<Incoming>, Option<Upstream<SendRequest<Body>>>), (Response<Body>, bool)> {
     let visitor = conn.visitor;
     let upstreams = &conn.ingress.upstreams;
     let limit = conn.ingress.limits.answer_timeout;
@@ -489,7 +514,7 @@ async fn send_once(
     let tunnels = &conn.ingress.tunnels;
     if reuse && let Some(mut pooled) = upstreams.take_routed(name, tunnels) {
         let unanswered = Unanswered(Some(pooled.stream.clone()));
-        let answer = within_answer_limit(pooled.sender.try_send_request(req), sent.as_ref(), limit);
+        let answer = within_answer_limit(pooled.link.try_send_request(req), sent.as_ref(), limit);
         let Some(answer) = answer.await else {
             return Err(answer_timed_out(name, conn, head));
         };
@@ -585,7 +610,12 @@ async fn send_once(
 }
 
 /// The page for a visitor whose tunnel stream could not be opened.
-fn open_failed(name: &str, visitor: SocketAddr, err: &OpenError, head: bool) -> Response<Body> {
+pub(super) fn open_failed(
+    name: &str,
+    visitor: SocketAddr,
+    err: &OpenError,
+    head: bool,
+) -> Response<Body> {
     let (status, message) = match err {
         OpenError::Unknown => (
             StatusCode::NOT_FOUND,

@@ -20,6 +20,7 @@ pub mod admission;
 pub mod bodies;
 pub mod early;
 pub mod edge;
+pub mod fast;
 pub mod headers;
 pub mod http;
 pub mod limits;
@@ -118,7 +119,7 @@ async fn visit(
         return tcp::visit(start, name, visitor, edge.tcp.clone(), ingress).await;
     }
     let (tls, slot) = ingress.finish_handshake(start, edge.http.clone()).await?;
-    http::serve(tls, name, visitor, slot, ingress.clone()).await;
+    fast::serve_https(tls, name, visitor, slot, ingress.clone()).await;
     Ok(())
 }
 

@@ -10,9 +10,10 @@ use super::admission::{Admission, Bounds, Slot, Ticket};
 use super::bodies::ProxyBody;
 use super::edge::Edge;
 use super::limits::{IngressLimits, IngressStats};
-use super::upstream::Upstreams;
+use super::upstream::{RawLink, Upstreams};
 use super::watched::Watched;
 use crate::node::tunnels::Tunnels;
+use hyper::client::conn::http1::SendRequest;
 
 /// What every visitor connection of a node shares: the tunnels, the bounds,
 /// the counters, and one admission for all its visitor ports.
@@ -23,8 +24,10 @@ pub struct Ingress {
     pub limits: IngressLimits,
     /// The counters.
     pub stats: Arc<IngressStats>,
-    /// Idle HTTP connections to tunnels' targets, reused.
-    pub upstreams: Arc<Upstreams<ProxyBody>>,
+    /// Idle HTTP connections to tunnels' targets, reused: hyper's clients,
+    /// and the bare tunnel streams of the HTTP/1.1 fast path.
+    pub upstreams: Arc<Upstreams<SendRequest<ProxyBody>>>,
+    pub fast_upstreams: Arc<Upstreams<RawLink>>,
     admission: Arc<Admission>,
     /// The HTTPS port's certificate, if it has one; replaced on reload.
     edge: std::sync::RwLock<Option<Arc<Edge>>>,
@@ -50,12 +53,16 @@ impl Ingress {
             },
             stats.clone(),
         );
-        let upstreams: Arc<Upstreams<ProxyBody>> = Upstreams::new();
+        let upstreams: Arc<Upstreams<SendRequest<ProxyBody>>> = Upstreams::new();
+        let fast_upstreams: Arc<Upstreams<RawLink>> = Upstreams::new();
         let evict = || -> crate::node::tunnels::slots::EvictHook {
-            let idle = Arc::downgrade(&upstreams);
+            let (idle, fast) = (Arc::downgrade(&upstreams), Arc::downgrade(&fast_upstreams));
             Box::new(move |name, via| {
                 if let Some(idle) = idle.upgrade() {
                     idle.evict(name, via);
+                }
+                if let Some(fast) = fast.upgrade() {
+                    fast.evict(name, via);
                 }
             })
         };
@@ -70,6 +77,7 @@ impl Ingress {
             limits,
             stats,
             upstreams,
+            fast_upstreams,
             admission,
             domain: edge
                 .as_ref()

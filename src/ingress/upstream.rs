@@ -22,8 +22,9 @@ use hyper::client::conn::http1::SendRequest;
 use specter_gossip::NodeId;
 
 use super::bodies::BoxError;
-use super::early::OpenOutcome;
+use super::early::{OpenOutcome, Opening};
 use crate::node::tunnels::Tunnels;
+use crate::node::tunnels::visit::Pair;
 
 /// Idle connections kept per tunnel: enough for 64 keep-alive visitors
 /// through one node without reopening.
@@ -53,59 +54,119 @@ pub const REUSE_WITHIN: Duration = Duration::from_secs(60);
 /// connections at most this much past [`IDLE_TIMEOUT`].
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// A connection over a tunnel stream that the pool can keep: hyper's
+/// HTTP/1.1 client ([`SendRequest`]), or the stream itself for the
+/// HTTP/1.1 fast path (`super::fast`).
+pub trait Link: Send + 'static {
+    /// Whether it is known to have closed (the target, or the path under
+    /// it, ended it), without looking at it: checked for a whole tunnel's
+    /// list at each answer.
+    fn closed(&mut self) -> bool;
+    /// Whether it has closed, looked at: checked before reuse and by the
+    /// periodic sweep.
+    fn probe(&mut self) -> bool {
+        self.closed()
+    }
+    /// Whether it can take a request now.
+    fn ready(&mut self) -> bool {
+        true
+    }
+}
+
+impl<B: Send + 'static> Link for SendRequest<B> {
+    fn closed(&mut self) -> bool {
+        self.is_closed()
+    }
+
+    fn ready(&mut self) -> bool {
+        self.is_ready()
+    }
+}
+
+/// A bare tunnel stream, as the pool keeps it between answers of the
+/// HTTP/1.1 fast path (`super::fast`).
+pub struct RawLink(pub Opening<Pair>);
+
+impl Link for RawLink {
+    /// Only a look tells (see [`Link::probe`]): each would take the
+    /// connection's lock, so an answer does not look at its tunnel's whole
+    /// list.
+    fn closed(&mut self) -> bool {
+        false
+    }
+
+    /// Idle between answers, a live stream has nothing to read: an end, an
+    /// error or a stray byte (an answer longer than it said) all retire it.
+    /// Looked at without waiting, so a stream the target closed while idle
+    /// is not reused.
+    fn probe(&mut self) -> bool {
+        use tokio::io::AsyncRead as _;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        !Pin::new(&mut self.0)
+            .poll_read(&mut cx, &mut buf)
+            .is_pending()
+    }
+}
+
 /// The node a tunnel stream goes through, set once it has opened (unset for
 /// a stream to a client attached here).
 pub type Via = Arc<OnceLock<NodeId>>;
 
 /// An HTTP/1.1 connection over a tunnel stream, and the handle that gives
 /// the stream up (resets it) when the connection is dropped mid-answer.
-pub struct Upstream<B> {
-    pub sender: SendRequest<B>,
+pub struct Upstream<L> {
+    pub link: L,
     pub stream: OpenOutcome,
     /// When its stream was opened (see [`REUSE_WITHIN`]).
     opened: Instant,
     via: Via,
 }
 
-impl<B> Upstream<B> {
-    /// `sender`'s connection runs over the stream `stream` is the handle of,
+impl<L> Upstream<L> {
+    /// `link`'s connection runs over the stream `stream` is the handle of,
     /// whose opening began at `opened` (before its request was sent: an
     /// eviction while its first answer was awaited must retire it too),
     /// through the node `via` names once it is open.
-    pub fn new(sender: SendRequest<B>, stream: OpenOutcome, opened: Instant, via: Via) -> Self {
+    pub fn new(link: L, stream: OpenOutcome, opened: Instant, via: Via) -> Self {
         Upstream {
-            sender,
+            link,
             stream,
             opened,
             via,
         }
     }
 
-    fn via(&self) -> Option<NodeId> {
+    pub fn via(&self) -> Option<NodeId> {
         self.via.get().copied()
     }
 }
 
-struct Idle<B> {
-    upstream: Upstream<B>,
+struct Idle<L> {
+    upstream: Upstream<L>,
     since: Instant,
 }
 
-impl<B> Idle<B> {
+impl<L: Link> Idle<L> {
     /// Whether it may still be reused at `now` (read once by the caller for
     /// a whole list: an answer checks its tunnel's list, up to
     /// [`IDLE_PER_TUNNEL`] connections, and a clock read each was most of
     /// the pool's cost per request).
-    fn live(&self, now: Instant) -> bool {
+    fn live(&mut self, now: Instant, probe: bool) -> bool {
         now.saturating_duration_since(self.since) < IDLE_TIMEOUT
             && now.saturating_duration_since(self.upstream.opened) < REUSE_WITHIN
-            && !self.upstream.sender.is_closed()
+            && !(if probe {
+                self.upstream.link.probe()
+            } else {
+                self.upstream.link.closed()
+            })
     }
 }
 
 /// The lists, and how many connections they hold in all.
-struct Lists<B> {
-    by_tunnel: HashMap<String, Vec<Idle<B>>>,
+struct Lists<L> {
+    by_tunnel: HashMap<String, Vec<Idle<L>>>,
     total: usize,
     /// When each tunnel's connections through each path (a node, or `None`
     /// for a client attached here) were last evicted: one opened before
@@ -116,15 +177,16 @@ struct Lists<B> {
     evicted: HashMap<String, Vec<(Option<NodeId>, Instant)>>,
 }
 
-impl<B> Lists<B> {
+impl<L: Link> Lists<L> {
     /// Drops what expired or closed in `name`'s list (every list when
-    /// `name` is `None`), so they hold only live connections. (Dropping a
+    /// `name` is `None`, then looking at each connection: see
+    /// [`Link::probe`]), so they hold only live connections. (Dropping a
     /// sender only closes a channel; its connection task ends on its own.)
     fn sweep(&mut self, name: Option<&str>, now: Instant) {
         let mut dropped = 0;
-        let mut prune = |list: &mut Vec<Idle<B>>| {
+        let mut prune = |list: &mut Vec<Idle<L>>| {
             let before = list.len();
-            list.retain(|idle| idle.live(now));
+            list.retain_mut(|idle| idle.live(now, name.is_none()));
             dropped += before - list.len();
             !list.is_empty()
         };
@@ -149,11 +211,11 @@ impl<B> Lists<B> {
 }
 
 /// The idle upstream connections of a node's HTTP ingress, by tunnel.
-pub struct Upstreams<B> {
-    idle: Mutex<Lists<B>>,
+pub struct Upstreams<L> {
+    idle: Mutex<Lists<L>>,
 }
 
-impl<B: Send + 'static> Upstreams<B> {
+impl<L: Link> Upstreams<L> {
     /// A pool that drops its expired connections every [`SWEEP_EVERY`]
     /// while it lives (when made inside a tokio runtime).
     pub fn new() -> Arc<Self> {
@@ -182,24 +244,24 @@ impl<B: Send + 'static> Upstreams<B> {
     }
 }
 
-impl<B> Upstreams<B> {
-    fn idle(&self) -> std::sync::MutexGuard<'_, Lists<B>> {
+impl<L: Link> Upstreams<L> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Lists<L>> {
         // Handles only; a panic elsewhere leaves the map usable.
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// An idle, open, ready connection to tunnel `name`, newest first.
-    pub fn take(&self, name: &str) -> Option<Upstream<B>> {
+    pub fn take(&self, name: &str) -> Option<Upstream<L>> {
         let mut idle = self.idle();
         let list = idle.by_tunnel.get_mut(name)?;
         let now = Instant::now();
         let mut popped = 0;
         let found = loop {
-            let Some(candidate) = list.pop() else {
+            let Some(mut candidate) = list.pop() else {
                 break None;
             };
             popped += 1;
-            if candidate.live(now) && candidate.upstream.sender.is_ready() {
+            if candidate.live(now, true) && candidate.upstream.link.ready() {
                 break Some(candidate.upstream);
             }
         };
@@ -219,10 +281,11 @@ impl<B> Upstreams<B> {
     /// off it. A detach is thus followed within the cache's lifetime
     /// (`route_cache::FOUND_TTL`, 10 s) of reaching the DHT, while the DHT
     /// answers; else within [`REUSE_WITHIN`].
-    pub fn take_routed(self: &Arc<Self>, name: &str, tunnels: &Arc<Tunnels>) -> Option<Upstream<B>>
-    where
-        B: Send + 'static,
-    {
+    pub fn take_routed(
+        self: &Arc<Self>,
+        name: &str,
+        tunnels: &Arc<Tunnels>,
+    ) -> Option<Upstream<L>> {
         loop {
             let upstream = self.take(name)?;
             let Some(via) = upstream.via() else {
@@ -270,7 +333,7 @@ impl<B> Upstreams<B> {
     /// What expired or closed meanwhile is dropped from `name`'s list here,
     /// and from the others by the sweep every [`SWEEP_EVERY`], so an answer
     /// never walks the whole pool.
-    pub fn put(&self, name: &str, upstream: Upstream<B>) {
+    pub fn put(&self, name: &str, upstream: Upstream<L>) {
         let mut idle = self.idle();
         let now = Instant::now();
         idle.sweep(Some(name), now);
@@ -352,9 +415,9 @@ impl<B> Upstreams<B> {
 /// tunnel wait for a forwarded stream (`wanted`), since idle it would hold
 /// a slot they need (see `node::tunnels::slots`).
 pub struct Return<B: Send + 'static> {
-    pub upstream: Upstream<B>,
+    pub upstream: Upstream<SendRequest<B>>,
     pub name: String,
-    pub upstreams: Arc<Upstreams<B>>,
+    pub upstreams: Arc<Upstreams<SendRequest<B>>>,
     pub tunnels: Arc<Tunnels>,
 }
 
@@ -363,10 +426,10 @@ impl<B: Send + 'static> Return<B> {
     /// answer was read to the end and hyper took it back), else once it is,
     /// within the idle time; a connection the target closed is dropped.
     fn home(self) {
-        if self.upstream.sender.is_closed() {
+        if self.upstream.link.is_closed() {
             return;
         }
-        if self.upstream.sender.is_ready() {
+        if self.upstream.link.is_ready() {
             self.put();
             return;
         }
@@ -377,7 +440,7 @@ impl<B: Send + 'static> Return<B> {
         };
         let mut this = self;
         runtime.spawn(async move {
-            let ready = this.upstream.sender.ready();
+            let ready = this.upstream.link.ready();
             if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, ready).await {
                 this.put();
             }
@@ -385,13 +448,24 @@ impl<B: Send + 'static> Return<B> {
     }
 
     fn put(self) {
-        let wanted = self
-            .upstream
-            .via()
-            .is_some_and(|node| self.tunnels.slots.wanted(node, &self.name));
-        if !wanted {
-            self.upstreams.put(&self.name, self.upstream);
-        }
+        home(&self.upstreams, &self.tunnels, &self.name, self.upstream);
+    }
+}
+
+/// Pools `upstream`, whose answer is done, for tunnel `name`, unless visits
+/// of the tunnel wait for a forwarded stream through its node (`wanted`):
+/// idle, it would hold a slot they need (see `node::tunnels::slots`).
+pub fn home<L: Link>(
+    upstreams: &Upstreams<L>,
+    tunnels: &Tunnels,
+    name: &str,
+    upstream: Upstream<L>,
+) {
+    let wanted = upstream
+        .via()
+        .is_some_and(|node| tunnels.slots.wanted(node, name));
+    if !wanted {
+        upstreams.put(name, upstream);
     }
 }
 
@@ -464,7 +538,7 @@ mod tests {
 
     /// A ready HTTP/1.1 sender over an in-memory pipe, and the far end
     /// (dropping it closes the connection).
-    async fn sender() -> (Upstream<Empty<Bytes>>, tokio::io::DuplexStream) {
+    async fn sender() -> (Upstream<SendRequest<Empty<Bytes>>>, tokio::io::DuplexStream) {
         let (near, far) = tokio::io::duplex(1024);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
             .await

@@ -152,7 +152,7 @@ impl NodeState {
             dht: self.dht.status(),
             ingress: IngressStatus {
                 visitors: self.ingress.visitors(),
-                idle_upstreams: self.ingress.upstreams.len(),
+                idle_upstreams: self.ingress.upstreams.len() + self.ingress.fast_upstreams.len(),
                 limits: self.ingress.limits.clone(),
                 counters: self.ingress.stats.counters(),
             },
