@@ -27,20 +27,18 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::HeaderMap;
-use specter_tunnel::protocol::{MAX_EARLY_DATA, Visit, VisitKind};
+use specter_tunnel::protocol::MAX_EARLY_DATA;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::admission::Slot;
-use super::early::{Open, Opening};
 use super::headers::{misdirected, set_forwarding};
 use super::http::{
     Conn, MAX_HEADER_BYTES, Unanswered, answer_timed_out, open_failed, serve_full, supervise,
-    write_page,
+    tunnel_stream, write_page,
 };
 use super::shared::Ingress;
-use super::upstream::{RawLink, Upstream, Via, home};
-use crate::node::tunnels::visit::Pair;
+use super::upstream::{RawLink, Upstream, home};
 
 /// Header lines parsed in a head, the visitor's or the target's; a head
 /// with more goes to the full proxy (hyper's own limit is 100 too).
@@ -527,29 +525,9 @@ where
 }
 
 /// A new tunnel stream to `name`'s target, its visit header to carry the
-/// request head as early data.
+/// request head as early data (a `GET` or `HEAD` may reach the target twice).
 fn open(name: &str, conn: &Conn) -> Upstream<RawLink> {
-    let tunnels = conn.ingress.tunnels.clone();
-    let (owned_name, visitor) = (name.to_string(), conn.visitor);
-    let via = Via::default();
-    let path = via.clone();
-    let open: Open<Pair> = Box::new(move |early| {
-        Box::pin(async move {
-            let visit = Visit {
-                name: owned_name.clone(),
-                visitor,
-                kind: VisitKind::Http,
-                early,
-            };
-            let pair = tunnels.open(&owned_name, &visit).await?;
-            if let Some(node) = pair.via {
-                let _ = path.set(node);
-            }
-            Ok(pair)
-        })
-    });
-    let opened = Instant::now();
-    let (io, outcome) = Opening::new(open, MAX_EARLY_DATA, Pair::reset);
+    let (io, outcome, opened, via) = tunnel_stream(name, conn, MAX_EARLY_DATA);
     Upstream::new(RawLink(io), outcome, opened, via)
 }
 

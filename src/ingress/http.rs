@@ -13,6 +13,11 @@
 //! beginning of its answer (504 past it), and the visitor's reading of the
 //! answer. A watchdog per connection enforces those
 //! hyper does not.
+//!
+//! The HTTPS port's HTTP/1.1 connections start on the fast path
+//! ([`super::fast`]), which carries bodiless `GET` and `HEAD` requests
+//! itself and hands a connection here ([`serve_full`]) at its first other
+//! request.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,7 +43,7 @@ use super::headers::{misdirected, set_forwarding};
 use super::limits::{BODY_RATE_WINDOW, CLOSE_GRACE, Cut, IngressLimits};
 use super::shared::{Ingress, idle};
 use super::upstream::{Return, Returning, Upstream, Via};
-use crate::node::tunnels::visit::OpenError;
+use crate::node::tunnels::visit::{OpenError, Pair};
 
 type Body = super::bodies::ProxyBody;
 
@@ -546,28 +551,7 @@ async fn send_once(
     } else {
         0
     };
-    let (tunnels, owned_name) = (tunnels.clone(), name.to_string());
-    let via = Via::default();
-    let path = via.clone();
-    let open: Open<_> = Box::new(move |early| {
-        Box::pin(async move {
-            let visit = Visit {
-                name: owned_name.clone(),
-                visitor,
-                kind: VisitKind::Http,
-                early,
-            };
-            let pair = tunnels.open(&owned_name, &visit).await?;
-            if let Some(node) = pair.via {
-                let _ = path.set(node);
-            }
-            Ok(pair)
-        })
-    });
-    let opened = std::time::Instant::now();
-    let (io, outcome) = Opening::new(open, early_limit, |pair| {
-        pair.reset();
-    });
+    let (io, outcome, opened, via) = tunnel_stream(name, conn, early_limit);
     let unanswered = Unanswered(Some(outcome.clone()));
     let (mut sender, connection) =
         match hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(io)).await {
@@ -607,6 +591,39 @@ async fn send_once(
             Err((bad_gateway(name, &err, head), true))
         }
     }
+}
+
+/// A tunnel stream to `name`'s target for `conn`'s visitor that opens on
+/// its first flush, what was written before it (up to `early_limit` bytes)
+/// going with the visit header; with the handle that resets it, when its
+/// opening began, and the node it goes through once open.
+pub(super) fn tunnel_stream(
+    name: &str,
+    conn: &Conn,
+    early_limit: usize,
+) -> (Opening<Pair>, OpenOutcome, std::time::Instant, Via) {
+    let (tunnels, owned_name, visitor) =
+        (conn.ingress.tunnels.clone(), name.to_string(), conn.visitor);
+    let via = Via::default();
+    let path = via.clone();
+    let open: Open<_> = Box::new(move |early| {
+        Box::pin(async move {
+            let visit = Visit {
+                name: owned_name.clone(),
+                visitor,
+                kind: VisitKind::Http,
+                early,
+            };
+            let pair = tunnels.open(&owned_name, &visit).await?;
+            if let Some(node) = pair.via {
+                let _ = path.set(node);
+            }
+            Ok(pair)
+        })
+    });
+    let opened = std::time::Instant::now();
+    let (io, outcome) = Opening::new(open, early_limit, Pair::reset);
+    (io, outcome, opened, via)
 }
 
 /// The page for a visitor whose tunnel stream could not be opened.
