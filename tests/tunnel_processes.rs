@@ -14,7 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::procs::*;
-use common::web::{DOMAIN, curl, http_service, ingress_cluster, keepalive_service, spawn_download};
+use common::web::{
+    DOMAIN, curl, header_of, http_service, ingress_cluster, keepalive_service, read_head,
+    spawn_download,
+};
 
 /// Reads each connection to EOF, then answers `len=<n>;` followed by the
 /// request, and closes.
@@ -802,32 +805,12 @@ fn framings_service() -> std::net::SocketAddr {
             let Ok(mut conn) = conn else { continue };
             std::thread::spawn(move || {
                 loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if conn.read(&mut byte).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let head = String::from_utf8_lossy(&head).to_string();
-                    let length = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse::<usize>().unwrap())
-                        })
-                        .unwrap_or(0);
+                    let Some(head) = read_head(&mut conn) else {
+                        return;
+                    };
+                    let length: usize = header_of(&head, "content-length").parse().unwrap_or(0);
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                    let xff = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("x-forwarded-for:")
-                                .map(|v| v.trim().to_string())
-                        })
-                        .unwrap_or_default();
+                    let xff = header_of(&head, "x-forwarded-for");
                     let answer = if head.starts_with("POST ") {
                         let mut body = vec![0u8; length];
                         if conn.read_exact(&mut body).is_err() {

@@ -12,11 +12,11 @@
 //! both sides) with what was read so far, for the rest of the connection:
 //! another method, a body, an upgrade, `Expect`, `Connection: close`, an
 //! HTTP/1.0 or HTTP/2 visitor, a head over the limits, a `Host` naming
-//! another tunnel (421 there), and a request whose tunnel stream could not
-//! be opened or failed before its answer began (hyper's path sends it again
-//! on another path, or answers with the page that says why). Such a request
-//! is a `GET` or `HEAD`, which may reach the target twice (see
-//! `http::Replay`).
+//! another tunnel (421 there), and a request whose pooled stream failed
+//! before its answer began (hyper's path sends it again on another path;
+//! such a request is a `GET` or `HEAD`, which may reach the target twice, see
+//! `http::Replay`). A request for which no stream could be opened gets the
+//! full proxy's page from here (it would look the route up again).
 
 use std::io;
 use std::net::SocketAddr;
@@ -35,7 +35,7 @@ use super::admission::Slot;
 use super::headers::{misdirected, set_forwarding};
 use super::http::{
     Conn, MAX_HEADER_BYTES, Unanswered, answer_timed_out, open_failed, serve_full, supervise,
-    tunnel_stream, write_page,
+    tunnel_stream,
 };
 use super::shared::Ingress;
 use super::upstream::{RawLink, Upstream, home};
@@ -210,9 +210,50 @@ fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Where the end of a complete head is in `buf` (past its blank line).
-fn head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+/// Where the end of a complete head is in `buf` (past its blank line),
+/// looking only past `*seen`, the bytes an earlier call found no end in (so
+/// a head trickled in a byte at a time costs one pass, not one per byte).
+fn head_end(buf: &[u8], seen: &mut usize) -> Option<usize> {
+    let from = (*seen).min(buf.len()).saturating_sub(3);
+    let end = buf[from..]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| from + i + 4);
+    *seen = if end.is_some() { 0 } else { buf.len() };
+    end
+}
+
+/// Writes `page` (one of `http::page`'s: its body is whole) to the visitor,
+/// whose connection stays open for the next request.
+async fn write_page<IO>(
+    io: &mut IO,
+    page: hyper::Response<super::bodies::ProxyBody>,
+) -> io::Result<()>
+where
+    IO: AsyncWrite + Unpin,
+{
+    use http_body_util::BodyExt;
+    let (parts, body) = page.into_parts();
+    let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
+    let status = parts.status;
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (k, v) in &parts.headers {
+        line(&mut out, k.as_str().as_bytes(), v.as_bytes());
+    }
+    line(
+        &mut out,
+        b"content-length",
+        body.len().to_string().as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    io.write_all(&out).await?;
+    io.flush().await
 }
 
 /// How an answer's body ends.
@@ -470,8 +511,9 @@ where
         // The next head. Waiting for its first byte is the watchdog's to
         // bound (first request, idle); the head itself has hyper's deadline.
         let mut deadline = None;
+        let mut seen = 0;
         let end = loop {
-            if let Some(end) = head_end(&buf) {
+            if let Some(end) = head_end(&buf, &mut seen) {
                 break end;
             }
             if buf.len() >= MAX_HEADER_BYTES {
@@ -558,12 +600,17 @@ where
     let began = async {
         stream.write_all(&req.head).await?;
         stream.flush().await?;
+        let mut seen = 0;
         loop {
             let answer = loop {
-                match answer(&read, req.head_only) {
-                    Ok(Some(answer)) => break answer,
-                    Ok(None) if read.len() < MAX_HEADER_BYTES => {}
-                    _ => return Err(io::Error::other("not an HTTP/1.1 answer")),
+                if head_end(&read, &mut seen).is_some() {
+                    match answer(&read, req.head_only) {
+                        Ok(Some(answer)) => break answer,
+                        _ => return Err(io::Error::other("not an HTTP/1.1 answer")),
+                    }
+                }
+                if read.len() >= MAX_HEADER_BYTES {
+                    return Err(io::Error::other("an answer head over the limit"));
                 }
                 read.reserve(READ_CHUNK);
                 if stream.read_buf(&mut read).await? == 0 {
@@ -867,6 +914,22 @@ mod tests {
             b"1234567890abcdef0\r\n",
         ] {
             assert!(Chunks::default().scan(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_head_trickled_a_byte_at_a_time_ends_where_its_blank_line_does() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /next";
+        let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let mut seen = 0;
+        for n in 0..head.len() {
+            let found = head_end(&head[..n], &mut seen);
+            assert_eq!(found, (n >= end).then_some(end), "after {n} bytes");
+            if found.is_some() {
+                // Found: the next head is looked for from its start.
+                assert_eq!(seen, 0);
+                seen = 0;
+            }
         }
     }
 

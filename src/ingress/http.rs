@@ -405,37 +405,6 @@ pub fn page(status: StatusCode, message: &str, head: bool) -> Response<Body> {
     r
 }
 
-/// Writes `page` (one of [`page`]'s: its body is whole) to an HTTP/1.1
-/// visitor, which stays open for the next request.
-pub(super) async fn write_page<IO>(io: &mut IO, page: Response<Body>) -> std::io::Result<()>
-where
-    IO: AsyncWrite + Unpin,
-{
-    use tokio::io::AsyncWriteExt;
-    let (parts, body) = page.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\n",
-        parts.status.as_u16(),
-        parts.status.canonical_reason().unwrap_or("")
-    )
-    .into_bytes();
-    for (k, v) in &parts.headers {
-        out.extend_from_slice(k.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
-    out.extend_from_slice(&body);
-    io.write_all(&out).await?;
-    io.flush().await
-}
-
 /// Cancelled when a request's body has been sent (a request without one
 /// has no such token): the target's time to answer runs from then.
 #[derive(Clone, Default)]

@@ -152,7 +152,8 @@ impl<L: Link> Idle<L> {
     /// Whether it may still be reused at `now` (read once by the caller for
     /// a whole list: an answer checks its tunnel's list, up to
     /// [`IDLE_PER_TUNNEL`] connections, and a clock read each was most of
-    /// the pool's cost per request).
+    /// the pool's cost per request), its link looked at ([`Link::probe`])
+    /// or only asked ([`Link::closed`]) as `probe` says.
     fn live(&mut self, now: Instant, probe: bool) -> bool {
         now.saturating_duration_since(self.since) < IDLE_TIMEOUT
             && now.saturating_duration_since(self.upstream.opened) < REUSE_WITHIN

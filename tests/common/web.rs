@@ -73,6 +73,30 @@ pub fn silent_taken() -> usize {
 /// What [`http_service`] says first after switching protocols.
 pub const ECHO_GREETING: &[u8] = b"hello, upgraded\n";
 
+/// A request head read from `conn` a byte at a time (nothing past it is
+/// taken), or `None` if the connection ended first.
+pub fn read_head(conn: &mut impl Read) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte).unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).to_string())
+}
+
+/// Header `name`'s value in `head` (empty if it has none).
+pub fn header_of(head: &str, name: &str) -> String {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
 /// An HTTP/1.1 service on 127.0.0.1: answers `path=… xff=… proto=…` (what
 /// reached it), greets ([`ECHO_GREETING`]) then echoes bytes after an
 /// `Upgrade`, for `/big/N` sends N
@@ -87,23 +111,10 @@ pub fn http_service() -> std::net::SocketAddr {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if conn.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).to_string();
-                let header = |name: &str| {
-                    head.lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-                        })
-                        .unwrap_or_default()
+                let Some(head) = read_head(&mut conn) else {
+                    return;
                 };
+                let header = |name: &str| header_of(&head, name);
                 if !header("upgrade").is_empty() {
                     // A greeting in the same write as the switch, as a
                     // server that speaks first does: it reaches the proxy
