@@ -445,12 +445,19 @@ fn metrics_parse_as_openmetrics_with_histograms_and_every_figure() {
         "specter_client_peer_requests_coalesced",
         "specter_gossip_meta_refused",
         "specter_dht_requests_late",
+        "specter_ingress_fast_requests",
+        "specter_ingress_fast_read_ahead_full",
     ] {
         assert_eq!(family(name).family_type, OpenMetricsType::Counter, "{name}");
     }
     assert!(value("specter_ingress_accepted", &[]) >= 6.0);
     assert_eq!(value("specter_ingress_timeouts", &["idle"]), 0.0);
     assert_eq!(value("specter_ingress_timeouts", &["answer"]), 0.0);
+    // The five `Connection: close` visits are the full proxy's.
+    assert!(value("specter_ingress_fast_handoffs", &["request"]) >= 5.0);
+    for reason in ["head", "no_answer"] {
+        assert_eq!(value("specter_ingress_fast_handoffs", &[reason]), 0.0);
+    }
     assert!(family("specter_dht_records").family_type == OpenMetricsType::Gauge);
     assert_eq!(value("specter_tunnel_clients_detaching", &[]), 0.0);
     assert!(family("specter_quic_duplicates_draining").family_type == OpenMetricsType::Gauge);

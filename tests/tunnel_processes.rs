@@ -1017,6 +1017,16 @@ fn one_keep_alive_connection_carries_every_framing_then_hands_over_to_the_full_p
             );
             assert!(have.is_empty(), "bytes past the last answer: {have:?}");
         });
+        // Each node answered the ten GETs before the POST itself, and
+        // handed the connection over once.
+        let metrics = http_get(p.admin(), "/metrics").unwrap();
+        for line in [
+            "specter_ingress_fast_requests_total 10\n",
+            "specter_ingress_fast_handoffs_total{reason=\"request\"} 1\n",
+            "specter_ingress_fast_handoffs_total{reason=\"no_answer\"} 0\n",
+        ] {
+            assert!(metrics.contains(line), "{line} not in {metrics}");
+        }
     }
 }
 

@@ -469,6 +469,30 @@ impl Collector for Snapshot {
                 ("raw_idle", c.timeout_raw_idle),
                 ("answer", c.timeout_answer),
             ],
+        )?;
+        counter(
+            e,
+            "ingress_fast_requests",
+            "HTTPS requests answered on the HTTP/1.1 fast path (pages the node wrote included)",
+            c.fast_answered,
+        )?;
+        labelled(
+            e,
+            "ingress_fast_handoffs",
+            "HTTPS connections the HTTP/1.1 fast path handed to the full proxy, by reason (request: one it does not carry; head: a head not ended within 64 KiB; no_answer: its pooled stream gave no answer, the request is sent again)",
+            "reason",
+            true,
+            &[
+                ("request", c.fast_handoff_request),
+                ("head", c.fast_handoff_head),
+                ("no_answer", c.fast_handoff_no_answer),
+            ],
+        )?;
+        counter(
+            e,
+            "ingress_fast_read_ahead_full",
+            "Waits for an answer on the fast path during which the visitor sent a head's worth (64 KiB) more and was no longer read",
+            c.fast_read_ahead_full,
         )
     }
 }

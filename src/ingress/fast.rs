@@ -37,6 +37,7 @@ use super::http::{
     Conn, MAX_HEADER_BYTES, Unanswered, answer_timed_out, open_failed, serve_full, supervise,
     tunnel_stream,
 };
+use super::limits::Fast;
 use super::shared::Ingress;
 use super::upstream::{RawLink, Upstream, home};
 
@@ -518,6 +519,7 @@ where
             }
             if buf.len() >= MAX_HEADER_BYTES {
                 // hyper's path refuses it (431).
+                conn.ingress.stats.fast(Fast::HandoffHead);
                 return Ok(Some(Rewind {
                     read: buf.freeze(),
                     io,
@@ -546,6 +548,7 @@ where
             }
         };
         let Some(req) = simple(&buf[..end], name, &domain, conn.visitor.ip()) else {
+            conn.ingress.stats.fast(Fast::HandoffRequest);
             return Ok(Some(Rewind {
                 read: buf.freeze(),
                 io,
@@ -555,8 +558,12 @@ where
         let exchanged = exchange(&req, name, conn, &mut io, &mut buf).await?;
         drop(in_flight);
         match exchanged {
-            Exchanged::Answered => buf.advance(req.len),
+            Exchanged::Answered => {
+                conn.ingress.stats.fast(Fast::Answered);
+                buf.advance(req.len);
+            }
             Exchanged::Handoff => {
+                conn.ingress.stats.fast(Fast::HandoffNoAnswer);
                 return Ok(Some(Rewind {
                     read: buf.freeze(),
                     io,
@@ -635,6 +642,7 @@ where
                     tracing::debug!(visitor = %conn.visitor, tunnel = %name, "the visitor left before its answer began");
                     return Err(io::ErrorKind::ConnectionAborted.into());
                 }
+                Ok(_) if buf.len() >= watch_until => ingress.stats.fast(Fast::ReadAheadFull),
                 Ok(_) => {}
             },
         }

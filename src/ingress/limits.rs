@@ -249,6 +249,28 @@ pub struct IngressStats {
     misdirected: AtomicU64,
     broken: AtomicU64,
     cuts: [AtomicU64; 10],
+    fast: [AtomicU64; 5],
+}
+
+/// What befell a request on the HTTP/1.1 fast path (`ingress::fast`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fast {
+    /// Answered there (a page the node wrote, 404 to 504, included).
+    Answered,
+    /// Handed to the full proxy: a request the fast path does not carry (a
+    /// body, an upgrade, another method or version, a misdirected `Host`),
+    /// or a head it does not parse (over 100 header lines among them).
+    HandoffRequest,
+    /// Handed to the full proxy: a head not ended within 64 KiB, for the
+    /// full proxy to refuse (431).
+    HandoffHead,
+    /// Handed to the full proxy: the pooled stream gave no answer that
+    /// began (it died, or its answer head was not HTTP/1.1 or too large);
+    /// the full proxy sends the request again.
+    HandoffNoAnswer,
+    /// Reading ahead of a visitor while its answer was awaited stopped at a
+    /// head's worth of bytes.
+    ReadAheadFull,
 }
 
 /// A point-in-time copy of [`IngressStats`].
@@ -270,6 +292,12 @@ pub struct IngressCounters {
     pub timeout_write_stall: u64,
     pub timeout_raw_idle: u64,
     pub timeout_answer: u64,
+    /// Requests answered on the HTTP/1.1 fast path.
+    pub fast_answered: u64,
+    pub fast_handoff_request: u64,
+    pub fast_handoff_head: u64,
+    pub fast_handoff_no_answer: u64,
+    pub fast_read_ahead_full: u64,
 }
 
 impl IngressStats {
@@ -299,10 +327,16 @@ impl IngressStats {
         self.cuts[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A request on the fast path came to `what`.
+    pub fn fast(&self, what: Fast) {
+        self.fast[what as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Current counters.
     pub fn counters(&self) -> IngressCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let cut = |why: Cut| get(&self.cuts[why as usize]);
+        let fast = |what: Fast| get(&self.fast[what as usize]);
         IngressCounters {
             accepted: get(&self.accepted),
             accept_errors: get(&self.accept_errors),
@@ -318,6 +352,11 @@ impl IngressStats {
             timeout_write_stall: cut(Cut::WriteStall),
             timeout_raw_idle: cut(Cut::RawIdle),
             timeout_answer: cut(Cut::Answer),
+            fast_answered: fast(Fast::Answered),
+            fast_handoff_request: fast(Fast::HandoffRequest),
+            fast_handoff_head: fast(Fast::HandoffHead),
+            fast_handoff_no_answer: fast(Fast::HandoffNoAnswer),
+            fast_read_ahead_full: fast(Fast::ReadAheadFull),
         }
     }
 }
@@ -384,6 +423,34 @@ mod tests {
                 c.timeout_answer,
             ],
             [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        );
+    }
+
+    #[test]
+    fn each_fast_path_outcome_has_its_own_counter() {
+        let stats = IngressStats::default();
+        let outcomes = [
+            Fast::Answered,
+            Fast::HandoffRequest,
+            Fast::HandoffHead,
+            Fast::HandoffNoAnswer,
+            Fast::ReadAheadFull,
+        ];
+        for (i, what) in outcomes.into_iter().enumerate() {
+            for _ in 0..=i {
+                stats.fast(what);
+            }
+        }
+        let c = stats.counters();
+        assert_eq!(
+            [
+                c.fast_answered,
+                c.fast_handoff_request,
+                c.fast_handoff_head,
+                c.fast_handoff_no_answer,
+                c.fast_read_ahead_full,
+            ],
+            [1, 2, 3, 4, 5]
         );
     }
 }
