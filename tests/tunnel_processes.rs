@@ -587,20 +587,25 @@ async fn upgrade_echo(dir: &Path, https: &str, host: &str) {
     }
 }
 
+/// A TCP connection to `to` from one of many addresses (127.0.1.1–100), as
+/// a crowd's are: a node serves one address only a share of its
+/// connections.
+async fn tcp_from_crowd(to: &str) -> tokio::net::TcpStream {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+    let source = std::net::SocketAddr::from(([127, 0, 1, u8::try_from(1 + n).unwrap()], 0));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(source).unwrap();
+    socket.connect(to.parse().unwrap()).await.unwrap()
+}
+
 async fn tls_to(
     dir: &Path,
     https: &str,
     host: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let config = common::web::client_config(&dir.join("ca/ca.crt"), &[b"http/1.1"]);
-    // Visitors come from many addresses (127.0.1.1–100), as a crowd does: a
-    // node serves one address only a share of its connections.
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
-    let source = std::net::SocketAddr::from(([127, 0, 1, u8::try_from(1 + n).unwrap()], 0));
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(source).unwrap();
-    let tcp = socket.connect(https.parse().unwrap()).await.unwrap();
+    let tcp = tcp_from_crowd(https).await;
     let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
     tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
@@ -811,6 +816,7 @@ fn framings_service() -> std::net::SocketAddr {
                     let length: usize = header_of(&head, "content-length").parse().unwrap_or(0);
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
                     let xff = header_of(&head, "x-forwarded-for");
+                    let proto = header_of(&head, "x-forwarded-proto");
                     let answer = if head.starts_with("POST ") {
                         let mut body = vec![0u8; length];
                         if conn.read_exact(&mut body).is_err() {
@@ -824,7 +830,7 @@ fn framings_service() -> std::net::SocketAddr {
                     } else if head.starts_with("HEAD ") {
                         "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n".to_string()
                     } else if path == "/len" {
-                        let text = format!("len xff={xff}");
+                        let text = format!("len xff={xff} proto={proto}");
                         format!(
                             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nKeep-Alive: timeout=5\r\n\r\n{text}",
                             text.len()
@@ -926,7 +932,12 @@ fn one_keep_alive_connection_carries_every_framing_then_hands_over_to_the_full_p
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = ca(dir.path());
     let ips: Vec<String> = (13..=14).map(|i| format!("127.0.0.{i}")).collect();
-    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |_| Vec::new());
+    let procs = ingress_cluster(dir.path(), &ca_dir, &ips, |i| {
+        let http = format!("{}:0", ips[i]);
+        ["--http", &http, "--http-mode", "proxy"]
+            .map(String::from)
+            .to_vec()
+    });
     let service = framings_service();
     let _client = attach_one(
         dir.path(),
@@ -940,10 +951,16 @@ fn one_keep_alive_connection_carries_every_framing_then_hands_over_to_the_full_p
         .enable_all()
         .build()
         .unwrap();
-    // Through the attached node and through the forwarding one.
-    for p in &procs {
+    // Through the attached node and through the forwarding one, over HTTPS
+    // and over plain HTTP (proxied).
+    for (p, plain) in procs.iter().flat_map(|p| [(p, false), (p, true)]) {
         rt.block_on(async {
-            let mut tls = tls_to(dir.path(), &p.https(), &host).await;
+            type Visitor = Box<dyn common::web::Duplex>;
+            let mut tls: Visitor = if plain {
+                Box::new(tcp_from_crowd(&p.http()).await)
+            } else {
+                Box::new(tls_to(dir.path(), &p.https(), &host).await)
+            };
             let mut have = Vec::new();
             let get = |path: &str| {
                 format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
@@ -958,8 +975,11 @@ fn one_keep_alive_connection_carries_every_framing_then_hands_over_to_the_full_p
                     !head.to_ascii_lowercase().contains("keep-alive"),
                     "hop-by-hop passed on: {head}"
                 );
+                let proto = if plain { "http" } else { "https" };
                 assert!(
-                    body.starts_with("len xff=127.0.1.") && !body.contains("6.6.6.6"),
+                    body.starts_with("len xff=127.0.1.")
+                        && body.ends_with(&format!(" proto={proto}"))
+                        && !body.contains("6.6.6.6"),
                     "the target was told {body:?}"
                 );
                 let head_req = format!("HEAD /len HTTP/1.1\r\nHost: {host}\r\n\r\n");
@@ -1017,12 +1037,14 @@ fn one_keep_alive_connection_carries_every_framing_then_hands_over_to_the_full_p
             );
             assert!(have.is_empty(), "bytes past the last answer: {have:?}");
         });
-        // Each node answered the ten GETs before the POST itself, and
-        // handed the connection over once.
+    }
+    for p in &procs {
+        // Each node answered the ten GETs before the POST itself on each
+        // port, and handed each connection over once.
         let metrics = http_get(p.admin(), "/metrics").unwrap();
         for line in [
-            "specter_ingress_fast_requests_total 10\n",
-            "specter_ingress_fast_handoffs_total{reason=\"request\"} 1\n",
+            "specter_ingress_fast_requests_total 20\n",
+            "specter_ingress_fast_handoffs_total{reason=\"request\"} 2\n",
             "specter_ingress_fast_handoffs_total{reason=\"no_answer\"} 0\n",
         ] {
             assert!(metrics.contains(line), "{line} not in {metrics}");

@@ -27,6 +27,8 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::HeaderMap;
+use hyper::header::{HeaderName, HeaderValue};
+use specter_tunnel::names::name_in_host;
 use specter_tunnel::protocol::MAX_EARLY_DATA;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
@@ -34,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use super::admission::Slot;
 use super::headers::{misdirected, set_forwarding};
 use super::http::{
-    Conn, MAX_HEADER_BYTES, Unanswered, answer_timed_out, open_failed, serve_full, supervise,
-    tunnel_stream,
+    self, Conn, HttpMode, MAX_HEADER_BYTES, Unanswered, answer_timed_out, open_failed, serve_full,
+    supervise, tunnel_stream,
 };
 use super::limits::Fast;
 use super::shared::Ingress;
@@ -119,9 +121,30 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
     }
 }
 
+/// How a connection's requests name their tunnel, and how they came.
+struct Entry<'a> {
+    /// HTTPS: the TLS name's tunnel (a `Host` naming another goes to the
+    /// full proxy, 421 there). Plain HTTP: `None`, each request's `Host`
+    /// names its own.
+    tls_name: Option<&'a str>,
+    /// The domain tunnels are named under.
+    domain: &'a str,
+    /// `https` or `http`, for the forwarding headers.
+    proto: &'static str,
+    /// Extend the forwarding headers a trusted proxy in front of the node
+    /// set, rather than replace them (plain HTTP, `trust_proxy_headers`).
+    trust: bool,
+}
+
+/// The forwarding headers a trusted proxy's values are kept in (see
+/// [`set_forwarding`]).
+const CHAINED: [&str; 3] = ["x-forwarded-for", "forwarded", "x-forwarded-proto"];
+
 /// A request the fast path carries.
 #[derive(Debug)]
 struct Simple {
+    /// The tunnel it is for.
+    name: String,
     /// Its head as the target gets it.
     head: Vec<u8>,
     /// A `HEAD`: the answer has no body, whatever its head says.
@@ -131,8 +154,8 @@ struct Simple {
 }
 
 /// The request whose head is `buf` (complete), if the fast path carries
-/// it, for tunnel `name` (the TLS name) under `domain`, from `visitor`.
-fn simple(buf: &[u8], name: &str, domain: &str, visitor: std::net::IpAddr) -> Option<Simple> {
+/// it, on a connection from `visitor` to `entry`.
+fn simple(buf: &[u8], entry: &Entry<'_>, visitor: std::net::IpAddr) -> Option<Simple> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(len) = req.parse(buf).ok()? else {
@@ -152,8 +175,14 @@ fn simple(buf: &[u8], name: &str, domain: &str, visitor: std::net::IpAddr) -> Op
         return None;
     }
     let mut host = None;
+    let mut forwarding = HeaderMap::new();
     for h in req.headers.iter() {
         let is = |n: &str| h.name.eq_ignore_ascii_case(n);
+        if entry.trust && CHAINED.iter().any(|c| is(c)) {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+            forwarding.append(name, HeaderValue::from_bytes(h.value).ok()?);
+            continue;
+        }
         if is("host") {
             if host.is_some() {
                 return None;
@@ -177,9 +206,11 @@ fn simple(buf: &[u8], name: &str, domain: &str, visitor: std::net::IpAddr) -> Op
         }
     }
     let host = host?;
-    if misdirected(name, Some(host), domain) {
-        return None;
-    }
+    let name = match entry.tls_name {
+        Some(tls_name) if misdirected(tls_name, Some(host), entry.domain) => return None,
+        Some(tls_name) => tls_name.to_string(),
+        None => name_in_host(host, entry.domain)?,
+    };
     let mut head = Vec::with_capacity(len + 256);
     head.extend_from_slice(method.as_bytes());
     head.push(b' ');
@@ -191,13 +222,19 @@ fn simple(buf: &[u8], name: &str, domain: &str, visitor: std::net::IpAddr) -> Op
         }
         line(&mut head, h.name.as_bytes(), h.value);
     }
-    let mut forwarding = HeaderMap::new();
-    set_forwarding(&mut forwarding, visitor, "https", Some(host), false);
+    set_forwarding(
+        &mut forwarding,
+        visitor,
+        entry.proto,
+        Some(host),
+        entry.trust,
+    );
     for (k, v) in &forwarding {
         line(&mut head, k.as_str().as_bytes(), v.as_bytes());
     }
     head.extend_from_slice(b"\r\n");
     Some(Simple {
+        name,
         head,
         head_only,
         len,
@@ -475,30 +512,87 @@ pub async fn serve_https<IO>(
 {
     let conn = Conn {
         ingress: ingress.clone(),
-        slot: slot.clone(),
+        slot,
         visitor,
     };
-    let ended = {
-        let closing = CancellationToken::new();
-        let fast = run(io, &name, &conn, closing.clone());
-        tokio::pin!(fast);
-        let graceful = |_: Pin<&mut _>| closing.cancel();
-        supervise(fast, graceful, &slot, &ingress, visitor).await
+    let entry = Entry {
+        tls_name: Some(&name),
+        domain: ingress.edge_domain(),
+        proto: "https",
+        trust: false,
     };
-    match ended {
-        Ok(Some(rest)) => serve_full(rest, name, conn).await,
-        Ok(None) => {}
-        Err(err) => tracing::debug!(%visitor, %err, "visitor connection ended with an error"),
+    if let Some(rest) = serve(io, &entry, &conn).await {
+        serve_full(rest, name, conn).await;
     }
 }
 
-/// Serves an HTTPS visitor's HTTP/1.1 connection for tunnel `name` until
-/// it ends (`Ok(None)`), `closing` fires between requests, or a request the
-/// fast path does not carry: then the connection, with what was read of it,
-/// for the full proxy.
+/// Serves one visitor connection to the plain-HTTP port in proxy mode
+/// (`Host` names each request's tunnel under `domain`) as
+/// [`serve_https`] does: the fast path, then the full proxy.
+pub async fn serve_plain<IO>(
+    io: IO,
+    visitor: SocketAddr,
+    slot: Arc<Slot>,
+    ingress: Arc<Ingress>,
+    domain: Arc<str>,
+    https_port: Option<u16>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Conn {
+        ingress: ingress.clone(),
+        slot: slot.clone(),
+        visitor,
+    };
+    let entry = Entry {
+        tls_name: None,
+        domain: &domain,
+        proto: "http",
+        trust: ingress.limits.trust_proxy_headers,
+    };
+    if let Some(rest) = serve(io, &entry, &conn).await {
+        let mode = HttpMode::Proxy;
+        http::serve_plain(
+            rest,
+            visitor,
+            slot,
+            ingress,
+            domain.clone(),
+            mode,
+            https_port,
+        )
+        .await;
+    }
+}
+
+/// Runs the fast path on a visitor connection under the watchdog's
+/// deadlines ([`supervise`]): the connection, with what was read of it,
+/// once it is the full proxy's.
+async fn serve<IO>(io: IO, entry: &Entry<'_>, conn: &Conn) -> Option<Rewind<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (slot, ingress, visitor) = (&conn.slot, &conn.ingress, conn.visitor);
+    let closing = CancellationToken::new();
+    let fast = run(io, entry, conn, closing.clone());
+    tokio::pin!(fast);
+    let graceful = |_: Pin<&mut _>| closing.cancel();
+    match supervise(fast, graceful, slot, ingress, visitor).await {
+        Ok(rest) => rest,
+        Err(err) => {
+            tracing::debug!(%visitor, %err, "visitor connection ended with an error");
+            None
+        }
+    }
+}
+
+/// Serves a visitor's HTTP/1.1 connection to `entry` until it ends
+/// (`Ok(None)`), `closing` fires between requests, or a request the fast
+/// path does not carry: then the connection, with what was read of it, for
+/// the full proxy.
 async fn run<IO>(
     mut io: IO,
-    name: &str,
+    entry: &Entry<'_>,
     conn: &Conn,
     closing: CancellationToken,
 ) -> io::Result<Option<Rewind<IO>>>
@@ -506,7 +600,6 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let header_limit = conn.ingress.limits.header_read_timeout;
-    let domain = conn.ingress.edge_domain().to_string();
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         // The next head. Waiting for its first byte is the watchdog's to
@@ -547,7 +640,7 @@ where
                 return Ok(None);
             }
         };
-        let Some(req) = simple(&buf[..end], name, &domain, conn.visitor.ip()) else {
+        let Some(req) = simple(&buf[..end], entry, conn.visitor.ip()) else {
             conn.ingress.stats.fast(Fast::HandoffRequest);
             return Ok(Some(Rewind {
                 read: buf.freeze(),
@@ -555,7 +648,7 @@ where
             }));
         };
         let in_flight = conn.slot.request();
-        let exchanged = exchange(&req, name, conn, &mut io, &mut buf).await?;
+        let exchanged = exchange(&req, conn, &mut io, &mut buf).await?;
         drop(in_flight);
         match exchanged {
             Exchanged::Answered => {
@@ -585,7 +678,6 @@ fn open(name: &str, conn: &Conn) -> Upstream<RawLink> {
 /// worth), so a visitor that leaves is seen: its request is given up.
 async fn exchange<IO>(
     req: &Simple,
-    name: &str,
     conn: &Conn,
     visitor: &mut IO,
     buf: &mut BytesMut,
@@ -593,7 +685,7 @@ async fn exchange<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let ingress = &conn.ingress;
+    let (ingress, name) = (&conn.ingress, req.name.as_str());
     let mut upstream = match ingress.fast_upstreams.take_routed(name, &ingress.tunnels) {
         Some(pooled) => pooled,
         None => open(name, conn),
@@ -784,8 +876,91 @@ mod tests {
 
     const D: &str = "tun.example.net";
 
+    const HTTPS: Entry<'static> = Entry {
+        tls_name: Some("a"),
+        domain: D,
+        proto: "https",
+        trust: false,
+    };
+
     fn req(head: &str) -> Option<Simple> {
-        simple(head.as_bytes(), "a", D, "203.0.113.9".parse().unwrap())
+        simple(head.as_bytes(), &HTTPS, "203.0.113.9".parse().unwrap())
+    }
+
+    fn forwarded_to_target(out: &str) -> Vec<&str> {
+        let mut lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("x-") || l.starts_with("forwarded"))
+            .collect();
+        lines.sort_unstable();
+        lines
+    }
+
+    #[test]
+    fn on_plain_http_each_requests_host_names_its_tunnel() {
+        let plain = Entry {
+            tls_name: None,
+            proto: "http",
+            ..HTTPS
+        };
+        let visitor = "203.0.113.9".parse().unwrap();
+        let carried = |head: &str, entry: &Entry<'_>| simple(head.as_bytes(), entry, visitor);
+        for (host, name) in [("a.tun.example.net", "a"), ("B.Tun.Example.Net:8080", "b")] {
+            let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            let r = carried(&head, &plain).expect("carried");
+            assert_eq!(r.name, name);
+            let out = String::from_utf8(r.head).unwrap();
+            assert!(out.contains("x-forwarded-proto: http\r\n"), "{out}");
+            assert!(
+                out.contains(&format!("x-forwarded-host: {host}\r\n")),
+                "{out}"
+            );
+        }
+        // A host under no tunnel: the full proxy's 404.
+        for host in ["tun.example.net", "a.elsewhere.net", "a.b.tun.example.net"] {
+            let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            assert!(carried(&head, &plain).is_none(), "carried: {host}");
+        }
+        // A proxy in front of the node: its chain is kept and extended
+        // only when trusted, as on the full proxy.
+        let head = "GET / HTTP/1.1\r\nHost: a.tun.example.net\r\nX-Forwarded-For: 198.51.100.7\r\nForwarded: for=198.51.100.7\r\nX-Forwarded-Proto: https\r\n\r\n";
+        let trusted = Entry {
+            trust: true,
+            ..plain
+        };
+        let out = String::from_utf8(carried(head, &trusted).unwrap().head).unwrap();
+        assert_eq!(
+            forwarded_to_target(&out),
+            [
+                "forwarded: for=198.51.100.7, for=203.0.113.9;proto=http;host=\"a.tun.example.net\"",
+                "x-forwarded-for: 198.51.100.7, 203.0.113.9",
+                "x-forwarded-host: a.tun.example.net",
+                "x-forwarded-proto: https",
+                "x-real-ip: 203.0.113.9",
+            ]
+        );
+        let out = String::from_utf8(carried(head, &plain).unwrap().head).unwrap();
+        assert!(!out.contains("198.51.100.7"), "{out}");
+        assert!(out.contains("x-forwarded-proto: http\r\n"), "{out}");
+        // The same headers through the full proxy's own setter.
+        let mut map = HeaderMap::new();
+        for (k, v) in [
+            ("x-forwarded-for", "198.51.100.7"),
+            ("forwarded", "for=198.51.100.7"),
+            ("x-forwarded-proto", "https"),
+        ] {
+            map.insert(k, HeaderValue::from_static(v));
+        }
+        set_forwarding(&mut map, visitor, "http", Some("a.tun.example.net"), true);
+        let mut full: Vec<String> = map
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+            .collect();
+        full.sort_unstable();
+        assert_eq!(
+            forwarded_to_target(&String::from_utf8(carried(head, &trusted).unwrap().head).unwrap()),
+            full
+        );
     }
 
     #[test]

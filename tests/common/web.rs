@@ -9,6 +9,10 @@ use std::process::Command;
 
 use super::procs::*;
 
+/// A visitor's connection, TLS or not.
+pub trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+
 /// The domain the test nodes serve tunnels under.
 pub const DOMAIN: &str = "tun.test";
 
