@@ -473,13 +473,13 @@ impl Collector for Snapshot {
         counter(
             e,
             "ingress_fast_requests",
-            "HTTPS requests answered on the HTTP/1.1 fast path (pages the node wrote included)",
+            "HTTP/1.1 requests answered on the fast path (HTTPS, and plain HTTP in proxy mode; pages the node wrote included)",
             c.fast_answered,
         )?;
         labelled(
             e,
             "ingress_fast_handoffs",
-            "HTTPS connections the HTTP/1.1 fast path handed to the full proxy, by reason (request: one it does not carry; head: a head not ended within 64 KiB; no_answer: its pooled stream gave no answer, the request is sent again)",
+            "Visitor connections the HTTP/1.1 fast path handed to the full proxy, by reason (request: one it does not carry; head: a head not ended within 64 KiB; no_answer: its pooled stream gave no answer, the request is sent again)",
             "reason",
             true,
             &[

@@ -1,4 +1,5 @@
-//! The HTTP/1.1 fast path of the HTTPS port. Most requests a browser or an
+//! The HTTP/1.1 fast path of the HTTPS port, and of the plain-HTTP port in
+//! proxy mode (there each request's `Host` names its tunnel). Most requests a browser or an
 //! API client sends over HTTP/1.1 are a `GET` or `HEAD` with no body: for
 //! those, the visitor's own task writes the request head to a pooled tunnel
 //! stream as bytes (the forwarding headers set, hop-by-hop ones dropped),
@@ -12,10 +13,10 @@
 //! both sides) with what was read so far, for the rest of the connection:
 //! another method, a body, an upgrade, `Expect`, `Connection: close`, an
 //! HTTP/1.0 or HTTP/2 visitor, a head over the limits, a `Host` naming
-//! another tunnel (421 there), and a request whose pooled stream failed
-//! before its answer began (hyper's path sends it again on another path;
-//! such a request is a `GET` or `HEAD`, which may reach the target twice, see
-//! `http::Replay`). A request for which no stream could be opened gets the
+//! another tunnel (421 there) or, on plain HTTP, none (404 there), and a
+//! request whose pooled stream failed before its answer began (hyper's path
+//! sends it again on another path; such a request is a `GET` or `HEAD`,
+//! which may reach the target twice, see `http::Replay`). A request for which no stream could be opened gets the
 //! full proxy's page from here (it would look the route up again).
 
 use std::io;
