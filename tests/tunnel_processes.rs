@@ -975,6 +975,12 @@ fn one_keep_alive_connection_carries_every_framing_then_hands_over_to_the_full_p
                     !head.to_ascii_lowercase().contains("keep-alive"),
                     "hop-by-hop passed on: {head}"
                 );
+                // The target sends no Date; the node adds one.
+                assert_eq!(
+                    head.to_ascii_lowercase().matches("\r\ndate: ").count(),
+                    1,
+                    "{head}"
+                );
                 let proto = if plain { "http" } else { "https" };
                 assert!(
                     body.starts_with("len xff=127.0.1.")

@@ -310,6 +310,31 @@ enum Framing {
     ToEnd,
 }
 
+/// An HTTP-date (`Sun, 06 Nov 1994 08:49:37 GMT`).
+type Date = [u8; 29];
+
+/// The time now as an HTTP-date, formatted once a second per thread.
+fn date_now() -> Date {
+    use std::cell::Cell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static LAST: Cell<(u64, Date)> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    LAST.with(|last| {
+        let (at, date) = last.get();
+        if at == second {
+            return date;
+        }
+        let mut date = [0; 29];
+        let text = httpdate::fmt_http_date(now);
+        date.copy_from_slice(&text.as_bytes()[..29]);
+        last.set((second, date));
+        date
+    })
+}
+
 /// An answer's head, read.
 #[derive(Debug)]
 struct Answer {
@@ -325,8 +350,10 @@ struct Answer {
 }
 
 /// The answer whose head starts `buf`: `Ok(None)` while incomplete, `Err`
-/// when it is not a valid HTTP/1.1 answer to a fast-path request.
-fn answer(buf: &[u8], head_only: bool) -> Result<Option<Answer>, ()> {
+/// when it is not a valid HTTP/1.1 answer to a fast-path request. An answer
+/// without a `Date` gets `date` (RFC 9110 6.6.1: a proxy with a clock adds
+/// one; hyper's path does too).
+fn answer(buf: &[u8], head_only: bool, date: &[u8]) -> Result<Option<Answer>, ()> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let len = match resp.parse(buf) {
@@ -349,6 +376,7 @@ fn answer(buf: &[u8], head_only: bool) -> Result<Option<Answer>, ()> {
         }));
     }
     let mut close = resp.version != Some(1);
+    let mut dated = false;
     let mut chunked = None;
     let mut length = None;
     for h in resp.headers.iter() {
@@ -365,6 +393,8 @@ fn answer(buf: &[u8], head_only: bool) -> Result<Option<Answer>, ()> {
                 return Err(());
             }
             length = Some(n);
+        } else if is("date") {
+            dated = true;
         } else if is("connection") {
             close |= h
                 .value
@@ -397,6 +427,9 @@ fn answer(buf: &[u8], head_only: bool) -> Result<Option<Answer>, ()> {
             continue;
         }
         line(&mut head, h.name.as_bytes(), h.value);
+    }
+    if !dated {
+        line(&mut head, b"date", date);
     }
     if framing == Framing::ToEnd {
         head.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -704,7 +737,7 @@ where
         loop {
             let answer = loop {
                 if head_end(&read, &mut seen).is_some() {
-                    match answer(&read, req.head_only) {
+                    match answer(&read, req.head_only, &date_now()) {
                         Ok(Some(answer)) => break answer,
                         _ => return Err(io::Error::other("not an HTTP/1.1 answer")),
                     }
@@ -876,6 +909,7 @@ mod tests {
     use super::*;
 
     const D: &str = "tun.example.net";
+    const DATE: &[u8] = b"Sat, 28 Nov 2026 00:00:00 GMT";
 
     const HTTPS: Entry<'static> = Entry {
         tls_name: Some("a"),
@@ -1018,7 +1052,7 @@ mod tests {
 
     #[test]
     fn an_answers_framing_and_reuse_follow_its_head() {
-        let a = |h: &str, head_only| answer(h.as_bytes(), head_only).unwrap().unwrap();
+        let a = |h: &str, head_only| answer(h.as_bytes(), head_only, DATE).unwrap().unwrap();
         let len = a(
             "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok",
             false,
@@ -1027,7 +1061,16 @@ mod tests {
         assert!(len.reusable);
         assert_eq!(
             String::from_utf8(len.head).unwrap(),
-            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\ndate: Sat, 28 Nov 2026 00:00:00 GMT\r\n\r\n"
+        );
+        // The target's own Date is kept, and no second one added.
+        let dated = a(
+            "HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(
+            String::from_utf8(dated.head).unwrap(),
+            "HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n"
         );
         let chunked = a(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
@@ -1064,20 +1107,34 @@ mod tests {
         );
         assert!(a("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", false).informational);
         assert!(
-            answer(b"HTTP/1.1 200 OK\r\nContent-Le", false)
+            answer(b"HTTP/1.1 200 OK\r\nContent-Le", false, DATE)
                 .unwrap()
                 .is_none()
         );
-        assert!(answer(b"HTTP/1.1 101 Switching\r\n\r\n", false).is_err());
+        assert!(answer(b"HTTP/1.1 101 Switching\r\n\r\n", false, DATE).is_err());
         assert!(
             answer(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-                false
+                false,
+                DATE
             )
             .is_err()
         );
-        assert!(answer(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
-        assert!(answer(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
+        assert!(answer(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false, DATE).is_err());
+        assert!(answer(b"SSH-2.0-OpenSSH\r\n\r\n", false, DATE).is_err());
+    }
+
+    #[test]
+    fn the_date_added_is_an_http_date_of_now() {
+        let date = date_now();
+        let parsed = httpdate::parse_http_date(std::str::from_utf8(&date).unwrap()).unwrap();
+        let off = std::time::SystemTime::now()
+            .duration_since(parsed)
+            .unwrap_or_default();
+        assert!(off < std::time::Duration::from_secs(2), "{off:?}");
+        // Taken from the thread's copy within the second: never earlier.
+        let again = httpdate::parse_http_date(std::str::from_utf8(&date_now()).unwrap()).unwrap();
+        assert!(again >= parsed);
     }
 
     #[test]
