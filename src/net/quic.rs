@@ -169,6 +169,21 @@ pub const NODE_CONNECTION_RECEIVE_WINDOW: u32 = 128 << 20;
 /// streams hold all of a 64 MiB window).
 pub const NODE_STREAM_RECEIVE_WINDOW: u32 = 512 << 10;
 
+/// Bytes in flight per stream a node sends a client on (a visitor's
+/// request and upload), quinn's default being 1.25 MB. The client's
+/// process takes a stream's bytes off in bursts, between its other work on
+/// a machine it shares; a window of a few milliseconds of a fast stream ran
+/// dry during those pauses (quinn's "peer claims to be blocked at stream
+/// level", about 600 times a second). The tunnel benchmark's single stream,
+/// alternated runs of each build on 2026-11-28: direct path 1.58 / 1.81 /
+/// 1.56 / 1.78 / 1.54 / 1.76 Gbit/s with quinn's default against 1.82 /
+/// 1.96 / 1.88 at 2 MiB (+13 %, CPU per GiB 6.90 → 6.30 s on average), and
+/// 1.72–1.90 at 4 MiB; forwarded 1.29 / 1.08 → 1.39 / 1.28. What the client
+/// may buffer in all stays [`CONNECTION_RECEIVE_WINDOW`]; the client's peak
+/// RSS during the stream rose from 15–47 to 50–58 MiB (its allocator keeps
+/// freed receive buffers for a while; 11–16 MiB 10 s later either way).
+pub const CLIENT_STREAM_RECEIVE_WINDOW: u32 = 2 << 20;
+
 /// What a connection we accepted may send before it has proven what it is
 /// (a node with a cluster certificate, or a client whose hello was
 /// accepted): one bi-stream (a client's control stream, a node's first
@@ -266,6 +281,7 @@ pub fn client_transport() -> quinn::TransportConfig {
     // used (see `StreamBudget`).
     t.max_concurrent_bidi_streams(STREAMS_START.into());
     t.receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    t.stream_receive_window(CLIENT_STREAM_RECEIVE_WINDOW.into());
     t.congestion_controller_factory(congestion());
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(CLIENT_IDLE_TIMEOUT).expect("3 s fits a QUIC varint"),
