@@ -415,6 +415,27 @@ mod tests {
     }
 
     #[test]
+    fn a_clients_workers_come_from_the_flag_the_file_the_environment_or_one() {
+        let file: TunnelSettings = toml::from_str("workers = 4\n").unwrap();
+        let flags = TunnelSettings {
+            workers: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(flags.over(file.clone()).workers(true), Some(2));
+        assert_eq!(TunnelSettings::default().over(file).workers(true), Some(4));
+        assert_eq!(TunnelSettings::default().workers(true), None);
+        assert_eq!(
+            TunnelSettings::default().workers(false),
+            Some(crate::client::WORKERS)
+        );
+        let zero = TunnelSettings {
+            workers: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(zero.workers(false), Some(1));
+    }
+
+    #[test]
     fn a_reload_lists_what_only_a_restart_changes() {
         let base = NodeSettings {
             listen: Some("127.0.0.2:7000".parse().unwrap()),
@@ -498,6 +519,8 @@ pub struct TunnelSettings {
     pub ready_file: Option<PathBuf>,
     /// Seconds a stopping client lets visitors under way finish.
     pub grace_period: Option<u64>,
+    /// Worker threads of the client's runtime.
+    pub workers: Option<usize>,
     /// The tunnels (`[[tunnels]]` in the file).
     #[serde(default)]
     pub tunnels: Vec<TunnelEntry>,
@@ -528,11 +551,23 @@ impl TunnelSettings {
             token: self.token.or(file.token),
             ready_file: self.ready_file.or(file.ready_file),
             grace_period: self.grace_period.or(file.grace_period),
+            workers: self.workers.or(file.workers),
             tunnels: if self.tunnels.is_empty() {
                 file.tunnels
             } else {
                 self.tunnels
             },
+        }
+    }
+
+    /// Worker threads for the client's runtime: the setting, else none named
+    /// here when `TOKIO_WORKER_THREADS` is set (tokio reads it), else
+    /// [`crate::client::WORKERS`].
+    pub fn workers(&self, env_set: bool) -> Option<usize> {
+        match self.workers {
+            Some(n) => Some(n.max(1)),
+            None if env_set => None,
+            None => Some(crate::client::WORKERS),
         }
     }
 

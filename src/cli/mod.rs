@@ -82,6 +82,9 @@ enum Command {
         /// told to stop (default 30; a second signal stops it at once).
         #[arg(long, value_name = "SECS")]
         grace_period: Option<u64>,
+        /// Worker threads (default 1, or TOKIO_WORKER_THREADS; see README).
+        #[arg(long, value_name = "N")]
+        workers: Option<usize>,
     },
     /// Reach a tunnel's TCP service through a node's ingress.
     Connect {
@@ -245,6 +248,7 @@ pub fn main() -> ExitCode {
             token,
             ready_file,
             grace_period,
+            workers,
         } => {
             let flags = crate::config::TunnelSettings {
                 via,
@@ -254,20 +258,24 @@ pub fn main() -> ExitCode {
                 token,
                 ready_file,
                 grace_period,
+                workers,
                 tunnels: to
                     .map(|to| vec![crate::config::TunnelEntry { name, to }])
                     .unwrap_or_default(),
             };
-            let options = match crate::config::TunnelSettings::load(config.as_deref())
-                .and_then(|file| flags.over(file).resolve())
-            {
+            let settings = match crate::config::TunnelSettings::load(config.as_deref()) {
+                Ok(file) => flags.over(file),
+                Err(err) => return usage_error(&err),
+            };
+            let workers = settings.workers(std::env::var_os("TOKIO_WORKER_THREADS").is_some());
+            let options = match settings.resolve() {
                 Ok(o) => o,
                 Err(err) => return usage_error(&err),
             };
             init_tracing(LogFormat::Human);
             // One descriptor per visitor, for the connection to the target.
             crate::files::raise_descriptor_limit();
-            block_on(async move {
+            block_on_with(workers, async move {
                 let endpoint = bind_endpoint("0.0.0.0:0".parse()?)?;
                 // The first signal stops it once visitors under way are
                 // done; a second, at once.
@@ -345,7 +353,13 @@ fn usage_error(err: &anyhow::Error) -> ExitCode {
 /// Runs `job` on a new runtime; an error is one line on stderr and exit
 /// code 1.
 fn block_on(job: impl Future<Output = Result<()>>) -> ExitCode {
-    match runtime().and_then(|rt| rt.block_on(job)) {
+    block_on_with(None, job)
+}
+
+/// [`block_on`] with `workers` worker threads (`None`: one per core, or
+/// `TOKIO_WORKER_THREADS`).
+fn block_on_with(workers: Option<usize>, job: impl Future<Output = Result<()>>) -> ExitCode {
+    match runtime(workers).and_then(|rt| rt.block_on(job)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -354,8 +368,12 @@ fn block_on(job: impl Future<Output = Result<()>>) -> ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .context("starting the async runtime")

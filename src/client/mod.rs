@@ -30,6 +30,21 @@ pub use self::attachment::{CLIENT_SILENCE, DETACH_DRAIN};
 use self::attachment::{Handle, SILENCE_CHECK, Session, Update, attachment};
 pub use self::target::{Scheme, Target};
 
+/// Worker threads of the client's runtime unless `--workers` (`workers` in
+/// `client.toml`) or `TOKIO_WORKER_THREADS` says otherwise. A client runs
+/// beside the service it exposes, on a machine it shares, and each visitor
+/// it carries is a short pipeline (QUIC stream to target socket and back):
+/// a second worker mostly adds wake-ups across threads. One worker carried
+/// the tunnel benchmark's single stream 2.37 / 2.25 Gbit/s against 1.91 /
+/// 1.78 with one per core (direct path, 2 cores, two alternated pairs on
+/// 2026-11-28; the client's CPU per GiB 2.18 / 2.14 s against 2.78 / 2.91),
+/// forwarded 1.36 / 1.34 against 1.20 / 1.13, and HTTPS at 64 visitors
+/// 19,815 / 20,570 req/s against 14,693 / 18,618 (the client's CPU per
+/// request 20 µs against 30 / 26). One core of this machine carries over
+/// 2 Gbit/s through the client; a client with more traffic than that and
+/// cores to spare can raise it.
+pub const WORKERS: usize = 1;
+
 /// Attachments a client keeps (k): two nodes can fail at once and the tunnel
 /// still has a path.
 pub const ATTACHMENTS: usize = 3;
