@@ -1,13 +1,13 @@
 //! The HTTP/1.1 fast path of the HTTPS port, and of the plain-HTTP port in
-//! proxy mode (there each request's `Host` names its tunnel). Most requests a browser or an
-//! API client sends over HTTP/1.1 are a `GET` or `HEAD` with no body: for
-//! those, the visitor's own task writes the request head to a pooled tunnel
-//! stream as bytes (the forwarding headers set, hop-by-hop ones dropped),
-//! reads the answer's head, and copies the answer to the visitor as it
-//! comes, its framing (length, chunks, or the end of the stream) followed so
-//! the stream can be reused. No request or header map is built, no second
-//! codec encodes the request again, and no task or channel stands between
-//! the visitor and the tunnel stream.
+//! proxy mode (there each request's `Host` names its tunnel). Most requests
+//! a browser or an API client sends over HTTP/1.1 are a `GET` or `HEAD` with
+//! no body: for those, the visitor's own task writes the request head to a
+//! pooled tunnel stream as bytes (the forwarding headers set, hop-by-hop
+//! ones dropped), reads the answer's head, and copies the answer to the
+//! visitor as it comes, its framing (length, chunks, or the end of the
+//! stream) followed so the stream can be reused. No request or header map
+//! is built, no second codec encodes the request again, and no task or
+//! channel stands between the visitor and the tunnel stream.
 //!
 //! Anything else goes to the full HTTP proxy ([`super::http`], hyper on
 //! both sides) with what was read so far, for the rest of the connection:
@@ -16,8 +16,9 @@
 //! another tunnel (421 there) or, on plain HTTP, none (404 there), and a
 //! request whose pooled stream failed before its answer began (hyper's path
 //! sends it again on another path; such a request is a `GET` or `HEAD`,
-//! which may reach the target twice, see `http::Replay`). A request for which no stream could be opened gets the
-//! full proxy's page from here (it would look the route up again).
+//! which may reach the target twice, see `http::Replay`). A request for
+//! which no stream could be opened gets the full proxy's page from here (it
+//! would look the route up again).
 
 use std::io;
 use std::net::SocketAddr;
@@ -560,19 +561,24 @@ pub async fn serve_https<IO>(
     }
 }
 
-/// Serves one visitor connection to the plain-HTTP port in proxy mode
-/// (`Host` names each request's tunnel under `domain`) as
-/// [`serve_https`] does: the fast path, then the full proxy.
+/// Serves one visitor connection to the plain-HTTP port: in proxy mode
+/// (`Host` names each request's tunnel under `domain`) as [`serve_https`]
+/// does, the fast path then the full proxy; in redirect mode, hyper's
+/// redirects alone.
 pub async fn serve_plain<IO>(
     io: IO,
     visitor: SocketAddr,
     slot: Arc<Slot>,
     ingress: Arc<Ingress>,
     domain: Arc<str>,
+    mode: HttpMode,
     https_port: Option<u16>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    if mode == HttpMode::Redirect {
+        return http::serve_plain(io, visitor, slot, ingress, domain, mode, https_port).await;
+    }
     let conn = Conn {
         ingress: ingress.clone(),
         slot: slot.clone(),
@@ -585,7 +591,6 @@ pub async fn serve_plain<IO>(
         trust: ingress.limits.trust_proxy_headers,
     };
     if let Some(rest) = serve(io, &entry, &conn).await {
-        let mode = HttpMode::Proxy;
         http::serve_plain(
             rest,
             visitor,

@@ -134,51 +134,16 @@ pub async fn serve_plain(
 ) {
     let domain: Arc<str> = domain.trim_end_matches('.').to_ascii_lowercase().into();
     let (admission, stats) = (ingress.admission(), ingress.stats.clone());
-    accept_loop(
-        listener,
-        stop,
-        admission,
-        stats,
-        false,
-        move |tcp, visitor, ticket| {
-            let (domain, ingress) = (domain.clone(), ingress.clone());
-            async move {
-                let io = ingress.watch(tcp, ticket);
-                let slot = io.slot().clone();
-                let serve = async {
-                    match mode {
-                        // Carried like HTTPS: the fast path first.
-                        http::HttpMode::Proxy => {
-                            fast::serve_plain(
-                                io,
-                                visitor,
-                                slot.clone(),
-                                ingress,
-                                domain,
-                                https_port,
-                            )
-                            .await;
-                        }
-                        http::HttpMode::Redirect => {
-                            http::serve_plain(
-                                io,
-                                visitor,
-                                slot.clone(),
-                                ingress,
-                                domain,
-                                mode,
-                                https_port,
-                            )
-                            .await;
-                        }
-                    }
-                };
-                tokio::select! {
-                    () = serve => {}
-                    () = slot.closed() => {}
-                }
+    accept_loop(listener, stop, admission, stats, false, move |tcp, visitor, ticket| {
+        let (domain, ingress) = (domain.clone(), ingress.clone());
+        async move {
+            let io = ingress.watch(tcp, ticket);
+            let slot = io.slot().clone();
+            tokio::select! {
+                () = fast::serve_plain(io, visitor, slot.clone(), ingress.clone(), domain, mode, https_port) => {}
+                () = slot.closed() => {}
             }
-        },
-    )
+        }
+    })
     .await;
 }
