@@ -16,27 +16,19 @@ use std::time::{Duration, Instant};
 use common::procs::*;
 use common::web::{
     DOMAIN, curl, header_of, http_service, ingress_cluster, keepalive_service, read_head,
-    spawn_download,
+    serve_each, spawn_download,
 };
 
 /// Reads each connection to EOF, then answers `len=<n>;` followed by the
 /// request, and closes.
 fn eof_service() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut request = Vec::new();
-                if conn.read_to_end(&mut request).is_ok() {
-                    let _ = write!(conn, "len={};", request.len());
-                    let _ = conn.write_all(&request);
-                }
-            });
+    serve_each(|mut conn| {
+        let mut request = Vec::new();
+        if conn.read_to_end(&mut request).is_ok() {
+            let _ = write!(conn, "len={};", request.len());
+            let _ = conn.write_all(&request);
         }
-    });
-    addr
+    })
 }
 
 fn start_client(
@@ -803,52 +795,44 @@ fn http_visitors_reuse_upstream_connections_on_both_paths() {
 /// `/to-end` (no length: the body ends with the connection), `POST` (the
 /// body's length, read whole); `HEAD` gets `/len`'s head alone.
 fn framings_service() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                loop {
-                    let Some(head) = read_head(&mut conn) else {
-                        return;
-                    };
-                    let length: usize = header_of(&head, "content-length").parse().unwrap_or(0);
-                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                    let xff = header_of(&head, "x-forwarded-for");
-                    let proto = header_of(&head, "x-forwarded-proto");
-                    let answer = if head.starts_with("POST ") {
-                        let mut body = vec![0u8; length];
-                        if conn.read_exact(&mut body).is_err() {
-                            return;
-                        }
-                        let text = format!("got={length}");
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
-                            text.len()
-                        )
-                    } else if head.starts_with("HEAD ") {
-                        "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n".to_string()
-                    } else if path == "/len" {
-                        let text = format!("len xff={xff} proto={proto}");
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nKeep-Alive: timeout=5\r\n\r\n{text}",
-                            text.len()
-                        )
-                    } else if path == "/chunked" {
-                        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5;x=y\r\nworld\r\n0\r\nX-Done: yes\r\n\r\n".to_string()
-                    } else {
-                        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\n\r\nto-end");
-                        return;
-                    };
-                    if conn.write_all(answer.as_bytes()).is_err() {
-                        return;
-                    }
+    serve_each(|mut conn| {
+        loop {
+            let Some(head) = read_head(&mut conn) else {
+                return;
+            };
+            let length: usize = header_of(&head, "content-length").parse().unwrap_or(0);
+            let path = head.split(' ').nth(1).unwrap_or("").to_string();
+            let xff = header_of(&head, "x-forwarded-for");
+            let proto = header_of(&head, "x-forwarded-proto");
+            let answer = if head.starts_with("POST ") {
+                let mut body = vec![0u8; length];
+                if conn.read_exact(&mut body).is_err() {
+                    return;
                 }
-            });
+                let text = format!("got={length}");
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                    text.len()
+                )
+            } else if head.starts_with("HEAD ") {
+                "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n".to_string()
+            } else if path == "/len" {
+                let text = format!("len xff={xff} proto={proto}");
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nKeep-Alive: timeout=5\r\n\r\n{text}",
+                    text.len()
+                )
+            } else if path == "/chunked" {
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5;x=y\r\nworld\r\n0\r\nX-Done: yes\r\n\r\n".to_string()
+            } else {
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\n\r\nto-end");
+                return;
+            };
+            if conn.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
         }
-    });
-    addr
+    })
 }
 
 /// Reads one HTTP/1.1 answer from `tls` (`head`: to a HEAD, so no body):
@@ -1269,21 +1253,13 @@ fn a_spare_attached_while_a_node_was_silent_is_detached_once_it_answers_again() 
 /// A service whose answers have no length (they end when the connection
 /// closes): it sends a head and 4 KiB, then holds the connection open.
 fn unended_service() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut head = [0u8; 4096];
-                let _ = conn.read(&mut head);
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
-                let _ = conn.write_all(&[b'x'; 4096]);
-                std::thread::sleep(Duration::from_secs(60));
-            });
-        }
-    });
-    addr
+    serve_each(|mut conn| {
+        let mut head = [0u8; 4096];
+        let _ = conn.read(&mut head);
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        let _ = conn.write_all(&[b'x'; 4096]);
+        std::thread::sleep(Duration::from_secs(60));
+    })
 }
 
 #[test]

@@ -77,6 +77,22 @@ pub fn silent_taken() -> usize {
 /// What [`http_service`] says first after switching protocols.
 pub const ECHO_GREETING: &[u8] = b"hello, upgraded\n";
 
+/// A TCP service on 127.0.0.1 (a free port) that runs `handle` on each
+/// connection it accepts, in a thread of its own.
+pub fn serve_each(
+    handle: impl Fn(std::net::TcpStream) + Send + Clone + 'static,
+) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let handle = handle.clone();
+            std::thread::spawn(move || handle(conn));
+        }
+    });
+    addr
+}
+
 /// A request head read from `conn` a byte at a time (nothing past it is
 /// taken), or `None` if the connection ended first.
 pub fn read_head(conn: &mut impl Read) -> Option<String> {
@@ -109,106 +125,100 @@ pub fn header_of(head: &str, name: &str) -> String {
 /// the rest of the test process, whatever the other side does (a hung
 /// application server; see [`silent_taken`]).
 pub fn http_service() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let Some(head) = read_head(&mut conn) else {
-                    return;
-                };
-                let header = |name: &str| header_of(&head, name);
-                if !header("upgrade").is_empty() {
-                    // A greeting in the same write as the switch, as a
-                    // server that speaks first does: it reaches the proxy
-                    // with the answer's head.
-                    let mut answer = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n".to_vec();
-                    answer.extend_from_slice(ECHO_GREETING);
-                    let _ = conn.write_all(&answer);
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = conn.read(&mut buf) {
-                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    return;
+    serve_each(|mut conn| {
+        let Some(head) = read_head(&mut conn) else {
+            return;
+        };
+        let header = |name: &str| header_of(&head, name);
+        if !header("upgrade").is_empty() {
+            // A greeting in the same write as the switch, as a
+            // server that speaks first does: it reaches the proxy
+            // with the answer's head.
+            let mut answer =
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+                    .to_vec();
+            answer.extend_from_slice(ECHO_GREETING);
+            let _ = conn.write_all(&answer);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
                 }
-                let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                if path == "/silent" {
-                    SILENT_TAKEN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let mut buf = [0u8; 4096];
-                    while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
-                    // Even at the end of the request: held, never closed.
-                    loop {
-                        std::thread::park();
-                    }
-                }
-                if head.starts_with("POST ") {
-                    // Take the whole body before answering.
-                    let len: usize = header("content-length").parse().unwrap_or(0);
-                    let mut body = vec![0u8; len];
-                    if conn.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    let _ = write!(
-                        conn,
-                        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    );
-                    return;
-                }
-                if let Some(n) = path
-                    .strip_prefix("/slow/")
-                    .and_then(|n| n.parse::<usize>().ok())
-                {
-                    let _ = write!(
-                        conn,
-                        "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
-                    );
-                    let mut left = n;
-                    while left > 0 {
-                        let k = left.min(2048);
-                        if conn.write_all(&vec![b'x'; k]).is_err() {
-                            return;
-                        }
-                        left -= k;
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                    }
-                    return;
-                }
-                if let Some(n) = path
-                    .strip_prefix("/big/")
-                    .and_then(|n| n.parse::<usize>().ok())
-                {
-                    let _ = write!(
-                        conn,
-                        "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
-                    );
-                    let chunk = vec![b'x'; 64 * 1024];
-                    let mut left = n;
-                    while left > 0 {
-                        let k = left.min(chunk.len());
-                        if conn.write_all(&chunk[..k]).is_err() {
-                            return;
-                        }
-                        left -= k;
-                    }
-                    return;
-                }
-                let body = format!(
-                    "path={path} xff={} proto={}",
-                    header("x-forwarded-for"),
-                    header("x-forwarded-proto")
-                );
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
+            }
+            return;
         }
-    });
-    addr
+        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+        if path == "/silent" {
+            SILENT_TAKEN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
+            // Even at the end of the request: held, never closed.
+            loop {
+                std::thread::park();
+            }
+        }
+        if head.starts_with("POST ") {
+            // Take the whole body before answering.
+            let len: usize = header("content-length").parse().unwrap_or(0);
+            let mut body = vec![0u8; len];
+            if conn.read_exact(&mut body).is_err() {
+                return;
+            }
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            return;
+        }
+        if let Some(n) = path
+            .strip_prefix("/slow/")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+            );
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(2048);
+                if conn.write_all(&vec![b'x'; k]).is_err() {
+                    return;
+                }
+                left -= k;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            return;
+        }
+        if let Some(n) = path
+            .strip_prefix("/big/")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+            );
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(chunk.len());
+                if conn.write_all(&chunk[..k]).is_err() {
+                    return;
+                }
+                left -= k;
+            }
+            return;
+        }
+        let body = format!(
+            "path={path} xff={} proto={}",
+            header("x-forwarded-for"),
+            header("x-forwarded-proto")
+        );
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    })
 }
 
 /// `curl` over HTTPS to `https` (ip:port) for `host`, HTTP/1.1 or HTTP/2:
@@ -256,31 +266,15 @@ pub fn keepalive_service() -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = accepted.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                loop {
-                    if conn.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                    if head.ends_with(b"\r\n\r\n") {
-                        head.clear();
-                        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if conn.write_all(answer.as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
+    let addr = serve_each(move |mut conn| {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        while read_head(&mut conn).is_some() {
+            let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            if conn.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
         }
     });
     (addr, accepted)
