@@ -243,6 +243,7 @@ fn simple(buf: &[u8], entry: &Entry<'_>, visitor: std::net::IpAddr) -> Option<Si
     })
 }
 
+/// Appends header line `name: value`.
 fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -264,7 +265,8 @@ fn head_end(buf: &[u8], seen: &mut usize) -> Option<usize> {
 }
 
 /// Writes `page` (one of `http::page`'s: its body is whole) to the visitor,
-/// whose connection stays open for the next request.
+/// whose connection stays open for the next request; dated, as hyper's
+/// server dates the same pages on the full proxy.
 async fn write_page<IO>(
     io: &mut IO,
     page: hyper::Response<super::bodies::ProxyBody>,
@@ -290,6 +292,7 @@ where
         b"content-length",
         body.len().to_string().as_bytes(),
     );
+    line(&mut out, b"date", &date_now());
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&body);
     io.write_all(&out).await?;
@@ -1127,6 +1130,22 @@ mod tests {
         );
         assert!(answer(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false, DATE).is_err());
         assert!(answer(b"SSH-2.0-OpenSSH\r\n\r\n", false, DATE).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_page_the_node_writes_is_framed_and_dated() {
+        let page = super::super::http::page(hyper::StatusCode::NOT_FOUND, "no <tunnel>", false);
+        let mut out = Vec::new();
+        write_page(&mut out, page).await.unwrap();
+        let out = String::from_utf8(out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}", body.len())),
+            "{head}"
+        );
+        assert_eq!(head.matches("\r\ndate: ").count(), 1, "{head}");
+        assert!(body.contains("no &lt;tunnel>"), "{body}");
     }
 
     #[test]

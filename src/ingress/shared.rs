@@ -27,6 +27,7 @@ pub struct Ingress {
     /// Idle HTTP connections to tunnels' targets, reused: hyper's clients,
     /// and the bare tunnel streams of the HTTP/1.1 fast path.
     pub upstreams: Arc<Upstreams<SendRequest<ProxyBody>>>,
+    /// The fast path's pool (bounds of its own, the same as `upstreams`').
     pub fast_upstreams: Arc<Upstreams<RawLink>>,
     admission: Arc<Admission>,
     /// The HTTPS port's certificate, if it has one; replaced on reload.

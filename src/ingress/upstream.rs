@@ -30,7 +30,8 @@ use crate::node::tunnels::visit::Pair;
 /// through one node without reopening.
 pub const IDLE_PER_TUNNEL: usize = 64;
 
-/// Idle connections kept in all; past it an answered connection is closed.
+/// Idle connections kept in all, per pool (a node has two: the full proxy's
+/// and the fast path's); past it an answered connection is closed.
 pub const IDLE_TOTAL: usize = 1_024;
 
 /// An idle connection older than this is closed rather than reused: well
@@ -138,7 +139,7 @@ impl<L> Upstream<L> {
         }
     }
 
-    pub fn via(&self) -> Option<NodeId> {
+    fn via(&self) -> Option<NodeId> {
         self.via.get().copied()
     }
 }
