@@ -29,8 +29,10 @@ for i in $(seq 200); do
   [ -f $D/client-ready ] && python3 -c "import json,sys;sys.exit(0 if json.load(open('$D/client-ready'))['healthy']==1 else 1)" && break
   sleep 0.1
 done
-$BIN connect raw.bench.test --via 127.0.0.1:18202 --ca $D/ca/ca.crt --listen 127.0.0.1:18203 >/dev/null 2>&1 &
-for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/18203) 2>/dev/null && break; sleep 0.1; done
+$BIN connect raw.bench.test --via 127.0.0.1:18202 --ca $D/ca/ca.crt --listen 127.0.0.1:18203 >$D/connect.out 2>/dev/null &
+# Ready once it says it listens: a probe connection would reach iperf3 -s,
+# which serves one test at a time and refuses the next while it sees it.
+for i in $(seq 100); do grep -q "^listening on" $D/connect.out 2>/dev/null && break; sleep 0.1; done
 rate() { iperf3 -c 127.0.0.1 -p "$1" -t 5 -J | tee $D/iperf-$1.json | python3 -c "import json,sys;print('%.2f' % (json.load(sys.stdin)['end']['sum_received']['bits_per_second']/1e9))"; }
 through=$(rate 18203) || { grep -h error $D/iperf-18203.json >&2; exit 1; }
 direct=$(rate 18201)

@@ -585,6 +585,70 @@ fn raw_tcp_refusals_say_why_and_normal_ends_are_not_refusals() {
         stderr.contains(&format!("no tunnel named nobody.{DOMAIN} is registered")),
         "{stderr}"
     );
+    // `specter connect --listen` checks the name before it listens: an
+    // unknown one is an error, and a known one is checked without a
+    // connection to the target (a service that serves one session at a
+    // time, as iperf3 does, would take it for a session).
+    let listen = |name: &str| {
+        Command::new(BIN)
+            .args(["connect", &format!("{name}.{DOMAIN}"), "--via", &via])
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--ca")
+            .arg(f.ca())
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = listen("nobody").wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("no tunnel named nobody.{DOMAIN} is registered")),
+        "{stderr}"
+    );
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    target.set_nonblocking(true).unwrap();
+    let to = format!("tcp://{}", target.local_addr().unwrap());
+    let _counted = attach_one(f.dir.path(), "counted", "counted", &to, &f.node.quic());
+    let mut local = Reaped(listen("counted"));
+    let lines = stdout_lines(&mut local.0);
+    let line = wait_line(&lines, "listening on", Duration::from_secs(20))
+        .expect("connect --listen did not listen");
+    let addr = line.split_whitespace().nth(2).unwrap().to_string();
+    assert_eq!(
+        target.accept().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::WouldBlock),
+        "checking the name reached the target"
+    );
+    // A local connection is one target connection, carrying its bytes.
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(&mut conn, b"hello").unwrap();
+    let began = Instant::now();
+    let (mut served, _) = loop {
+        match target.accept() {
+            Ok(accepted) => break accepted,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    began.elapsed() < Duration::from_secs(20),
+                    "no target connection"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    served.set_nonblocking(false).unwrap();
+    let mut got = [0u8; 5];
+    std::io::Read::read_exact(&mut served, &mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    assert_eq!(
+        target.accept().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::WouldBlock),
+        "one local connection reached the target twice"
+    );
+    drop(local);
     let _refused = f.attach_refusing("refused", "tcp");
     let out = connect("refused", b"x");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -633,7 +697,7 @@ fn raw_tcp_refusals_say_why_and_normal_ends_are_not_refusals() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["refused", "web"]);
+    assert_eq!(names, ["counted", "refused", "web"]);
 }
 
 #[test]

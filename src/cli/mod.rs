@@ -492,8 +492,8 @@ async fn run_connect(
         return Ok(());
     };
     // Check the name once, so a typo is an error now rather than a reset
-    // on every connection later.
-    match visitor.connect().await {
+    // on every connection later; the check reaches no target.
+    match visitor.check().await {
         Ok(_) => {}
         Err(err)
             if err

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use specter_tunnel::protocol::ALPN_TCP;
+use specter_tunnel::protocol::{ALPN_CHECK, ALPN_TCP};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// The public TLS configuration of a node.
@@ -42,7 +42,7 @@ impl Edge {
             .with_single_cert(chain, key)
             .context("the edge certificate and key do not match")?;
         let mut http = tcp.clone();
-        tcp.alpn_protocols = vec![ALPN_TCP.to_vec()];
+        tcp.alpn_protocols = vec![ALPN_TCP.to_vec(), ALPN_CHECK.to_vec()];
         http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Edge {
             tcp: Arc::new(tcp),

@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use specter_tunnel::names::name_in_host;
-use specter_tunnel::protocol::ALPN_TCP;
+use specter_tunnel::protocol::{ALPN_CHECK, ALPN_TCP};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -108,6 +108,7 @@ async fn visit(
     let hello = start.client_hello();
     let sni = hello.server_name().unwrap_or_default().to_string();
     let tcp_alpn = hello.alpn().is_some_and(|mut a| a.any(|p| p == ALPN_TCP));
+    let check_alpn = hello.alpn().is_some_and(|mut a| a.any(|p| p == ALPN_CHECK));
     let Some(name) = name_in_host(&sni, &edge.domain) else {
         refuse(&mut start.io, Refusal::UnknownName).await;
         return Err(format!(
@@ -117,6 +118,9 @@ async fn visit(
     };
     if tcp_alpn {
         return tcp::visit(start, name, visitor, edge.tcp.clone(), ingress).await;
+    }
+    if check_alpn {
+        return tcp::check(start, name, edge.tcp.clone(), ingress).await;
     }
     let (tls, slot) = ingress.finish_handshake(start, edge.http.clone()).await?;
     fast::serve_https(tls, name, visitor, slot, ingress.clone()).await;

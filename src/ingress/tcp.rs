@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use specter_tunnel::protocol::{ALPN_TCP, Visit, VisitKind};
+use specter_tunnel::protocol::{ALPN_CHECK, ALPN_TCP, Visit, VisitKind};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::StartHandshake;
 use tokio_util::sync::CancellationToken;
@@ -76,10 +77,33 @@ pub(super) async fn visit(
     Ok(())
 }
 
+/// Answers a visitor that only asks whether tunnel `name` is registered
+/// (ALPN [`ALPN_CHECK`]): the alert that says why not, or a completed
+/// handshake closed at once. No stream is opened to the tunnel's client.
+pub(super) async fn check(
+    mut start: StartHandshake<Watched<TcpStream>>,
+    name: String,
+    config: Arc<rustls::ServerConfig>,
+    ingress: &Arc<Ingress>,
+) -> Result<(), String> {
+    if let Err(err) = ingress.tunnels.known(&name).await {
+        let why = match err {
+            OpenError::Unknown => Refusal::UnknownName,
+            _ => Refusal::Unreachable,
+        };
+        refuse(&mut start.io, why).await;
+        return Err(why.explain(&name));
+    }
+    let (mut tls, _slot) = ingress.finish_handshake(start, config).await?;
+    let _ = tls.shutdown().await;
+    Ok(())
+}
+
 /// The visitor side of `specter connect`: TLS to one node's ingress for one
 /// tunnel, configured once and used for every connection.
 pub struct Visitor {
     connector: tokio_rustls::TlsConnector,
+    checker: tokio_rustls::TlsConnector,
     host: rustls::pki_types::ServerName<'static>,
     via: String,
 }
@@ -89,14 +113,19 @@ impl Visitor {
     /// asks for tunnel `host` (`NAME.DOMAIN`).
     pub fn new(via: &str, host: &str, ca_pem: &[u8]) -> Result<Self> {
         let (roots, _) = crate::net::tls::roots_from_pem(ca_pem)?;
-        let mut config = rustls::ClientConfig::builder_with_provider(crate::net::tls::provider())
+        let config = rustls::ClientConfig::builder_with_provider(crate::net::tls::provider())
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![ALPN_TCP.to_vec()];
+        let with_alpn = |alpn: &[u8]| {
+            let mut config = config.clone();
+            config.alpn_protocols = vec![alpn.to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        };
         Ok(Visitor {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            connector: with_alpn(ALPN_TCP),
+            checker: with_alpn(ALPN_CHECK),
             host: rustls::pki_types::ServerName::try_from(host.to_string())
                 .context("invalid host name")?,
             via: via.to_string(),
@@ -107,12 +136,28 @@ impl Visitor {
     /// (unknown tunnel, no attachment answered, target refused) is an error
     /// that says so.
     pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        self.handshake(&self.connector).await
+    }
+
+    /// Asks the ingress whether the tunnel is registered, without a
+    /// connection to its target: the same errors as [`Self::connect`] for
+    /// an unknown or unreachable name.
+    pub async fn check(&self) -> Result<()> {
+        let mut tls = self.handshake(&self.checker).await?;
+        let _ = tls.shutdown().await;
+        Ok(())
+    }
+
+    async fn handshake(
+        &self,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let via = &self.via;
         let tcp = TcpStream::connect(via)
             .await
             .with_context(|| format!("connecting to {via}"))?;
         let _ = tcp.set_nodelay(true);
-        match self.connector.connect(self.host.clone(), tcp).await {
+        match connector.connect(self.host.clone(), tcp).await {
             Ok(tls) => Ok(tls),
             Err(err) => {
                 let host = self.host.to_str();

@@ -46,6 +46,12 @@ pub const MAX_EARLY_DATA: usize = 64 * 1024;
 /// ALPN a visitor uses for raw TCP over TLS.
 pub const ALPN_TCP: &[u8] = b"specter-tcp";
 
+/// ALPN a visitor uses to ask only whether a tunnel name is registered: the
+/// node answers with the same alerts as for [`ALPN_TCP`], or completes the
+/// handshake and closes, without opening a stream to the tunnel's client
+/// (whose target would see a connection nobody uses).
+pub const ALPN_CHECK: &[u8] = b"specter-check";
+
 /// Client → node on the control stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMsg {

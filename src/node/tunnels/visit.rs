@@ -421,6 +421,17 @@ impl Tunnels {
         opened
     }
 
+    /// Whether `name` is registered: attached here, or found by a route
+    /// lookup (cached as [`Self::open`]'s are). Opens no stream, so the
+    /// tunnel's target sees nothing. [`OpenError::Unknown`] when the name is
+    /// not registered.
+    pub async fn known(&self, name: &str) -> Result<(), OpenError> {
+        if !self.local(name).is_empty() {
+            return Ok(());
+        }
+        self.lookup(name).await.map(drop)
+    }
+
     async fn open_paths(&self, name: &str, visit: &Visit) -> Result<Pair, OpenError> {
         let mut paths = Paths {
             queue: self.local(name).into_iter().map(Path::Local).collect(),
