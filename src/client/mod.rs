@@ -255,6 +255,10 @@ fn write_ready(
     }
 }
 
+/// How long a refused client waits for its other attachments to close
+/// before it exits: each closes at once when dropped.
+const REFUSED_CLOSE: Duration = Duration::from_secs(1);
+
 /// Runs the client until `stop` fires (then it closes its attachments at
 /// once) or a node refuses it.
 pub async fn run(
@@ -440,7 +444,14 @@ pub async fn run_until(
                     println!("tunnel {name}: a node refused it ({why}); serving through the others");
                     false
                 }
-                Update::Refused(why, _) => bail!("tunnel {name}: refused: {why}"),
+                Update::Refused(why, _) => {
+                    // Every attachment closes as dropped (`CLOSE_DETACHED`),
+                    // so its node logs a detach, not a bare close.
+                    hard.cancel();
+                    let ended = async { while tasks.join_next().await.is_some() {} };
+                    let _ = tokio::time::timeout(REFUSED_CLOSE, ended).await;
+                    bail!("tunnel {name}: refused: {why}")
+                }
             },
             // Backoffs expire without an update: look again.
             _ = tick.tick() => false,
