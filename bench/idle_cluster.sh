@@ -9,13 +9,7 @@
 set -euo pipefail
 BIN=$1; N=$2; SETTLE=${3:-20}; TAG=${4:-$N}
 [ "$N" -ge 1 ] && [ "$N" -le 250 ] || { echo "N: 1 to 250" >&2; exit 2; }
-D=$(mktemp -d)
-cleanup() {
-  kill $(jobs -p) 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$D"
-}
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh"
 "$BIN" ca init --dir "$D/ca" >/dev/null
 for i in $(seq "$N"); do
   "$BIN" ca issue-node --ca-dir "$D/ca" --name "n$i" --ip "127.0.60.$i" --out "$D/n$i" >/dev/null
@@ -27,9 +21,9 @@ start() { # i [join]
     ${2:+--join "$2"} 2>/dev/null &
 }
 start 1
-for _ in $(seq 100); do [ -f "$D/ready1" ] && break; sleep 0.1; done
+wait_until 10 "node 1 ready" test -f "$D/ready1"
 for i in $(seq 2 "$N"); do start "$i" 127.0.60.1:7000; done
-admin() { python3 -c "import json;print(json.load(open('$D/ready$1'))['admin'])"; }
+admin() { ready_field "$D/ready$1" admin; }
 # Ready: every node sees the N - 1 others alive (deadline 120 s).
 deadline=$((SECONDS + 120))
 for i in $(seq "$N"); do
