@@ -557,18 +557,18 @@ fn raw_tcp_refusals_say_why_and_normal_ends_are_not_refusals() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let f = Fixture::start("127.0.10.7", "", &[]);
     let via = f.node.https();
-    let connect = |name: &str, input: &[u8]| {
-        let mut child = Command::new(BIN)
-            .args([
-                "connect",
-                &format!("{name}.{DOMAIN}"),
-                "--via",
-                &via,
-                "--stdio",
-            ])
+    // `specter connect NAME.DOMAIN` through the node, quiet.
+    let connect_cmd = |name: &str| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["connect", &format!("{name}.{DOMAIN}"), "--via", &via])
             .arg("--ca")
             .arg(f.ca())
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", "error");
+        cmd
+    };
+    let connect = |name: &str, input: &[u8]| {
+        let mut child = connect_cmd(name)
+            .arg("--stdio")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -590,12 +590,8 @@ fn raw_tcp_refusals_say_why_and_normal_ends_are_not_refusals() {
     // connection to the target (a service that serves one session at a
     // time, as iperf3 does, would take it for a session).
     let listen = |name: &str| {
-        Command::new(BIN)
-            .args(["connect", &format!("{name}.{DOMAIN}"), "--via", &via])
+        connect_cmd(name)
             .args(["--listen", "127.0.0.1:0"])
-            .arg("--ca")
-            .arg(f.ca())
-            .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -625,20 +621,12 @@ fn raw_tcp_refusals_say_why_and_normal_ends_are_not_refusals() {
     // A local connection is one target connection, carrying its bytes.
     let mut conn = std::net::TcpStream::connect(&addr).unwrap();
     std::io::Write::write_all(&mut conn, b"hello").unwrap();
-    let began = Instant::now();
-    let (mut served, _) = loop {
-        match target.accept() {
-            Ok(accepted) => break accepted,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(
-                    began.elapsed() < Duration::from_secs(20),
-                    "no target connection"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let mut served = None;
+    wait_for(Duration::from_secs(20), || {
+        served = target.accept().ok().map(|(conn, _)| conn);
+        served.is_some()
+    });
+    let mut served = served.expect("no target connection");
     served.set_nonblocking(false).unwrap();
     let mut got = [0u8; 5];
     std::io::Read::read_exact(&mut served, &mut got).unwrap();

@@ -40,15 +40,7 @@ pub(super) async fn visit(
     };
     let mut tunnel = match ingress.tunnels.open(&name, &header).await {
         Ok(pair) => pair,
-        Err(err) => {
-            let why = match err {
-                OpenError::Unknown => Refusal::UnknownName,
-                OpenError::Unreachable | OpenError::NotReady => Refusal::Unreachable,
-                OpenError::TargetRefused => Refusal::TargetRefused,
-            };
-            refuse(&mut start.io, why).await;
-            return Err(why.explain(&name));
-        }
+        Err(err) => return refused(&mut start, &name, err).await,
     };
     let (mut tls, slot) = ingress.finish_handshake(start, config).await?;
     let idle_limit = ingress.limits.raw_tcp_idle;
@@ -77,6 +69,22 @@ pub(super) async fn visit(
     Ok(())
 }
 
+/// Refuses the visitor asking for tunnel `name` with the alert that says
+/// why it could not be opened; the reason, for the log.
+async fn refused(
+    start: &mut StartHandshake<Watched<TcpStream>>,
+    name: &str,
+    err: OpenError,
+) -> Result<(), String> {
+    let why = match err {
+        OpenError::Unknown => Refusal::UnknownName,
+        OpenError::Unreachable | OpenError::NotReady => Refusal::Unreachable,
+        OpenError::TargetRefused => Refusal::TargetRefused,
+    };
+    refuse(&mut start.io, why).await;
+    Err(why.explain(name))
+}
+
 /// Answers a visitor that only asks whether tunnel `name` is registered
 /// (ALPN [`ALPN_CHECK`]): the alert that says why not, or a completed
 /// handshake closed at once. No stream is opened to the tunnel's client.
@@ -87,12 +95,7 @@ pub(super) async fn check(
     ingress: &Arc<Ingress>,
 ) -> Result<(), String> {
     if let Err(err) = ingress.tunnels.known(&name).await {
-        let why = match err {
-            OpenError::Unknown => Refusal::UnknownName,
-            _ => Refusal::Unreachable,
-        };
-        refuse(&mut start.io, why).await;
-        return Err(why.explain(&name));
+        return refused(&mut start, &name, err).await;
     }
     let (mut tls, _slot) = ingress.finish_handshake(start, config).await?;
     let _ = tls.shutdown().await;

@@ -170,41 +170,27 @@ pub fn http_service() -> std::net::SocketAddr {
             );
             return;
         }
-        if let Some(n) = path
-            .strip_prefix("/slow/")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
+        // `/slow/N`: N bytes, 2 KiB every 100 ms; `/big/N`: N bytes at once.
+        let sized = |prefix: &str| path.strip_prefix(prefix)?.parse::<usize>().ok();
+        let sent = sized("/slow/")
+            .map(|n| (n, 2048, Some(std::time::Duration::from_millis(100))))
+            .or_else(|| sized("/big/").map(|n| (n, 64 * 1024, None)));
+        if let Some((n, piece, pause)) = sent {
             let _ = write!(
                 conn,
                 "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
             );
+            let chunk = vec![b'x'; piece];
             let mut left = n;
             while left > 0 {
-                let k = left.min(2048);
-                if conn.write_all(&vec![b'x'; k]).is_err() {
-                    return;
-                }
-                left -= k;
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            return;
-        }
-        if let Some(n) = path
-            .strip_prefix("/big/")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
-            let _ = write!(
-                conn,
-                "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
-            );
-            let chunk = vec![b'x'; 64 * 1024];
-            let mut left = n;
-            while left > 0 {
-                let k = left.min(chunk.len());
+                let k = left.min(piece);
                 if conn.write_all(&chunk[..k]).is_err() {
                     return;
                 }
                 left -= k;
+                if let Some(pause) = pause {
+                    std::thread::sleep(pause);
+                }
             }
             return;
         }
